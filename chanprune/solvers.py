@@ -1,0 +1,120 @@
+"""Solvers on second moments: the channel LASSO, least squares, and errors without the data.
+
+All functions take and return float64 tensors and never see a sample matrix. Shapes:
+``xtx`` (c*k, c*k), ``xty`` (c*k, n), ``weight`` (n, c*k) flattened channel-major, so input
+channel i owns columns i*k .. i*k+k-1.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import lars_path_gram
+
+from .stats import Moments
+
+
+def channel_gram(xtx: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Q_ij = <Z_i, Z_j> with Z_i = X_i W_i^T: block sums of xtx * (W^T W) over k x k blocks."""
+    c = xtx.shape[0] // k
+    return (xtx * (weight.T @ weight)).reshape(c, k, c, k).sum((1, 3))
+
+
+def channel_corr(xty: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """q_i = <Z_i, Y>: block sums of the row sums of xty * W^T."""
+    return (xty * weight.T).sum(1).reshape(-1, k).sum(1)
+
+
+def lasso_problem(moments: Moments, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q̂, q̂) of the channel LASSO on centred moments, with every W_i scaled to unit norm and the
+    whole problem divided by the centred ||Y||^2 so that problems of several readers can be summed."""
+    xtx, xty, yty = moments.centred()
+    norms = weight.reshape(weight.shape[0], -1, k).square().sum((0, 2)).sqrt()
+    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    q_mat = channel_gram(xtx, weight, k) * torch.outer(scale, scale)
+    q_vec = channel_corr(xty, weight, k) * scale
+    denom = max(yty, 1e-300)
+    return q_mat / denom, q_vec / denom
+
+
+def lasso_select(q_mat: torch.Tensor, q_vec: torch.Tensor, n_keep: int,
+                 candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of exactly ``n_keep`` channels chosen by the LASSO path on the Gram form (Q, q).
+
+    The path starts at the λ where every β is zero and lowers λ; channels enter (and sometimes
+    leave) one at a time, so the first knot with ``n_keep`` active channels gives the answer
+    without bisecting λ. ``candidates`` restricts the search (e.g. to channels with non-zero weights).
+    """
+    c = q_mat.shape[0]
+    idx = torch.arange(c) if candidates is None else candidates
+    if n_keep >= len(idx):
+        return idx.sort().values
+    gram = q_mat[idx][:, idx].numpy()
+    xy = q_vec[idx].numpy()
+    gram = gram + np.eye(len(idx)) * 1e-10 * max(np.trace(gram) / len(idx), 1e-300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        _, _, coefs = lars_path_gram(Xy=xy, Gram=gram, n_samples=1, method="lasso",
+                                     max_iter=8 * len(idx) + 50)
+    counts = (coefs != 0).sum(0)
+    hits = np.flatnonzero(counts == n_keep)
+    if len(hits):
+        chosen = np.flatnonzero(coefs[:, hits[0]])
+    else:  # the path ended early (degenerate data): rank by |β| at the richest knot, then by |q|
+        last = coefs[:, int(np.argmax(counts))]
+        order = np.lexsort((-np.abs(xy), -np.abs(last)))
+        chosen = order[:n_keep]
+    return idx[torch.from_numpy(np.sort(chosen))]
+
+
+def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the k features owned by each of ``channels``."""
+    return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
+
+
+def least_squares(moments: Moments, keep: torch.Tensor, k: int,
+                  ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (n, |keep|*k) and bias (n,) minimising ||Y - X_S W^T - b||^2.
+
+    Solved on centred moments by Cholesky with a ridge of ``ridge * trace / dim`` (scaled to the
+    data); the bias is not regularised and is ȳ - W x̄.
+    """
+    cols = block_indices(keep, k)
+    xtx, xty, _ = moments.centred()
+    a = xtx[cols][:, cols]
+    rhs = xty[cols]
+    dim = a.shape[0]
+    lam = ridge * float(torch.trace(a)) / dim
+    eye = torch.eye(dim, dtype=a.dtype)
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(a + eye * max(lam, 1e-12) * (100.0 ** attempt))
+        if int(info) == 0:
+            break
+    else:
+        raise FloatingPointError("least squares did not become positive definite")
+    w = torch.cholesky_solve(rhs, chol).T.contiguous()
+    b = moments.mean_y - w @ moments.mean_x[cols]
+    return w, b
+
+
+def squared_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Tensor,
+                  bias: torch.Tensor) -> float:
+    """||Y - X_S W^T - b||^2 from the moments alone, clamped at zero against round-off."""
+    if moments.count == 0:
+        return float("nan")
+    cols = block_indices(keep, k)
+    xtx, xty, yty = moments.centred()
+    fit = yty - 2.0 * float((weight * xty[cols].T).sum()) + float(((weight @ xtx[cols][:, cols]) * weight).sum())
+    offset = moments.mean_y - weight @ moments.mean_x[cols] - bias
+    return max(fit + moments.count * float(offset @ offset), 0.0)
+
+
+def relative_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Tensor,
+                   bias: torch.Tensor) -> float:
+    """||Y - Ŷ|| / ||Y|| from the moments."""
+    if moments.count == 0 or moments.yty <= 0:
+        return float("nan")
+    return (squared_error(moments, keep, k, weight, bias) / moments.yty) ** 0.5

@@ -1,0 +1,175 @@
+"""Physical surgery on Conv2d / Linear / BatchNorm: keep channel subsets, write folded weights.
+
+Each edit returns a new module and is recorded as a plain-data operation in a :class:`Plan`, so a
+saved model can be rebuilt by replaying the plan on a fresh copy of its architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ChanpruneError
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is in ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _like(param: torch.Tensor | None, value: torch.Tensor | None) -> nn.Parameter | None:
+    if value is None:
+        return None
+    return nn.Parameter(value.detach().clone().to(param.dtype if param is not None else value.dtype),
+                        requires_grad=param.requires_grad if param is not None else True)
+
+
+def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of a Conv2d / Linear / BatchNorm with only the output channels ``keep``."""
+    keep = keep.to(torch.long)
+    if isinstance(module, nn.Conv2d):
+        new = nn.Conv2d(module.in_channels, len(keep), module.kernel_size, module.stride, module.padding,
+                        module.dilation, module.groups, module.bias is not None, module.padding_mode)
+    elif isinstance(module, nn.Linear):
+        new = nn.Linear(module.in_features, len(keep), module.bias is not None)
+    elif isinstance(module, _NORMS):
+        new = type(module)(len(keep), module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.track_running_stats:
+            new.running_mean.copy_(module.running_mean[keep])
+            new.running_var.copy_(module.running_var[keep])
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
+    else:
+        raise ChanpruneError(f"cannot remove output channels of {type(module).__name__}")
+    new.to(module.weight.device if module.weight is not None else "cpu")
+    if module.weight is not None:
+        new.weight = _like(module.weight, module.weight[keep])
+    if getattr(module, "bias", None) is not None:
+        new.bias = _like(module.bias, module.bias[keep])
+    new.train(module.training)
+    return new
+
+
+def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) -> nn.Module:
+    """A copy of a Conv2d / Linear reading only input channels ``keep`` (a channel owns
+    ``channel_size`` consecutive input features of a Linear after flatten)."""
+    keep = keep.to(torch.long)
+    if isinstance(module, nn.Conv2d):
+        new = nn.Conv2d(len(keep), module.out_channels, module.kernel_size, module.stride, module.padding,
+                        module.dilation, module.groups, module.bias is not None, module.padding_mode)
+        weight = module.weight[:, keep]
+    elif isinstance(module, nn.Linear):
+        cols = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
+        new = nn.Linear(len(cols), module.out_features, module.bias is not None)
+        weight = module.weight[:, cols]
+    else:
+        raise ChanpruneError(f"cannot remove input channels of {type(module).__name__}")
+    new.to(module.weight.device)
+    new.weight = _like(module.weight, weight)
+    if module.bias is not None:
+        new.bias = _like(module.bias, module.bias)
+    new.train(module.training)
+    return new
+
+
+def with_bias(module: nn.Module) -> nn.Module:
+    """The same Conv2d / Linear with a (zero) bias parameter added."""
+    if module.bias is not None:
+        return module
+    out = module.weight.shape[0]
+    module.bias = nn.Parameter(torch.zeros(out, dtype=module.weight.dtype, device=module.weight.device))
+    return module
+
+
+def bn_affine(bn: nn.Module | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm as y = scale * x + shift (identity when None)."""
+    if bn is None:
+        return torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    var = bn.running_var.double() if bn.track_running_stats else torch.ones(n, dtype=torch.float64)
+    mean = bn.running_mean.double() if bn.track_running_stats else torch.zeros(n, dtype=torch.float64)
+    scale = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight.detach().double()
+    shift = -mean * scale + (bn.bias.detach().double() if bn.affine else 0.0)
+    return scale, shift
+
+
+def folded_weight(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (n, c*k) and bias (n,) of layer followed by ``bn``, as one affine map, in float64."""
+    w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    scale, shift = bn_affine(bn, w.shape[0])
+    return w * scale[:, None], b * scale + shift
+
+
+def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Write a folded solution back into ``layer`` (+ ``bn``), keeping BN running statistics.
+
+    The BN shift absorbs the new bias when there is a BN; otherwise the layer gets one. Returns
+    True when a bias parameter had to be added to ``layer``.
+    """
+    scale, _ = bn_affine(bn, weight.shape[0])
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    raw = torch.where((scale != 0)[:, None], weight / safe[:, None], torch.zeros_like(weight))
+    layer.weight.data.copy_(raw.reshape(layer.weight.shape).to(layer.weight.dtype))
+    added = False
+    if bn is not None and bn.affine:
+        layer_bias = layer.bias.detach().double() if layer.bias is not None else 0.0
+        mean = bn.running_mean.double() if bn.track_running_stats else 0.0
+        bn.bias.data.copy_((bias - scale * layer_bias + scale * mean).to(bn.bias.dtype))
+    else:
+        if layer.bias is None:
+            with_bias(layer)
+            added = True
+        _, shift = bn_affine(bn, weight.shape[0])
+        layer.bias.data.copy_(((bias - shift) / safe).to(layer.bias.dtype))
+    return added
+
+
+@dataclass
+class Plan:
+    """Ordered surgery operations, replayable on a fresh model of the same architecture."""
+
+    ops: list[dict[str, Any]] = field(default_factory=list)
+
+    def keep_outputs(self, model: nn.Module, name: str, keep: torch.Tensor) -> None:
+        replace_module(model, name, keep_outputs(model.get_submodule(name), keep))
+        self.ops.append({"op": "keep_outputs", "layer": name, "keep": keep.tolist()})
+
+    def keep_inputs(self, model: nn.Module, name: str, keep: torch.Tensor, channel_size: int = 1) -> None:
+        replace_module(model, name, keep_inputs(model.get_submodule(name), keep, channel_size))
+        self.ops.append({"op": "keep_inputs", "layer": name, "keep": keep.tolist(), "channel_size": channel_size})
+
+    def add_bias(self, name: str) -> None:
+        self.ops.append({"op": "add_bias", "layer": name})
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return list(self.ops)
+
+
+def replay(model: nn.Module, ops: list[dict[str, Any]]) -> nn.Module:
+    """Apply recorded operations to ``model`` (shapes only; weights are loaded afterwards)."""
+    for op in ops:
+        name = op["layer"]
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ChanpruneError(f"pruning plan names layer {name!r} that the architecture lacks; "
+                                 "the checkpoint does not match its architecture") from None
+        keep = torch.tensor(op.get("keep", []), dtype=torch.long)
+        if op["op"] == "keep_outputs":
+            replace_module(model, name, keep_outputs(layer, keep))
+        elif op["op"] == "keep_inputs":
+            replace_module(model, name, keep_inputs(layer, keep, op.get("channel_size", 1)))
+        elif op["op"] == "add_bias":
+            with_bias(layer)
+        else:
+            raise ChanpruneError(f"unknown pruning operation {op['op']!r}; the checkpoint is newer "
+                                 "than this chanprune")
+    return model
