@@ -61,3 +61,143 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def _read_widths(path: Path) -> dict[str, int]:
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ChanpruneError(f"cannot read widths file {str(path)!r} ({err}); give a JSON/YAML mapping "
+                             "layer name -> kept input channels") from None
+    if not isinstance(data, dict):
+        raise ChanpruneError(f"widths file {str(path)!r} must map layer names to kept input channels")
+    return data
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="Bundled name (e.g. vgg16-mnist) or checkpoint path.")
+@click.option("--speedup", type=float, default=None, help="Target FLOPs(original) / FLOPs(pruned).")
+@click.option("--method", type=click.Choice(["lasso", "max_response", "input_l1", "first_k", "random"]),
+              default="lasso", show_default=True)
+@click.option("--allocation", type=click.Choice(["uniform", "vgg-paper"]), default="uniform", show_default=True)
+@click.option("--widths", "widths_file", type=click.Path(path_type=Path), default=None,
+              help="JSON/YAML file: layer name -> kept input channels (instead of an allocation).")
+@click.option("--exclude", multiple=True, help="Glob of layer names to leave unpruned (repeatable).")
+@click.option("--calib-data", default=None, help="Folder of images or .npy/.pt tensor (N, C, H, W).")
+@click.option("--calib-images", type=int, default=None, help="Number of calibration images [bundled: 500].")
+@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--input-size", type=int, nargs=2, default=None, help="H W to resize calibration images to.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-reconstruction", is_flag=True, help="Keep original weights of kept channels (ablation).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Report JSON.")
+def prune(model_spec: str, speedup: float | None, method: str, allocation: str, widths_file: Path | None,
+          exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
+          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, trust_checkpoint: bool,
+          out: Path, report_path: Path) -> None:
+    """Prune a model to a speed-up and write the pruned model and a JSON report."""
+    from .checkpoint import save_model
+    from .experiment import calibration_images, compare, load_model_spec, test_split
+    from .pruner import prune as run_prune
+
+    if speedup is None and widths_file is None:
+        raise ChanpruneError("give --speedup S or --widths FILE")
+    if out.suffix != ".safetensors":
+        raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}")
+    widths = _read_widths(widths_file) if widths_file is not None else None
+    loaded = load_model_spec(model_spec, trust_checkpoint)
+    images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
+    pruned, report = run_prune(loaded.model, images, speedup, method, allocation=allocation, widths=widths,
+                               exclude=exclude, samples_per_image=samples_per_image, seed=seed,
+                               reconstruct=not no_reconstruction)
+    report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),
+                         input_size=list(images.shape[2:]), widths_file=str(widths_file) if widths_file else None)
+    measured = compare(loaded.model, pruned, test_split(loaded), images)
+    report.accuracy_before = measured["accuracy_before"]
+    report.accuracy_after = measured["accuracy_after"]
+    report.logit_rel_error = measured["logit_rel_error"]
+    save_model(pruned, out)
+    report.save_json(report_path)
+    acc = ""
+    if report.accuracy_after is not None:
+        acc = f"  accuracy {100 * report.accuracy_before:.2f}% -> {100 * report.accuracy_after:.2f}%"
+    click.echo(f"speed-up {report.speedup_achieved:.2f}x  params {report.params_before:,} -> "
+               f"{report.params_after:,}{acc}  logit error {report.logit_rel_error:.4f}  -> {out}")
+
+
+@main.command(name="eval")
+@click.option("--model", "model_spec", required=True, help="Bundled name or checkpoint path.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+def eval_(model_spec: str, trust_checkpoint: bool) -> None:
+    """Print test accuracy (bundled data) and FLOPs of a model."""
+    from .evaluate import accuracy
+    from .experiment import load_model_spec, test_split
+    from .flops import count_flops, count_params
+
+    loaded = load_model_spec(model_spec, trust_checkpoint)
+    shape = loaded.model._chanprune.get("input_shape") if hasattr(loaded.model, "_chanprune") else None
+    if shape is None:
+        raise ChanpruneError("the model records no input shape; evaluate a model saved by chanprune")
+    split = test_split(loaded)
+    acc = f"accuracy {100 * accuracy(loaded.model, split):.2f}%  " if split is not None else ""
+    click.echo(f"{acc}flops {count_flops(loaded.model, (1, *shape)):,}  params {count_params(loaded.model):,}")
+
+
+@main.command()
+@click.option("--model", "model_spec", default="vgg16-mnist", show_default=True)
+@click.option("--speedups", default="2,3,4,5", show_default=True, help="Comma-separated speed-ups.")
+@click.option("--methods", default="lasso,max_response,first_k", show_default=True)
+@click.option("--calib-images", type=int, default=500, show_default=True)
+@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analysis"),
+              show_default=True)
+def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, samples_per_image: int,
+            seed: int, out_dir: Path) -> None:
+    """Single-layer analysis (the paper's Fig. 4): CSV, JSON and one PNG per layer."""
+    from .analysis import analyze_layers, write_analysis
+    from .experiment import calibration_images, load_model_spec, test_split
+    from .selection import STRATEGIES
+
+    loaded = load_model_spec(model_spec)
+    split = test_split(loaded)
+    if split is None:
+        raise ChanpruneError("single-layer analysis needs a bundled model with labelled test data")
+    method_list = tuple(m.strip() for m in methods.split(","))
+    unknown = [m for m in method_list if m not in STRATEGIES]
+    if unknown:
+        raise ChanpruneError(f"unknown methods {unknown}; use some of {', '.join(STRATEGIES)}")
+    try:
+        speedup_list = tuple(float(s) for s in speedups.split(","))
+    except ValueError:
+        raise ChanpruneError(f"--speedups must be comma-separated numbers, got {speedups!r}") from None
+    if any(s < 1 for s in speedup_list):
+        raise ChanpruneError("every speed-up must be >= 1")
+    images = calibration_images(loaded, None, calib_images, seed, None)
+    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, samples_per_image, seed)
+    paths = write_analysis(rows, out_dir)
+    click.echo(f"wrote {len(paths)} files to {out_dir}")
+
+
+@main.command()
+@click.option("--calib-images", type=int, default=1000, show_default=True)
+@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(calib_images: int, samples_per_image: int, seed: int) -> None:
+    """Prune the bundled VGG-16 at 2x, 4x, 5x with lasso and max_response; print one table."""
+    import time
+
+    from .demo import format_table, run_demo
+
+    start = time.perf_counter()
+    rows = run_demo(calib_images=calib_images, samples_per_image=samples_per_image, seed=seed)
+    click.echo(format_table(rows))
+    click.echo(f"({calib_images} calibration images x {samples_per_image} positions, seed {seed}, no fine-tuning, "
+               f"{time.perf_counter() - start:.0f} s)")

@@ -46,6 +46,7 @@ class PruneConfig:
     seed: int = 0
     reconstruct: bool = True
     ridge: float = 1e-6
+    lasso_rounds: int = 1
     heldout_every: int = 10
     batch_size: int = 64
 
@@ -176,7 +177,7 @@ def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneC
         problems.append(ReaderProblem(r, weight, bias, layer.weight.detach().double().reshape(len(weight), -1),
                                       fit, held, k))
     writer_weight = pruned.get_submodule(group.writer).weight.detach()
-    keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, generator))
+    keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, generator, cfg.lasso_rounds))
     if len(keep) != n_keep:
         raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {group.name}, not {n_keep}")
 

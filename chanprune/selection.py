@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .graph import ChannelGroup, Reader
-from .solvers import lasso_problem, lasso_select
+from .solvers import backward_elimination, block_indices, lasso_problem, lasso_select, least_squares
 from .stats import Moments
 
 
@@ -38,6 +38,7 @@ class SelectionProblem:
     readers: list[ReaderProblem]
     writer_weight: torch.Tensor
     generator: torch.Generator
+    lasso_rounds: int = 1
 
 
 Strategy = Callable[[SelectionProblem], torch.Tensor]
@@ -48,19 +49,40 @@ def _top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 
 def select_lasso(problem: SelectionProblem) -> torch.Tensor:
-    """He et al.: LASSO on β over channel contributions; readers' normalised (Q, q) are summed."""
-    q_mat = q_vec = None
-    weight_norm = torch.zeros(problem.group.channels, dtype=torch.float64)
-    for rp in problem.readers:
-        qm, qv = lasso_problem(rp.fit, rp.weight, rp.k)
-        q_mat = qm if q_mat is None else q_mat + qm
-        q_vec = qv if q_vec is None else q_vec + qv
-        weight_norm += rp.weight.reshape(rp.weight.shape[0], -1, rp.k).abs().sum((0, 2))
-    alive = torch.nonzero(weight_norm > 0).flatten()
-    if len(alive) <= problem.n_keep:  # channels no reader uses go first
+    """He et al.: LASSO on β over channel contributions; readers' normalised (Q, q) are summed.
+
+    With ``lasso_rounds`` R > 1 this is the paper's alternating form: the channel count falls
+    geometrically over R LASSO steps, and after each step every reader's weights are refitted by
+    least squares on the kept channels, so the next step sees weights that already compensate
+    for the channels dropped so far.
+    """
+    weight_norm = sum(rp.weight.reshape(rp.weight.shape[0], -1, rp.k).abs().sum((0, 2)) for rp in problem.readers)
+    keep = torch.nonzero(weight_norm > 0).flatten()
+    if len(keep) <= problem.n_keep:  # channels no reader uses go first
         dead = torch.nonzero(weight_norm == 0).flatten()
-        return torch.cat([alive, dead[: problem.n_keep - len(alive)]]).sort().values
-    return lasso_select(q_mat, q_vec, problem.n_keep, candidates=alive)
+        return torch.cat([keep, dead[: problem.n_keep - len(keep)]]).sort().values
+    weights = [rp.weight[:, block_indices(keep, rp.k)] for rp in problem.readers]
+    start, rounds = len(keep), max(1, problem.lasso_rounds)
+    for step in range(1, rounds + 1):
+        size = max(problem.n_keep, round(start * (problem.n_keep / start) ** (step / rounds)))
+        q_mat = q_vec = None
+        for rp, weight in zip(problem.readers, weights):
+            qm, qv = lasso_problem(rp.fit.restrict(block_indices(keep, rp.k)), weight, rp.k)
+            q_mat = qm if q_mat is None else q_mat + qm
+            q_vec = qv if q_vec is None else q_vec + qv
+        keep = keep[lasso_select(q_mat, q_vec, size)]
+        if step < rounds:
+            weights = [least_squares(rp.fit, keep, rp.k)[0] for rp in problem.readers]
+    return keep
+
+
+def select_greedy(problem: SelectionProblem) -> torch.Tensor:
+    """Beyond the paper: backward elimination on the exact least-squares error of every reader."""
+    ks = {rp.k for rp in problem.readers}
+    if len(ks) > 1:  # readers disagree on features per channel: fall back to the paper's selection
+        return select_lasso(problem)
+    pairs = [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problem.readers]
+    return backward_elimination(pairs, ks.pop(), problem.n_keep)
 
 
 def select_max_response(problem: SelectionProblem) -> torch.Tensor:
@@ -88,6 +110,7 @@ def select_random(problem: SelectionProblem) -> torch.Tensor:
 
 STRATEGIES: dict[str, Strategy] = {
     "lasso": select_lasso,
+    "greedy": select_greedy,
     "max_response": select_max_response,
     "input_l1": select_input_l1,
     "first_k": select_first_k,

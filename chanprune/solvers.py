@@ -118,3 +118,47 @@ def relative_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.T
     if moments.count == 0 or moments.yty <= 0:
         return float("nan")
     return (squared_error(moments, keep, k, weight, bias) / moments.yty) ** 0.5
+
+
+def _diagonal_blocks(h: torch.Tensor, k: int) -> torch.Tensor:
+    """The c diagonal k x k blocks of a (c*k, c*k) matrix, as (c, k, k)."""
+    c = h.shape[0] // k
+    return torch.diagonal(h.reshape(c, k, c, k), dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge: float = 1e-6,
+                         step_fraction: float = 0.05) -> torch.Tensor:
+    """Channels kept by greedy removal on the exact least-squares error (beyond the paper).
+
+    With H = (X^T X)^-1 and the LS solution W = H X^T Y, removing channel block j raises the
+    error by tr(W_j^T (H_jj)^-1 W_j) (the block form of Optimal Brain Surgeon). Each step removes
+    the cheapest ``step_fraction`` of the remaining channels, then downdates H and W exactly.
+    ``problems`` holds (moments, weight) per reader; costs are summed weighted by 1/||Y||^2.
+    """
+    states = []
+    for moments, scale in problems:
+        xtx, xty, _ = moments.centred()
+        dim = xtx.shape[0]
+        a = xtx + torch.eye(dim, dtype=xtx.dtype) * max(ridge * float(torch.trace(xtx)) / dim, 1e-12)
+        h = torch.cholesky_inverse(torch.linalg.cholesky(a))
+        states.append([h, h @ xty, scale])
+    alive = torch.arange(states[0][0].shape[0] // k)
+    while len(alive) > n_keep:
+        cost = torch.zeros(len(alive), dtype=torch.float64)
+        for h, w, scale in states:
+            blocks = _diagonal_blocks(h, k)
+            wb = w.reshape(len(alive), k, -1)
+            cost += scale * (wb * torch.linalg.solve(blocks, wb)).sum((1, 2))
+        n_drop = min(len(alive) - n_keep, max(1, int(step_fraction * len(alive))))
+        drop = cost.topk(n_drop, largest=False).indices
+        mask = torch.ones(len(alive), dtype=torch.bool)
+        mask[drop] = False
+        rest, gone = block_indices(torch.nonzero(mask).flatten(), k), block_indices(drop, k)
+        for state in states:
+            h, w, _ = state
+            h_rg = h[rest][:, gone]
+            chol = torch.linalg.cholesky(h[gone][:, gone])
+            state[0] = h[rest][:, rest] - h_rg @ torch.cholesky_solve(h_rg.T, chol)
+            state[1] = w[rest] - h_rg @ torch.cholesky_solve(w[gone], chol)
+        alive = alive[mask]
+    return alive

@@ -51,6 +51,14 @@ class Moments:
         self.xty += (x.T @ y).double()
         self.yty += float(y.double().square().sum())
 
+    def restrict(self, cols: torch.Tensor) -> "Moments":
+        """The moments of the input features ``cols`` only (shares nothing with ``self``)."""
+        sub = Moments(len(cols), self.dim_y)
+        sub.count, sub.yty = self.count, self.yty
+        sub.sum_x, sub.sum_y = self.sum_x[cols], self.sum_y.clone()
+        sub.xtx, sub.xty = self.xtx[cols][:, cols], self.xty[cols]
+        return sub
+
     @property
     def mean_x(self) -> torch.Tensor:
         return self.sum_x / max(self.count, 1)

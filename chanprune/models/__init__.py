@@ -52,4 +52,5 @@ def create_model(name: str, pretrained: bool = True) -> nn.Module:
             raise ChanpruneError(f"no trained checkpoint for {name!r} at {entry.checkpoint}; "
                                  f"run `chanprune train --model {name}` to create it")
         model.load_state_dict(load_state_file(entry.checkpoint)[0])
+    model._chanprune = {"arch": {"bundled": name}, "plan": [], "input_shape": [entry.in_chans, *entry.input_size]}
     return model.eval()
