@@ -102,23 +102,20 @@ def allocate(flop_model: FlopModel, groups: list[ChannelGroup], speedup: float,
 
 
 def check_widths(widths: dict[str, int], graph: ChannelGraph) -> dict[str, int]:
-    """Validate explicit widths keyed by group (writer) or reader name; returns them by group name."""
-    by_key: dict[str, ChannelGroup] = {}
-    for g in graph.groups:
-        by_key[g.name] = g
-        for r in g.readers:
-            by_key.setdefault(r.name, g)
+    """Validate explicit widths keyed by reader name (the layer whose input channels are kept);
+    returns them keyed by group name."""
+    by_reader = {r.name: g for g in graph.groups for r in g.readers}
     resolved: dict[str, int] = {}
     for key, value in widths.items():
-        if key not in by_key:
+        if key not in by_reader:
             known = ", ".join(g.readers[0].name for g in graph.prunable())
-            raise ChanpruneError(f"widths file names unknown layer {key!r}; name a pruned layer's reader, "
-                                 f"one of: {known}")
-        g = by_key[key]
+            raise ChanpruneError(f"widths file names unknown layer {key!r}; name a layer whose input channels "
+                                 f"can be pruned, one of: {known}")
+        g = by_reader[key]
         if not g.prunable:
-            raise ChanpruneError(f"layer {key!r} cannot be pruned ({'; '.join(g.blocked_by)}); "
+            raise ChanpruneError(f"input channels of {key!r} cannot be pruned ({'; '.join(g.blocked_by)}); "
                                  "remove it from the widths file")
-        if not isinstance(value, int) or not 1 <= value <= g.channels:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= g.channels:
             raise ChanpruneError(f"width of {key!r} must be an integer in 1..{g.channels}, got {value!r}")
         resolved[g.name] = value
     return resolved

@@ -87,9 +87,12 @@ def load_model(path: str | Path) -> nn.Module:
     from .surgery import replay
 
     state, meta = load_state_file(path)
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ChanpruneError(f"{str(path)!r} is a weights file without a chanprune model header; "
                              "save models with chanprune.save_model or `chanprune prune --out`")
+    if not isinstance(meta.get("arch"), dict) or not isinstance(meta.get("plan"), list):
+        raise ChanpruneError(f"{str(path)!r} has a damaged chanprune header (no architecture or plan); "
+                             "re-create it with `chanprune prune`")
     model = replay(build_architecture(meta["arch"]), meta["plan"])
     try:
         model.load_state_dict(state)

@@ -37,6 +37,7 @@ PASSTHROUGH_FUNCTIONS = {
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 FOLLOWER_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 SHAPE_QUERIES = {"size", "dim"}
+OUTPUT_REASON = "its channels are a model output"
 
 
 @dataclass
@@ -185,17 +186,18 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
                     block(t, f"{node.name} (.{node.target}) is not supported")
         elif node.op == "output":
             for t in in_tags:
-                block(t, "its channels are a model output")
+                block(t, OUTPUT_REASON)
         tags[node] = out
 
     bn_of_writer = {g.writer: g.writer_bn for g in groups}
     for g in groups:
         for reader in g.readers:
             reader.bn = bn_of_writer.get(reader.name)
+        unsupported = [why for why in g.blocked_by if why != OUTPUT_REASON]
         if not g.readers and not g.blocked_by:
             g.blocked_by.append("no layer reads it")
-        if warn and g.readers and g.blocked_by:
-            warnings.warn(f"channels of {g.writer} stay unpruned: {'; '.join(g.blocked_by)}", stacklevel=2)
+        if warn and unsupported:
+            warnings.warn(f"channels of {g.writer} stay unpruned: {'; '.join(unsupported)}", stacklevel=2)
     return ChannelGraph(groups, tuple(example.shape), layer_kinds)
 
 

@@ -154,6 +154,11 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     for group in tqdm(to_prune, desc=f"{cfg.method} {cfg.speedup or ''}x".strip(), disable=not progress, leave=False):
         errors.update(prune_group(pruned, group, widths[group.name], cfg, targets, plan, generator))
 
+    sparse = [name for name, e in errors.items() if e["samples"] < 3 * e["inputs"]]
+    if sparse:
+        warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
+                      f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
+                      "one: use more calibration images or --samples-per-image", stacklevel=2)
     pruned._chanprune = {"arch": info["arch"], "plan": plan.to_list(), "input_shape": list(images.shape[1:])}
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
@@ -185,9 +190,6 @@ def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneC
     for rp in problems:
         cols = block_indices(keep, rp.k)
         w_kept, b_kept = rp.weight[:, cols], rp.bias
-        if rp.fit.count < 3 * len(cols):
-            warnings.warn(f"{rp.reader.name}: {rp.fit.count} samples for {len(cols)} inputs per output; "
-                          "use more calibration images or --samples-per-image", stacklevel=2)
         before = relative_error(rp.fit, keep, rp.k, w_kept, b_kept)
         if cfg.reconstruct:
             w_kept, b_kept = least_squares(rp.fit, keep, rp.k, cfg.ridge)
@@ -197,7 +199,8 @@ def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneC
             if write_folded(pruned.get_submodule(rp.reader.name), bn, w_kept, b_kept):
                 plan.add_bias(rp.reader.name)
         errors[rp.reader.name] = {
-            "kept_indices": keep.tolist(), "rel_error_before": before,
+            "kept_indices": keep.tolist(), "rel_error_before": before, "samples": rp.fit.count,
+            "inputs": len(cols),
             "rel_error": relative_error(rp.fit, keep, rp.k, w_kept, b_kept),
             "rel_error_heldout": relative_error(rp.heldout, keep, rp.k, w_kept, b_kept),
         }

@@ -75,6 +75,19 @@ def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
     return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
 
 
+def ridged_cholesky(a: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Cholesky factor of ``a + λI`` with λ = ridge * trace(a) / dim, raised until ``a`` is
+    positive definite (few samples or dead inputs leave a singular or, by round-off, indefinite ``a``)."""
+    dim = a.shape[0]
+    lam = max(ridge * float(torch.trace(a)) / dim, 1e-12)
+    eye = torch.eye(dim, dtype=a.dtype)
+    for attempt in range(8):
+        chol, info = torch.linalg.cholesky_ex(a + eye * lam * (100.0 ** attempt))
+        if int(info) == 0:
+            return chol
+    raise FloatingPointError("the Gram matrix did not become positive definite; calibration data may be degenerate")
+
+
 def least_squares(moments: Moments, keep: torch.Tensor, k: int,
                   ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (n, |keep|*k) and bias (n,) minimising ||Y - X_S W^T - b||^2.
@@ -86,16 +99,7 @@ def least_squares(moments: Moments, keep: torch.Tensor, k: int,
     xtx, xty, _ = moments.centred()
     a = xtx[cols][:, cols]
     rhs = xty[cols]
-    dim = a.shape[0]
-    lam = ridge * float(torch.trace(a)) / dim
-    eye = torch.eye(dim, dtype=a.dtype)
-    for attempt in range(6):
-        chol, info = torch.linalg.cholesky_ex(a + eye * max(lam, 1e-12) * (100.0 ** attempt))
-        if int(info) == 0:
-            break
-    else:
-        raise FloatingPointError("least squares did not become positive definite")
-    w = torch.cholesky_solve(rhs, chol).T.contiguous()
+    w = torch.cholesky_solve(rhs, ridged_cholesky(a, ridge)).T.contiguous()
     b = moments.mean_y - w @ moments.mean_x[cols]
     return w, b
 
@@ -138,9 +142,7 @@ def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: 
     states = []
     for moments, scale in problems:
         xtx, xty, _ = moments.centred()
-        dim = xtx.shape[0]
-        a = xtx + torch.eye(dim, dtype=xtx.dtype) * max(ridge * float(torch.trace(xtx)) / dim, 1e-12)
-        h = torch.cholesky_inverse(torch.linalg.cholesky(a))
+        h = torch.cholesky_inverse(ridged_cholesky(xtx, ridge))
         states.append([h, h @ xty, scale])
     alive = torch.arange(states[0][0].shape[0] // k)
     while len(alive) > n_keep:
@@ -157,7 +159,7 @@ def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: 
         for state in states:
             h, w, _ = state
             h_rg = h[rest][:, gone]
-            chol = torch.linalg.cholesky(h[gone][:, gone])
+            chol = ridged_cholesky(h[gone][:, gone], 1e-12)
             state[0] = h[rest][:, rest] - h_rg @ torch.cholesky_solve(h_rg.T, chol)
             state[1] = w[rest] - h_rg @ torch.cholesky_solve(w[gone], chol)
         alive = alive[mask]

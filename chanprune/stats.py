@@ -103,20 +103,23 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions) -> torch.Tens
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    ph, pw = _conv_padding(conv)
-    x = nn.functional.pad(x, (pw, pw, ph, ph))
+    x = nn.functional.pad(x, _conv_padding(conv))
     rows = pos.row[:, None] * sh + torch.arange(kh)[None] * dh  # (P, kh)
     cols = pos.col[:, None] * sw + torch.arange(kw)[None] * dw  # (P, kw)
     patches = x[pos.image[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, c)
     return patches.permute(0, 3, 1, 2).reshape(len(pos.image), -1)
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding as the conv applies it ('same' puts any odd extra
+    row or column at the bottom / right, as PyTorch does)."""
     if conv.padding == "valid":
-        return 0, 0
+        return 0, 0, 0, 0
     if conv.padding == "same":
-        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))  # type: ignore[return-value]
-    return _pair(conv.padding)  # type: ignore[return-value]
+        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = _pair(conv.padding)
+    return pw, pw, ph, ph
 
 
 def reader_dim(model: nn.Module, reader: Reader) -> int:

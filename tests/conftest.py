@@ -1,0 +1,132 @@
+"""Shared tiny models, data and helpers for the chanprune tests.
+
+The model classes live here (not in a test module) so that ``chanprune.checkpoint`` can rebuild
+them by their import reference ``conftest:<Class>`` when a pruned model is loaded again.
+Every model takes no constructor arguments; ``make_*`` helpers give them seeded, non-trivial
+weights and BatchNorm statistics (eval-mode BN is then a real affine map, not the identity).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from chanprune.graph import build_graph
+from chanprune.pruner import PruneConfig, prune_group
+from chanprune.stats import record_targets
+from chanprune.surgery import Plan
+
+IMAGE_SHAPE = (3, 8, 8)
+
+# The tests run tiny tensors, where intra-op threads cost more than they give (several times slower
+# on a busy 2-core machine); one thread keeps the suite fast and its timings steady.
+torch.set_num_threads(1)
+
+
+class TinyCNN(nn.Sequential):
+    """conv(3->8)+BN+ReLU -> conv(8->12)+BN+ReLU -> pool -> conv(12->16)+ReLU (no BN, no bias)
+    -> pool -> flatten (16 x 2x2) -> fc1 -> ReLU -> fc2, for 3x8x8 inputs."""
+
+    def __init__(self):
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, padding=1, bias=False), bn1=nn.BatchNorm2d(8), relu1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 12, 3, padding=1, bias=False), bn2=nn.BatchNorm2d(12), relu2=nn.ReLU(inplace=True),
+            pool1=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(12, 16, 3, padding=1, bias=False), relu3=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(16 * 2 * 2, 24), relu4=nn.ReLU(),
+            fc2=nn.Linear(24, 5),
+        ))
+
+
+class OddCNN(nn.Sequential):
+    """Convs with stride 2, dilation 2, non-square kernels and a conv with a bias, for 3x9x10 inputs."""
+
+    def __init__(self):
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(3, 6, (3, 2), stride=2, padding=1, bias=False), bn1=nn.BatchNorm2d(6), relu1=nn.ReLU(),
+            conv2=nn.Conv2d(6, 10, (2, 3), dilation=2, padding=(1, 2), bias=True), relu2=nn.ReLU(),
+            conv3=nn.Conv2d(10, 8, 1), bn3=nn.BatchNorm2d(8), relu3=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(8, 4),
+        ))
+
+
+ODD_SHAPE = (3, 9, 10)
+
+
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Seeded weights, biases and BatchNorm statistics; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def make_tiny(seed: int = 0) -> TinyCNN:
+    return randomise(TinyCNN(), seed)
+
+
+def make_odd(seed: int = 0) -> OddCNN:
+    return randomise(OddCNN(), seed)
+
+
+def random_images(n: int, shape: tuple[int, ...] = IMAGE_SHAPE, seed: int = 1) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model.eval()(images)
+
+
+def prune_groups_directly(model: nn.Module, images: torch.Tensor, widths: dict[str, int],
+                          method: str = "lasso", samples_per_image: int = 10, **cfg_options):
+    """The pruner's loop without its ``width < channels`` filter: every prunable group named in
+    ``widths`` goes through ``prune_group`` (so full widths exercise the reconstruction too)."""
+    original = model.eval()
+    graph = build_graph(original, images[:1])
+    cfg = PruneConfig(speedup=None, widths=widths, method=method, samples_per_image=samples_per_image,
+                      **cfg_options)
+    targets = record_targets(original, graph, images, samples_per_image, cfg.seed, cfg.batch_size)
+    pruned = copy.deepcopy(original)
+    plan = Plan()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    errors = {}
+    for group in graph.prunable():
+        if group.name in widths:
+            errors.update(prune_group(pruned, group, widths[group.name], cfg, targets, plan, generator))
+    return pruned, errors, plan, graph
+
+
+@pytest.fixture
+def tiny_model() -> TinyCNN:
+    return make_tiny(0)
+
+
+@pytest.fixture
+def tiny_images() -> torch.Tensor:
+    return random_images(200)
