@@ -23,7 +23,7 @@ from .evaluate import accuracy
 from .graph import build_graph
 from .pruner import PruneConfig, prune_group
 from .report import write_text_atomic
-from .stats import record_targets
+from .stats import collect_moments, record_targets
 from .surgery import Plan
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
@@ -39,11 +39,15 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
     groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
     rows = []
+    moments: dict[str, dict] = {}
     for group, method, speedup in tqdm(jobs, desc="analyze", disable=not progress):
         n_keep = max(1, round(group.channels / speedup))
         cfg = PruneConfig(speedup=speedup, method=method, samples_per_image=samples_per_image, seed=seed)
+        if group.name not in moments:  # inputs come from the unpruned model: shared by every job of a group
+            moments[group.name] = collect_moments(model, group.readers, targets, cfg.heldout_every)
         pruned = copy.deepcopy(model)
-        errors = prune_group(pruned, group, n_keep, cfg, targets, Plan(), torch.Generator().manual_seed(seed))
+        errors = prune_group(pruned, group, n_keep, cfg, targets, Plan(), torch.Generator().manual_seed(seed),
+                             moments[group.name])
         reader = errors[group.readers[0].name]
         rows.append({"layer": group.readers[0].name, "method": method, "speedup": speedup, "kept": n_keep,
                      "channels": group.channels,

@@ -29,7 +29,7 @@ from .graph import ChannelGraph, ChannelGroup, build_graph
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, least_squares, relative_error
-from .stats import Targets, collect_moments, reader_dim, record_targets
+from .stats import Moments, Targets, collect_moments, reader_dim, record_targets
 from .surgery import Plan, folded_weight, write_folded
 
 
@@ -169,9 +169,13 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
 
 
 def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneConfig, targets: Targets,
-                plan: Plan, generator: torch.Generator) -> dict[str, dict[str, Any]]:
-    """Select ``n_keep`` channels of ``group``, reconstruct its readers and shrink every member."""
-    moments = collect_moments(pruned, group.readers, targets, cfg.heldout_every)
+                plan: Plan, generator: torch.Generator,
+                moments: dict[str, tuple[Moments, Moments]] | None = None) -> dict[str, dict[str, Any]]:
+    """Select ``n_keep`` channels of ``group``, reconstruct its readers and shrink every member.
+
+    ``moments`` may be passed when they are known to match ``pruned`` (single-layer analysis).
+    """
+    moments = moments or collect_moments(pruned, group.readers, targets, cfg.heldout_every)
     problems = []
     for r in group.readers:
         layer = pruned.get_submodule(r.name)
