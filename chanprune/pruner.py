@@ -25,7 +25,7 @@ from .allocation import PRESETS, FlopModel, allocate, check_widths
 from .data import materialise, validate_images
 from .errors import ChanpruneError
 from .flops import count_flops, count_params, flop_breakdown
-from .graph import ChannelGraph, ChannelGroup, build_graph
+from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, least_squares, relative_error
@@ -168,6 +168,16 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     return pruned, report
 
 
+def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
+    """A reader's folded and original weights with its moments, as the selection strategies see it."""
+    layer = model.get_submodule(reader.name)
+    bn = model.get_submodule(reader.bn) if reader.bn else None
+    weight, bias = folded_weight(layer, bn)
+    k = reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
+    raw = layer.weight.detach().double().reshape(len(weight), -1)
+    return ReaderProblem(reader, weight, bias, raw, fit, heldout, k)
+
+
 def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneConfig, targets: Targets,
                 plan: Plan, generator: torch.Generator,
                 moments: dict[str, tuple[Moments, Moments]] | None = None) -> dict[str, dict[str, Any]]:
@@ -176,15 +186,7 @@ def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneC
     ``moments`` may be passed when they are known to match ``pruned`` (single-layer analysis).
     """
     moments = moments or collect_moments(pruned, group.readers, targets, cfg.heldout_every)
-    problems = []
-    for r in group.readers:
-        layer = pruned.get_submodule(r.name)
-        bn = pruned.get_submodule(r.bn) if r.bn else None
-        weight, bias = folded_weight(layer, bn)
-        k = r.channel_size if r.kind == "linear" else math.prod(layer.kernel_size)
-        fit, held = moments[r.name]
-        problems.append(ReaderProblem(r, weight, bias, layer.weight.detach().double().reshape(len(weight), -1),
-                                      fit, held, k))
+    problems = [reader_problem(pruned, r, *moments[r.name]) for r in group.readers]
     writer_weight = pruned.get_submodule(group.writer).weight.detach()
     keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, generator, cfg.lasso_rounds))
     if len(keep) != n_keep:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
 
 from chanprune.graph import build_graph
-from chanprune.pruner import prune
+from chanprune.pruner import prune, reader_problem
 from chanprune.selection import STRATEGIES, ReaderProblem, SelectionProblem
 from chanprune.stats import collect_moments, record_targets
-from chanprune.surgery import folded_weight
 
 from conftest import make_tiny, prune_groups_directly, random_images
 
@@ -29,14 +27,7 @@ def problems():
     for name in ("conv2", "conv3"):
         group = graph.group(name)
         moments = collect_moments(model, group.readers, targets)
-        readers = []
-        for r in group.readers:
-            layer = model.get_submodule(r.name)
-            bn = model.get_submodule(r.bn) if r.bn else None
-            w, b = folded_weight(layer, bn)
-            k = r.channel_size if r.kind == "linear" else math.prod(layer.kernel_size)
-            readers.append(ReaderProblem(r, w, b, layer.weight.detach().double().reshape(len(w), -1),
-                                         *moments[r.name], k))
+        readers = [reader_problem(model, r, *moments[r.name]) for r in group.readers]
         out[name] = (group, readers, model.get_submodule(group.writer).weight.detach())
     return out
 
