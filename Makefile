@@ -9,9 +9,14 @@ setup: $(STAMP)
 
 # torch is pinned first: 2.13.0 is the CPU build cached on these machines, while an
 # unpinned install would pull several GB of CUDA packages.
+# torchvision and timm (the generality tests) go in with --no-deps for the same reason: their
+# declared torch requirement would replace the CPU build. torchvision's compiled operators then do
+# not load; benchmarks/vision_setup.py works around that (see docs/generality.md).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchvision==0.28.0 timm==1.0.31
+	$(PY) -m pip install -q --disable-pip-version-check huggingface_hub
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
