@@ -31,7 +31,7 @@ def run(methods: list[str], speedups: list[float], seeds: list[int], calib_image
     rows = []
     for seed in seeds:
         images = calibration_subset(mnist_split("train"), calib_images, seed)
-        targets = record_targets(model, build_graph(model, images[:1]), images, samples_per_image, seed)
+        targets = record_targets(build_graph(model, images[:1]), images, samples_per_image, seed)
         for speedup in speedups:
             for spec in methods:
                 method, _, rounds = spec.partition(":")

@@ -7,7 +7,6 @@ increase of test error (points) and the relative reconstruction error of the rea
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -18,13 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocation import Unit
 from .data import Split
 from .evaluate import accuracy
 from .graph import build_graph
-from .pruner import PruneConfig, prune_group
+from .pruner import PruneConfig, PruneRun
 from .report import write_text_atomic
 from .stats import collect_moments, record_targets
-from .surgery import Plan
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
 
@@ -34,7 +33,7 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
                    progress: bool = True) -> list[dict[str, Any]]:
     """One row per (conv group, method, speed-up)."""
     graph = build_graph(model, images[:1])
-    targets = record_targets(model, graph, images, samples_per_image, seed)
+    targets = record_targets(graph, images, samples_per_image, seed)
     base_error = 1.0 - accuracy(model, split)
     groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
@@ -44,11 +43,11 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
         n_keep = max(1, round(group.channels / speedup))
         cfg = PruneConfig(speedup=speedup, method=method, samples_per_image=samples_per_image, seed=seed)
         if group.name not in moments:  # inputs come from the unpruned model: shared by every job of a group
-            moments[group.name] = collect_moments(model, group.readers, targets, cfg.heldout_every)
-        pruned = copy.deepcopy(model)
-        errors = prune_group(pruned, group, n_keep, cfg, targets, Plan(), torch.Generator().manual_seed(seed),
-                             moments[group.name])
-        reader = errors[group.readers[0].name]
+            moments[group.name] = collect_moments(graph.gm, group.readers, targets, cfg.heldout_every)
+        run = PruneRun(graph, cfg, targets)
+        run.prune_unit(Unit(group), n_keep, moments[group.name])
+        pruned = run.result(model)
+        reader = run.errors[group.readers[0].name]
         rows.append({"layer": group.readers[0].name, "method": method, "speedup": speedup, "kept": n_keep,
                      "channels": group.channels,
                      "error_increase": 100.0 * ((1.0 - accuracy(pruned, split)) - base_error),

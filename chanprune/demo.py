@@ -33,7 +33,7 @@ def run_demo(model_name: str = "vgg16-mnist", methods: tuple[str, ...] = ("lasso
     images = calibration_subset(mnist_split("train"), calib_images, seed)
     shape = (1, entry.in_chans, *entry.input_size)
     reference = predict(model, test.images)
-    targets = record_targets(model, build_graph(model, images[:1]), images, samples_per_image, seed)
+    targets = record_targets(build_graph(model, images[:1]), images, samples_per_image, seed)
     flops0 = count_flops(model, shape)
 
     def row(method: str, target: float | None, net: torch.nn.Module) -> dict[str, Any]:

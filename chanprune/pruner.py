@@ -1,9 +1,11 @@
-"""The whole-model loop: groups in order, inputs from the pruned model, targets from the original.
+"""The whole-model loop: units in execution order, inputs from the pruned model, targets from the original.
 
-For each channel group: collect moments of every reader (inputs sampled from the model pruned so
-far, targets from the original model, so error accumulated upstream is corrected here), choose
-the kept channels, reconstruct every reader by least squares, then remove the dropped channels
-from the writer, its followers and the readers.
+For each pruning unit (a channel group, or one reader's channel select): collect moments of
+every reader (inputs sampled from the model pruned so far, targets from the original model, so
+error accumulated upstream is corrected here), choose the kept channels, reconstruct every
+reader by least squares, then remove the dropped channels from every member of the group.
+The work happens on a traced copy of the model; the result is the user's own class with the
+same surgery replayed on it.
 """
 
 from __future__ import annotations
@@ -18,24 +20,34 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .allocation import PRESETS, FlopModel, allocate, check_widths
+from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from .data import materialise, validate_images
 from .errors import ChanpruneError
 from .flops import count_flops, count_params, flop_breakdown
 from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
+from .layers import SelectedConv2d
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, least_squares, relative_error
 from .stats import Moments, Targets, collect_moments, reader_dim, record_targets
-from .surgery import Plan, folded_weight, write_folded
+from .surgery import Plan, folded_weight, replay, write_folded
+
+TRUNK_MODES = ("keep", "joint")
 
 
 @dataclass
 class PruneConfig:
-    """Every option of a pruning run; stored in the report so the run can be repeated."""
+    """Every option of a pruning run; stored in the report so the run can be repeated.
+
+    ``trunk`` says what happens to channels tied by residual adds: "keep" leaves them whole (the
+    paper), "joint" prunes them with one selection over all their readers. With
+    ``feature_map_sampling`` a conv reading channels that stay whole reads a chosen subset of
+    them through a channel select. ``residual_correction`` makes the last layer of a residual
+    branch also make up for the error on its shortcut.
+    """
 
     speedup: float | None = 4.0
     method: str = "lasso"
@@ -49,12 +61,17 @@ class PruneConfig:
     lasso_rounds: int = 1
     heldout_every: int = 10
     batch_size: int = 64
+    trunk: str = "keep"
+    residual_correction: bool = True
+    feature_map_sampling: bool = True
 
     def validate(self) -> None:
         if self.method not in STRATEGIES:
             raise ChanpruneError(f"unknown method {self.method!r}; use one of {', '.join(STRATEGIES)}")
         if self.allocation not in PRESETS:
             raise ChanpruneError(f"unknown allocation {self.allocation!r}; use one of {', '.join(PRESETS)}")
+        if self.trunk not in TRUNK_MODES:
+            raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
         if self.speedup is None and self.widths is None:
             raise ChanpruneError("give a speed-up target or explicit widths")
         if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and self.speedup >= 1):
@@ -76,49 +93,71 @@ def first_in_channels(model: nn.Module) -> int | None:
     return None
 
 
+def _excluded(names: list[str], exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+
+
 def prunable_groups(graph: ChannelGraph, exclude: tuple[str, ...]) -> list[ChannelGroup]:
     """Prunable groups with no member matching an exclude pattern."""
-    return [g for g in graph.prunable()
-            if not any(fnmatch.fnmatchcase(m, p) for m in g.members for p in exclude)]
+    return [g for g in graph.prunable() if not _excluded(g.members, exclude)]
 
 
-def check_memory(model: nn.Module, groups: list[ChannelGroup], n_samples: int) -> None:
+def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
+    """What this run may prune, in execution order.
+
+    Prunable groups become units, except residual trunks under ``trunk="keep"``. With
+    feature-map sampling, each conv reading a group that stays whole (a kept trunk, or channels
+    blocked by an op chanprune cannot prune through) becomes a select unit of its own.
+    """
+    units: list[Unit] = []
+    for g in graph.groups:
+        if not g.readers:
+            continue
+        whole = not g.prunable or (g.residual and cfg.trunk == "keep") or _excluded(g.members, cfg.exclude)
+        if not whole:
+            units.append(Unit(g))
+        elif cfg.feature_map_sampling:
+            units += [Unit(g, r) for r in g.readers
+                      if r.kind == "conv" and len(graph.layouts[r.name]) == 1 and not _excluded([r.name], cfg.exclude)]
+    return sorted(units, key=lambda u: min(graph.order[r.name] for r in u.readers))
+
+
+def check_memory(model: nn.Module, units: list[Unit], n_samples: int) -> None:
     """Fail before starting when a layer's statistics would not fit in the available memory."""
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
     targets = 0
-    for g in groups:
+    for u in units:
         need = 0
-        for r in g.readers:
+        for r in u.readers:
             dim = reader_dim(model, r)
             n_out = model.get_submodule(r.name).weight.shape[0]
             need += 8 * (6 * dim * dim + 2 * dim * n_out)
-            targets += 4 * n_samples * n_out
+            targets += 4 * n_samples * n_out * (2 if r.shortcut else 1)
         if need > 0.8 * available:
             raise ChanpruneError(
-                f"statistics of the readers of {g.name} need about {need / 2**30:.1f} GiB but "
-                f"{available / 2**30:.1f} GiB are free; exclude it with --exclude '{g.name}'")
+                f"statistics of the readers of {u.name} need about {need / 2**30:.1f} GiB but "
+                f"{available / 2**30:.1f} GiB are free; exclude it with --exclude '{u.readers[0].name}'")
     if targets > 0.5 * available:
         raise ChanpruneError(f"cached targets need about {targets / 2**30:.1f} GiB; use fewer "
                              "calibration images or --samples-per-image")
 
 
-def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, groups: list[ChannelGroup],
-                   flop_model: FlopModel) -> dict[str, int]:
-    """Kept channels per group from explicit widths or from the speed-up target and preset."""
+def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel) -> dict[str, int]:
+    """Kept channels per unit from explicit widths or from the speed-up target and preset."""
     if cfg.widths is not None:
-        widths = check_widths(cfg.widths, graph)
+        widths = check_widths(cfg.widths, graph, units)
         if cfg.speedup is not None:
             got = flop_model.total / flop_model.flops(widths)
             if abs(got / cfg.speedup - 1) > 0.02:
                 raise ChanpruneError(f"the widths file gives a {got:.2f}x speed-up, not {cfg.speedup:g}x; "
                                      "drop --speedup or change the widths")
         return widths
-    if not groups:
+    if not units:
         raise ChanpruneError("no layer of this model can be pruned (see the warnings above)")
-    return allocate(flop_model, groups, cfg.speedup, PRESETS[cfg.allocation])
+    return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation])
 
 
 def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0, method: str = "lasso", *,
@@ -139,33 +178,140 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     graph = build_graph(original, images[:1])
     flops_before, per_layer = flop_breakdown(original, tuple(images.shape))
     flop_model = FlopModel(graph, flops_before, per_layer)
-    groups = prunable_groups(graph, cfg.exclude)
-    widths = resolve_widths(cfg, graph, groups, flop_model)
-    to_prune = [g for g in graph.groups if g.name in widths and widths[g.name] < g.channels]
+    units = pruning_units(graph, cfg)
+    widths = resolve_widths(cfg, graph, units, flop_model)
+    todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
     if targets is None:
-        check_memory(original, to_prune, len(images) * cfg.samples_per_image)
-        targets = record_targets(original, graph, images, cfg.samples_per_image, cfg.seed, cfg.batch_size)
+        check_memory(original, todo, len(images) * cfg.samples_per_image)
+        targets = record_targets(graph, images, cfg.samples_per_image, cfg.seed, cfg.batch_size)
 
-    pruned = copy.deepcopy(original)
     info = getattr(model, "_chanprune", None) or {"arch": class_reference(model), "plan": []}
-    plan = Plan(list(info["plan"]))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    errors: dict[str, dict[str, Any]] = {}
-    for group in tqdm(to_prune, desc=f"{cfg.method} {cfg.speedup or ''}x".strip(), disable=not progress, leave=False):
-        errors.update(prune_group(pruned, group, widths[group.name], cfg, targets, plan, generator))
+    run = PruneRun(graph, cfg, targets, Plan(list(info["plan"])))
+    for unit in tqdm(todo, desc=f"{cfg.method} {cfg.speedup or ''}x".strip(), disable=not progress, leave=False):
+        run.prune_unit(unit, widths[unit.name])
+    pruned = run.result(original)
 
-    sparse = [name for name, e in errors.items() if e["samples"] < 3 * e["inputs"]]
+    sparse = [name for name, e in run.errors.items() if e["samples"] < 3 * e["inputs"]]
     if sparse:
         warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
                       f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
                       "one: use more calibration images or --samples-per-image", stacklevel=2)
-    pruned._chanprune = {"arch": info["arch"], "plan": plan.to_list(), "input_shape": list(images.shape[1:])}
+    pruned._chanprune = {"arch": info["arch"], "plan": run.plan.to_list(), "input_shape": list(images.shape[1:])}
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
         params_before=count_params(original), params_after=count_params(pruned),
-        seconds=0.0, config=cfg.to_dict(), layers=layer_reports(original, pruned, errors))
+        seconds=0.0, config=cfg.to_dict(),
+        layers=layer_reports(original, pruned, run.errors) + unit_reports(graph, todo, run))
     report.seconds = time.perf_counter() - start
     return pruned, report
+
+
+class PruneRun:
+    """The state of one pruning run: the traced working copy, current widths, the surgery plan."""
+
+    def __init__(self, graph: ChannelGraph, cfg: PruneConfig, targets: Targets, plan: Plan | None = None):
+        self.graph, self.cfg, self.targets = graph, cfg, targets
+        self.work: fx.GraphModule = copy.deepcopy(graph.gm)
+        self.plan = plan or Plan()
+        self.first_op = len(self.plan.ops)
+        self.widths = {g.name: g.channels for g in graph.groups}
+        self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
+        self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
+        self.errors: dict[str, dict[str, Any]] = {}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def moments(self, readers: list[Reader]) -> dict[str, tuple[Moments, Moments]]:
+        """Moments of ``readers`` in the model pruned so far."""
+        return collect_moments(self.work, readers, self.targets, self.cfg.heldout_every,
+                               self.kept_outputs, self.cfg.residual_correction)
+
+    def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
+        """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis."""
+        layout = self.graph.layouts[layer]
+        at = layout.index(group.name)
+        return sum(self.widths[g] for g in layout[:at]), self.widths[group.name], sum(self.widths[g] for g in layout)
+
+    def layer_index(self, layer: str, group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+        """Channels of ``layer``'s axis left when ``group`` keeps ``keep`` (others stay whole)."""
+        offset, size, total = self.channel_span(layer, group)
+        return torch.cat([torch.arange(offset), offset + keep, torch.arange(offset + size, total)])
+
+    def reader_problem(self, reader: Reader, group: ChannelGroup, fit: Moments, heldout: Moments) -> ReaderProblem:
+        """The reader's weights and moments restricted to ``group``'s channels; the contribution of
+        its other input channels (a concatenation) is moved into the target."""
+        problem = reader_problem(self.work, reader, fit, heldout)
+        offset, size, total = self.channel_span(reader.name, group)
+        if size == total:
+            return problem
+        k = problem.k
+        cols = block_indices(offset + torch.arange(size), k)
+        other = block_indices(torch.cat([torch.arange(offset), torch.arange(offset + size, total)]), k)
+        return ReaderProblem(reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
+                             fit.residual(cols, other, problem.weight[:, other]),
+                             heldout.residual(cols, other, problem.weight[:, other]), k)
+
+    def prune_unit(self, unit: Unit, n_keep: int,
+                   moments: dict[str, tuple[Moments, Moments]] | None = None) -> torch.Tensor:
+        """Select ``n_keep`` channels for ``unit``, reconstruct its readers, shrink every member.
+
+        ``moments`` may be passed when they are known to match the working model (single-layer
+        analysis). Returns the kept channel indices.
+        """
+        group, cfg = unit.group, self.cfg
+        moments = moments or self.moments(unit.readers)
+        problems = [self.reader_problem(r, group, *moments[r.name]) for r in unit.readers]
+        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().reshape(self.widths[group.name], -1)
+                                   for w in group.writers], 1)
+        problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
+        keep = STRATEGIES[cfg.method](problem)
+        if len(keep) != n_keep:
+            raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
+        for rp in problems:
+            self.reconstruct(rp, group, keep, moments[rp.reader.name], select=unit.reader is not None)
+        if unit.reader is None:
+            for name in group.writers:
+                self.plan.keep_outputs(self.work, name, keep)
+                previous = self.kept_outputs.get(name, torch.arange(group.channels))
+                self.kept_outputs[name] = previous[keep]
+            for name in group.followers:
+                self.plan.keep_channels(self.work, name, self.layer_index(name, group, keep))
+            self.widths[group.name] = n_keep
+        self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
+        return keep
+
+    def reconstruct(self, rp: ReaderProblem, group: ChannelGroup, keep: torch.Tensor,
+                    moments: tuple[Moments, Moments], select: bool) -> None:
+        """Least squares of one reader on its kept input channels, written into the working model."""
+        name, k = rp.reader.name, rp.k
+        fit, heldout = moments
+        index = self.layer_index(name, group, keep)
+        full = reader_problem(self.work, rp.reader, fit, heldout)
+        cols = block_indices(index, k)
+        w_kept, b_kept = full.weight[:, cols], full.bias
+        before = relative_error(fit, index, k, w_kept, b_kept)
+        if self.cfg.reconstruct:
+            w_kept, b_kept = least_squares(fit, index, k, self.cfg.ridge)
+        if select:
+            self.plan.select_inputs(self.work, name, index)
+        else:
+            self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
+        if self.cfg.reconstruct:
+            bn = self.work.get_submodule(rp.reader.bn) if rp.reader.bn else None
+            if write_folded(self.work.get_submodule(name), bn, w_kept, b_kept):
+                self.plan.add_bias(name)
+        self.errors[name] = {
+            "kept_indices": keep.tolist(), "rel_error_before": before, "samples": fit.count, "inputs": len(cols),
+            "rel_error": relative_error(fit, index, k, w_kept, b_kept),
+            "rel_error_heldout": relative_error(heldout, index, k, w_kept, b_kept),
+        }
+
+    def result(self, original: nn.Module) -> nn.Module:
+        """The user's model class with this run's surgery replayed and the working weights loaded."""
+        pruned = replay(copy.deepcopy(original), self.plan.ops[self.first_op:])
+        missing, unexpected = pruned.load_state_dict(self.work.state_dict(), strict=False)
+        if unexpected:
+            raise AssertionError(f"traced copy has parameters the model lacks: {unexpected[:5]}")
+        return pruned
 
 
 def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
@@ -178,43 +324,6 @@ def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Mome
     return ReaderProblem(reader, weight, bias, raw, fit, heldout, k)
 
 
-def prune_group(pruned: nn.Module, group: ChannelGroup, n_keep: int, cfg: PruneConfig, targets: Targets,
-                plan: Plan, generator: torch.Generator,
-                moments: dict[str, tuple[Moments, Moments]] | None = None) -> dict[str, dict[str, Any]]:
-    """Select ``n_keep`` channels of ``group``, reconstruct its readers and shrink every member.
-
-    ``moments`` may be passed when they are known to match ``pruned`` (single-layer analysis).
-    """
-    moments = moments or collect_moments(pruned, group.readers, targets, cfg.heldout_every)
-    problems = [reader_problem(pruned, r, *moments[r.name]) for r in group.readers]
-    writer_weight = pruned.get_submodule(group.writer).weight.detach()
-    keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, generator, cfg.lasso_rounds))
-    if len(keep) != n_keep:
-        raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {group.name}, not {n_keep}")
-
-    errors: dict[str, dict[str, Any]] = {}
-    for rp in problems:
-        cols = block_indices(keep, rp.k)
-        w_kept, b_kept = rp.weight[:, cols], rp.bias
-        before = relative_error(rp.fit, keep, rp.k, w_kept, b_kept)
-        if cfg.reconstruct:
-            w_kept, b_kept = least_squares(rp.fit, keep, rp.k, cfg.ridge)
-        plan.keep_inputs(pruned, rp.reader.name, keep, rp.reader.channel_size)
-        if cfg.reconstruct:
-            bn = pruned.get_submodule(rp.reader.bn) if rp.reader.bn else None
-            if write_folded(pruned.get_submodule(rp.reader.name), bn, w_kept, b_kept):
-                plan.add_bias(rp.reader.name)
-        errors[rp.reader.name] = {
-            "kept_indices": keep.tolist(), "rel_error_before": before, "samples": rp.fit.count,
-            "inputs": len(cols),
-            "rel_error": relative_error(rp.fit, keep, rp.k, w_kept, b_kept),
-            "rel_error_heldout": relative_error(rp.heldout, keep, rp.k, w_kept, b_kept),
-        }
-    for name in (group.writer, *group.followers):
-        plan.keep_outputs(pruned, name, keep)
-    return errors
-
-
 def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict[str, Any]]) -> list[LayerReport]:
     """One entry per Conv2d / Linear whose shape changed, with the errors of its reconstruction."""
     reports = []
@@ -225,7 +334,8 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
         shape_before, shape_after = tuple(before.weight.shape[:2]), tuple(after.weight.shape[:2])
         if shape_before == shape_after and name not in errors:
             continue
-        kind = "conv" if isinstance(before, nn.Conv2d) else "linear"
+        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(after, SelectedConv2d) \
+            else "conv"
         err = errors.get(name, {})
         reports.append(LayerReport(
             name=name, kind=kind,
@@ -234,6 +344,14 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
             kept_indices=err.get("kept_indices"), rel_error=err.get("rel_error"),
             rel_error_heldout=err.get("rel_error_heldout"), rel_error_before=err.get("rel_error_before")))
     return reports
+
+
+def unit_reports(graph: ChannelGraph, units: list[Unit], run: PruneRun) -> list[LayerReport]:
+    """One entry per pruned residual trunk: the channels every writer and reader of it lost."""
+    return [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
+                        in_channels_after=len(run.kept[u.name]), out_channels_before=u.channels,
+                        out_channels_after=len(run.kept[u.name]), kept_indices=run.kept[u.name].tolist())
+            for u in units if u.kind == "trunk"]
 
 
 def _in_channels(layer: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Physical surgery on Conv2d / Linear / BatchNorm: keep channel subsets, write folded weights.
+"""Physical surgery on Conv2d / Linear / BatchNorm / PReLU: keep channel subsets, insert channel
+selects, write folded weights.
 
 Each edit returns a new module and is recorded as a plain-data operation in a :class:`Plan`, so a
 saved model can be rebuilt by replaying the plan on a fresh copy of its architecture.
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ChanpruneError
+from .layers import SelectedConv2d, conv_like
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -34,9 +36,8 @@ def _like(param: torch.Tensor | None, value: torch.Tensor | None) -> nn.Paramete
 def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     """A copy of a Conv2d / Linear / BatchNorm with only the output channels ``keep``."""
     keep = keep.to(torch.long)
-    if isinstance(module, nn.Conv2d):
-        new = nn.Conv2d(module.in_channels, len(keep), module.kernel_size, module.stride, module.padding,
-                        module.dilation, module.groups, module.bias is not None, module.padding_mode)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        new = conv_like(module, module.in_channels, len(keep))
     elif isinstance(module, nn.Linear):
         new = nn.Linear(module.in_features, len(keep), module.bias is not None)
     elif isinstance(module, _NORMS):
@@ -60,9 +61,9 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
     """A copy of a Conv2d / Linear reading only input channels ``keep`` (a channel owns
     ``channel_size`` consecutive input features of a Linear after flatten)."""
     keep = keep.to(torch.long)
-    if isinstance(module, nn.Conv2d):
-        new = nn.Conv2d(len(keep), module.out_channels, module.kernel_size, module.stride, module.padding,
-                        module.dilation, module.groups, module.bias is not None, module.padding_mode)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        index = module.index[keep] if isinstance(module, SelectedConv2d) else None
+        new = conv_like(module, len(keep), module.out_channels, index=index)
         weight = module.weight[:, keep]
     elif isinstance(module, nn.Linear):
         cols = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
@@ -72,6 +73,39 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
         raise ChanpruneError(f"cannot remove input channels of {type(module).__name__}")
     new.to(module.weight.device)
     new.weight = _like(module.weight, weight)
+    if module.bias is not None:
+        new.bias = _like(module.bias, module.bias)
+    new.train(module.training)
+    return new
+
+
+def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of a channel-wise layer (BatchNorm, PReLU, depthwise Conv2d) with only channels ``keep``."""
+    keep = keep.to(torch.long)
+    if isinstance(module, _NORMS):
+        return keep_outputs(module, keep)
+    if isinstance(module, nn.PReLU):
+        new = nn.PReLU(len(keep)).to(module.weight.device)
+        new.weight = _like(module.weight, module.weight[keep])
+        return new
+    if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
+        new = conv_like(module, len(keep), len(keep), groups=len(keep)).to(module.weight.device)
+        new.weight = _like(module.weight, module.weight[keep])
+        if module.bias is not None:
+            new.bias = _like(module.bias, module.bias[keep])
+        new.train(module.training)
+        return new
+    raise ChanpruneError(f"cannot remove channels of {type(module).__name__}")
+
+
+def select_inputs(module: nn.Module, index: torch.Tensor) -> SelectedConv2d:
+    """A conv reading only input channels ``index`` through a channel select; the tensor it reads
+    keeps every channel (feature-map sampling)."""
+    if not (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, SelectedConv2d):
+        raise ChanpruneError(f"cannot put a channel select in front of {type(module).__name__}")
+    index = index.to(torch.long)
+    new = conv_like(module, len(index), module.out_channels, index=index).to(module.weight.device)
+    new.weight = _like(module.weight, module.weight[:, index])
     if module.bias is not None:
         new.bias = _like(module.bias, module.bias)
     new.train(module.training)
@@ -146,6 +180,14 @@ class Plan:
         replace_module(model, name, keep_inputs(model.get_submodule(name), keep, channel_size))
         self.ops.append({"op": "keep_inputs", "layer": name, "keep": keep.tolist(), "channel_size": channel_size})
 
+    def keep_channels(self, model: nn.Module, name: str, keep: torch.Tensor) -> None:
+        replace_module(model, name, keep_channels(model.get_submodule(name), keep))
+        self.ops.append({"op": "keep_channels", "layer": name, "keep": keep.tolist()})
+
+    def select_inputs(self, model: nn.Module, name: str, index: torch.Tensor) -> None:
+        replace_module(model, name, select_inputs(model.get_submodule(name), index))
+        self.ops.append({"op": "select_inputs", "layer": name, "keep": index.tolist()})
+
     def add_bias(self, name: str) -> None:
         self.ops.append({"op": "add_bias", "layer": name})
 
@@ -167,6 +209,10 @@ def replay(model: nn.Module, ops: list[dict[str, Any]]) -> nn.Module:
             replace_module(model, name, keep_outputs(layer, keep))
         elif op["op"] == "keep_inputs":
             replace_module(model, name, keep_inputs(layer, keep, op.get("channel_size", 1)))
+        elif op["op"] == "keep_channels":
+            replace_module(model, name, keep_channels(layer, keep))
+        elif op["op"] == "select_inputs":
+            replace_module(model, name, select_inputs(layer, keep))
         elif op["op"] == "add_bias":
             with_bias(layer)
         else:

@@ -8,7 +8,6 @@ weights and BatchNorm statistics (eval-mode BN is then a real affine map, not th
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
 
@@ -17,9 +16,8 @@ import torch
 from torch import nn
 
 from chanprune.graph import build_graph
-from chanprune.pruner import PruneConfig, prune_group
+from chanprune.pruner import PruneConfig, PruneRun, pruning_units
 from chanprune.stats import record_targets
-from chanprune.surgery import Plan
 
 IMAGE_SHAPE = (3, 8, 8)
 
@@ -105,21 +103,18 @@ def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def prune_groups_directly(model: nn.Module, images: torch.Tensor, widths: dict[str, int],
                           method: str = "lasso", samples_per_image: int = 10, **cfg_options):
-    """The pruner's loop without its ``width < channels`` filter: every prunable group named in
-    ``widths`` goes through ``prune_group`` (so full widths exercise the reconstruction too)."""
+    """The pruner's loop without its ``width < channels`` filter: every unit named in ``widths``
+    goes through ``PruneRun.prune_unit`` (so full widths exercise the reconstruction too)."""
     original = model.eval()
     graph = build_graph(original, images[:1])
     cfg = PruneConfig(speedup=None, widths=widths, method=method, samples_per_image=samples_per_image,
                       **cfg_options)
-    targets = record_targets(original, graph, images, samples_per_image, cfg.seed, cfg.batch_size)
-    pruned = copy.deepcopy(original)
-    plan = Plan()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    errors = {}
-    for group in graph.prunable():
-        if group.name in widths:
-            errors.update(prune_group(pruned, group, widths[group.name], cfg, targets, plan, generator))
-    return pruned, errors, plan, graph
+    targets = record_targets(graph, images, samples_per_image, cfg.seed, cfg.batch_size)
+    run = PruneRun(graph, cfg, targets)
+    for unit in pruning_units(graph, cfg):
+        if unit.name in widths:
+            run.prune_unit(unit, widths[unit.name])
+    return run.result(original), run.errors, run.plan, graph
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from chanprune.allocation import PRESETS, FlopModel, allocate, check_widths
+from chanprune.allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from chanprune.errors import ChanpruneError
 from chanprune.flops import count_flops, flop_breakdown
 from chanprune.graph import build_graph
@@ -112,16 +112,20 @@ def test_allocation_rejects_impossible_targets(vgg):
     assert allocate(flop_model, graph.prunable(), 1.0) == {g.name: g.channels for g in graph.prunable()}
 
 
+def units(graph):
+    return [Unit(g) for g in graph.prunable()]
+
+
 def test_check_widths_validates_names_and_values(vgg):
     _, graph, _ = vgg
     # keyed by the reader (conv1_2 keeps 16 input channels), returned by the group (written by conv1_1)
-    assert check_widths({"features.conv1_2.conv": 16}, graph) == {"features.conv1_1.conv": 16}
+    assert check_widths({"features.conv1_2.conv": 16}, graph, units(graph)) == {"features.conv1_1.conv": 16}
     for unknown in ("features.conv9_9.conv", "features.conv1_1.conv"):  # conv1_1 reads the image
         with pytest.raises(ChanpruneError, match="unknown layer"):
-            check_widths({unknown: 3}, graph)
+            check_widths({unknown: 3}, graph, units(graph))
     for bad in (0, 33, 2.5, "8", None):
         with pytest.raises(ChanpruneError):
-            check_widths({"features.conv1_2.conv": bad}, graph)
+            check_widths({"features.conv1_2.conv": bad}, graph, units(graph))
 
 
 def test_widths_keyed_by_a_reader_set_its_input_channels():

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chanprune.allocation import FlopModel
 from chanprune.errors import ChanpruneError
-from chanprune.flops import flop_breakdown
 from chanprune.graph import build_graph
 from chanprune.models import create_model
 from chanprune.pruner import prune
@@ -36,7 +34,6 @@ def test_vgg_groups_writers_followers_readers(vgg_graph):
         assert g.name == g.writer == f"{conv}.conv"
         assert g.channels == width
         assert g.followers == [f"{conv}.bn"]
-        assert g.writer_bn == f"{conv}.bn"
         assert g.prunable and g.blocked_by == []
         assert len(g.readers) == 1
         reader = g.readers[0]
@@ -65,7 +62,7 @@ def test_linear_after_flatten_of_a_2x2_map():
     graph = build_graph(model, images[:1])
     g = graph.group("conv3")
     assert [(r.name, r.kind, r.channel_size) for r in g.readers] == [("fc1", "linear", 4)]
-    assert g.followers == [] and g.writer_bn is None
+    assert g.followers == []
     pruned, errors, _, _ = prune_groups_directly(model, images, {"conv3": 6})
     kept = errors["fc1"]["kept_indices"]
     assert len(kept) == 6
@@ -123,25 +120,23 @@ class WithAdd(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class Swish(nn.Module):
-    """A custom activation: traced through, it is a multiply the graph cannot reason about."""
+class WithShuffle(nn.Module):
+    """A channel shuffle (view / transpose / view) on conv1's channels: chanprune cannot prune
+    through it, so it must leave those channels whole."""
 
-    def forward(self, x):
-        return x * torch.sigmoid(x)
-
-
-class WithCustom(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = Swish()
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv3 = nn.Conv2d(8, 6, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, 2)
 
     def forward(self, x):
-        x = self.conv3(torch.relu(self.conv2(self.act(self.conv1(x)))))
+        x = torch.relu(self.conv1(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = self.conv3(torch.relu(self.conv2(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
@@ -174,70 +169,73 @@ def graph_with_warnings(model):
     return graph, [str(w.message) for w in caught]
 
 
-def prune_one_group(model, group: str, keep: int):
-    """prune() to the exact speed-up of keeping ``keep`` channels of ``group``; the group read by
-    the classifier is excluded so that ``group`` is the only one pruned."""
+def prune_one_group(model, reader: str, keep: int, **options):
+    """prune() keeping ``keep`` input channels of ``reader`` (and of every layer sharing them)."""
     images = random_images(60)
-    graph = build_graph(model, images[:1], warn=False)
-    total, per_layer = flop_breakdown(model, tuple(images.shape))
-    speedup = total / FlopModel(graph, total, per_layer).flops({group: keep})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return prune(model, images, speedup, exclude=["fc"], samples_per_image=8, progress=False), images
+        return prune(model, images, None, widths={reader: keep}, samples_per_image=8, progress=False,
+                     feature_map_sampling=False, **options), images
 
 
-def test_residual_add_blocks_the_group_with_a_warning_and_the_rest_prunes():
+def test_residual_add_ties_both_writers_into_one_trunk_group():
     model = seeded(WithAdd)
     graph, messages = graph_with_warnings(model)
-    g1 = graph.group("conv1")
-    assert not g1.prunable and [r.name for r in g1.readers] == ["conv2"]
-    assert any("add" in why for why in g1.blocked_by)
-    assert any("conv1" in m and "add" in m for m in messages)
-    assert not graph.group("conv2").prunable
-    assert graph.group("conv3").prunable
-    (pruned, report), images = prune_one_group(model, "conv3", 3)
-    assert pruned.conv3.out_channels == 3 and pruned.conv4.in_channels == 3
-    assert pruned.conv1.out_channels == 8 and pruned.conv2.in_channels == 8 and pruned.conv2.out_channels == 8
+    trunk = graph.group("conv1")
+    assert messages == []
+    assert trunk.residual and trunk.prunable and trunk.writers == ["conv1", "conv2"]
+    assert [r.name for r in trunk.readers] == ["conv2", "conv3"]
+    assert trunk.readers[0].shortcut == "relu"  # conv2's output is added to relu(conv1(x))
+    assert not graph.group("conv3").residual
+    (pruned, report), images = prune_one_group(model, "conv2", 5, trunk="joint")
+    assert pruned.conv1.out_channels == pruned.conv2.in_channels == pruned.conv2.out_channels == 5
+    assert pruned.conv3.in_channels == 5 and pruned.conv3.out_channels == 6
+    assert [layer.kind for layer in report.layers if layer.name.startswith("trunk:")] == ["trunk"]
     assert torch.isfinite(outputs(pruned, images)).all()
     assert rel_error(outputs(pruned, images), outputs(model, images)) < 0.5
 
 
-def test_custom_module_blocks_its_input_group_with_a_warning():
-    model = seeded(WithCustom)
+def test_trunk_keep_leaves_the_residual_channels_whole():
+    model = seeded(WithAdd)
+    (pruned, _), _ = prune_one_group(model, "conv4", 3, trunk="keep")
+    assert pruned.conv1.out_channels == pruned.conv2.out_channels == pruned.conv3.in_channels == 8
+    assert pruned.conv3.out_channels == 3 and pruned.conv4.in_channels == 3
+
+
+def test_channel_shuffle_blocks_its_group_with_a_warning_and_the_rest_prunes():
+    model = seeded(WithShuffle)
     graph, messages = graph_with_warnings(model)
     assert not graph.group("conv1").prunable
-    assert graph.group("conv1").blocked_by
-    assert any("conv1" in m and "mul" in m for m in messages)
-
-
-def test_custom_module_blocks_its_input_group_and_the_rest_prunes():
-    model = seeded(WithCustom)
-    graph, _ = graph_with_warnings(model)
-    assert not graph.group("conv1").prunable
-    assert any("mul" in why for why in graph.group("conv1").blocked_by)
+    assert any("view" in why for why in graph.group("conv1").blocked_by)
+    assert any("conv1" in m and "view" in m for m in messages)
     assert graph.group("conv2").prunable
-    (pruned, _), images = prune_one_group(model, "conv2", 4)
+    (pruned, _), images = prune_one_group(model, "conv3", 4)
     assert pruned.conv1.out_channels == 8 and pruned.conv2.in_channels == 8
     assert pruned.conv2.out_channels == 4 and pruned.conv3.in_channels == 4
-    assert torch.isfinite(outputs(pruned, images)).all()
+    assert outputs(pruned, images).shape == outputs(model, images).shape
+    same, _, _, _ = prune_groups_directly(model, random_images(40), {"conv2": 8})
+    assert rel_error(outputs(same, images), outputs(model, images)) < 1e-4
 
 
-def test_concat_blocks_its_inputs_with_a_warning():
+def test_concat_lays_groups_side_by_side_for_their_reader():
     model = seeded(WithCat)
     graph, messages = graph_with_warnings(model)
-    assert not graph.group("a").prunable and not graph.group("b").prunable
-    assert any("cat" in m and ("a" in m or "b" in m) for m in messages)
-
-
-def test_concat_blocks_its_inputs_and_the_rest_prunes():
-    model = seeded(WithCat)
-    graph, _ = graph_with_warnings(model)
+    assert messages == []
+    assert graph.layouts["conv2"] == ["a", "b"]
     for name in ("a", "b"):
-        assert not graph.group(name).prunable
-        assert any("cat" in why for why in graph.group(name).blocked_by)
-    g1 = graph.group("conv1")
+        assert graph.group(name).prunable and [r.name for r in graph.group(name).readers] == ["conv2"]
+    (pruned, report), images = prune_one_group(model, "group:b", 2)
+    assert pruned.a.out_channels == 4 and pruned.b.out_channels == 2 and pruned.conv2.in_channels == 6
+    assert torch.isfinite(outputs(pruned, images)).all()
+    same, _, _, _ = prune_groups_directly(model, random_images(40), {"a": 4, "b": 4})
+    assert rel_error(outputs(same, images), outputs(model, images)) < 1e-4
+
+
+def test_concat_reader_shares_the_kept_set_of_the_group_it_reads():
+    model = seeded(WithCat)
+    g1 = build_graph(model, torch.zeros(1, 3, 8, 8)).group("conv1")
     assert g1.prunable and sorted(r.name for r in g1.readers) == ["a", "b"]
-    (pruned, report), images = prune_one_group(model, "conv1", 5)
+    (pruned, report), images = prune_one_group(model, "a", 5)
     assert pruned.conv1.out_channels == 5 and pruned.a.in_channels == 5 and pruned.b.in_channels == 5
     assert pruned.a.out_channels == 4 and pruned.b.out_channels == 4 and pruned.conv2.in_channels == 8
     # both readers of the shared channels get the same kept set

@@ -22,11 +22,11 @@ def problems():
     model = make_tiny(0)
     images = random_images(120)
     graph = build_graph(model, images[:1])
-    targets = record_targets(model, graph, images, samples_per_image=6, seed=0)
+    targets = record_targets(graph, images, samples_per_image=6, seed=0)
     out = {}
     for name in ("conv2", "conv3"):
         group = graph.group(name)
-        moments = collect_moments(model, group.readers, targets)
+        moments = collect_moments(graph.gm, group.readers, targets)
         readers = [reader_problem(model, r, *moments[r.name]) for r in group.readers]
         out[name] = (group, readers, model.get_submodule(group.writer).weight.detach())
     return out

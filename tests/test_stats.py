@@ -126,9 +126,9 @@ def test_collect_moments_equal_explicit_sample_matrices(reader):
     model = make_tiny(0)
     images = random_images(50)
     graph = build_graph(model, images[:1])
-    targets = record_targets(model, graph, images, samples_per_image=5, seed=3, batch_size=16)
+    targets = record_targets(graph, images, samples_per_image=5, seed=3, batch_size=16)
     readers = [r for g in graph.prunable() for r in g.readers if r.name == reader]
-    fit, held = collect_moments(model, readers, targets, heldout_every=10)[reader]
+    fit, held = collect_moments(graph.gm, readers, targets, heldout_every=10)[reader]
     x, y = _explicit_reader_data(model, images, reader, targets)
     per_image = 5 if reader != "fc1" else 1
     assert fit.count + held.count == len(x) == 50 * per_image
@@ -147,7 +147,7 @@ def test_targets_are_folded_pre_activation_outputs():
     model = make_tiny(0)
     images = random_images(20)
     graph = build_graph(model, images[:1])
-    targets = record_targets(model, graph, images, samples_per_image=4, seed=0, batch_size=8)
+    targets = record_targets(graph, images, samples_per_image=4, seed=0, batch_size=8)
     # conv2 is followed by bn2: its targets are conv2 + bn2 as one affine map, before the ReLU
     w, b = folded_weight(model.conv2, model.bn2)
     with torch.no_grad():
