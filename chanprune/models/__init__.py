@@ -9,7 +9,9 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ChanpruneError
+from .resnet import resnet20, resnet50_small, resnet56
 from .vgg import vgg16_half
+from .xception import xception50_small
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -31,6 +33,10 @@ class BundledModel:
 
 BUNDLED: dict[str, BundledModel] = {
     "vgg16-mnist": BundledModel("vgg16-mnist", vgg16_half, "mnist", (32, 32), 1),
+    "resnet20-mnist": BundledModel("resnet20-mnist", resnet20, "mnist", (32, 32), 1),
+    "resnet56-mnist": BundledModel("resnet56-mnist", resnet56, "mnist", (32, 32), 1),
+    "resnet50-mnist": BundledModel("resnet50-mnist", resnet50_small, "mnist", (32, 32), 1),
+    "xception50-mnist": BundledModel("xception50-mnist", xception50_small, "mnist", (32, 32), 1),
 }
 
 
