@@ -51,12 +51,89 @@ def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, meta
 
 
+CONSTRUCTOR_SOURCES = {
+    "torchvision": ("torchvision.models.list_models(module=torchvision.models)",
+                    "pip install torchvision --no-deps (next to a CPU torch; the extra 'chanprune[vision]')"),
+    "timm": ("timm.list_models()", "pip install timm huggingface_hub --no-deps (the extra 'chanprune[vision]')"),
+}
+
+
+def parse_constructor(spec: str) -> tuple[str, str] | None:
+    """``("torchvision", "resnet50")`` for ``"torchvision:resnet50"``; None if ``spec`` names no library."""
+    source, sep, name = spec.partition(":")
+    if not sep or source not in CONSTRUCTOR_SOURCES:
+        return None
+    if not name.strip():
+        raise ChanpruneError(f"{spec!r}: expected {source}:NAME with a model name such as {source}:resnet50; "
+                             f"list the names with {CONSTRUCTOR_SOURCES[source][0]}")
+    return source, name
+
+
+def import_library(source: str) -> Any:
+    """``torchvision`` or ``timm``, or a ChanpruneError saying what to install."""
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as err:
+        if err.name not in (None, source):  # the library is there but one of its own imports is not
+            raise ChanpruneError(f"{source} is installed but cannot be imported: it needs {err.name!r} "
+                                 f"(pip install {err.name})") from None
+        raise ChanpruneError(f"{source}:NAME models need {source}, which is not installed; "
+                             f"{CONSTRUCTOR_SOURCES[source][1]}") from None
+    except Exception as err:  # e.g. torchvision's compiled operators not loading next to this torch
+        first = str(err).splitlines()[0] if str(err) else ""
+        fix = f"reinstall {source} for torch {torch.__version__}"
+        if "torchvision" in first:  # timm imports torchvision too
+            fix = (f"install the torchvision build that matches torch {torch.__version__}: a CUDA torchvision "
+                   "wheel next to a CPU torch fails like this, use the CPU wheel from "
+                   "https://download.pytorch.org/whl/cpu, or define the missing operator schemas before the "
+                   "import as benchmarks/vision_setup.py does (docs/generality.md)")
+        raise ChanpruneError(f"{source} is installed but cannot be imported ({type(err).__name__}: {first}); "
+                             f"{fix}") from None
+
+
+def constructor_names(source: str) -> list[str]:
+    """Every classification model name ``source`` can build."""
+    library = import_library(source)
+    if source == "torchvision":
+        return list(library.models.list_models(module=library.models))
+    return list(library.list_models())
+
+
+def build_constructor(constructor: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A torchvision or timm classification model with random weights (nothing is downloaded)."""
+    import difflib
+
+    parsed = parse_constructor(constructor)
+    if parsed is None:
+        raise ChanpruneError(f"{constructor!r} is not a constructor reference; use torchvision:NAME or timm:NAME")
+    source, name = parsed
+    library = import_library(source)
+    known = library.is_model(name) if source == "timm" else name in constructor_names(source)
+    if not known:
+        names = constructor_names(source)
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ChanpruneError(f"unknown {source} classification model {name!r}{hint}; list the valid names "
+                             f"with {CONSTRUCTOR_SOURCES[source][0]}")
+    kwargs = dict(kwargs or {})
+    try:
+        if source == "torchvision":
+            return library.models.get_model(name, weights=None, **kwargs)
+        return library.create_model(name, pretrained=False, **kwargs)
+    except Exception as err:
+        raise ChanpruneError(f"cannot build {constructor} with arguments {kwargs} "
+                             f"({type(err).__name__}: {err})") from None
+
+
 def build_architecture(arch: dict[str, Any]) -> nn.Module:
-    """A fresh, unpruned model from an architecture reference (bundled name or importable class)."""
+    """A fresh, unpruned model from an architecture reference (bundled name, library constructor
+    such as ``torchvision:resnet50`` / ``timm:resnet50``, or importable class)."""
     if "bundled" in arch:
         from .models import create_model
 
         return create_model(arch["bundled"], pretrained=False)
+    if "constructor" in arch:
+        return build_constructor(arch["constructor"], arch.get("kwargs", {})).eval()
     if "class" in arch:
         module_name, _, qualname = arch["class"].partition(":")
         try:

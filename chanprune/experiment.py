@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import load_model, load_pickled_module
+from .checkpoint import build_constructor, load_model, load_pickled_module, parse_constructor
 from .data import Split, calibration_subset, load_calibration_file, mnist_split
 from .errors import ChanpruneError
 from .evaluate import accuracy, logit_rel_error, predict
@@ -17,23 +18,71 @@ from .models import BUNDLED, BundledModel, create_model
 
 @dataclass
 class LoadedModel:
-    """A model plus what is known about it: its bundled entry (data set, input size), if any."""
+    """A model plus what is known about it: its bundled entry (data set, input size), if any, and
+    the library constructor (``torchvision:resnet50``) it was built from, if any."""
 
     model: nn.Module
     entry: BundledModel | None
+    constructor: str | None = None
 
 
-def load_model_spec(spec: str, trust_checkpoint: bool = False) -> LoadedModel:
-    """A bundled model name, a chanprune ``.safetensors`` file, or (opted in) a pickled module."""
+# Constructor arguments used unless the caller gives its own: the auxiliary classifiers of GoogLeNet
+# and Inception v3 only run in training mode (dead weight for pruning an eval-mode model), and an
+# explicit init_weights silences torchvision's warning about its future default.
+CONSTRUCTOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "torchvision:googlenet": {"aux_logits": False, "init_weights": True},
+    "torchvision:inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+def default_input_size(constructor: str, model: nn.Module) -> tuple[int, int]:
+    """The input size a library model was designed for (its weights' crop size), else 224x224."""
+    source, name = parse_constructor(constructor) or ("", "")
+    try:
+        if source == "timm":
+            size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+            if size:
+                return int(size[-2]), int(size[-1])
+        elif source == "torchvision":
+            import torchvision
+
+            crop = torchvision.models.get_model_weights(name).DEFAULT.transforms.keywords["crop_size"]
+            return int(crop), int(crop)
+    except Exception:  # no weights entry or no crop size: fall back to ImageNet's usual size
+        pass
+    return 224, 224
+
+
+def constructor_model(spec: str, input_size: tuple[int, int] | None = None, **kwargs: Any) -> nn.Module:
+    """A torchvision/timm classification model with random weights, in eval mode, that chanprune
+    can save and rebuild: ``spec`` is ``torchvision:NAME`` or ``timm:NAME``; ``kwargs`` go to the
+    constructor (e.g. ``num_classes=10``) and must be JSON-serialisable."""
+    kwargs = {**CONSTRUCTOR_DEFAULTS.get(spec, {}), **kwargs}
+    model = build_constructor(spec, kwargs).eval()
+    in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    height, width = input_size or default_input_size(spec, model)
+    model._chanprune = {"arch": {"constructor": spec, "kwargs": kwargs}, "plan": [],
+                        "input_shape": [in_chans, int(height), int(width)]}
+    return model
+
+
+def load_model_spec(spec: str, trust_checkpoint: bool = False,
+                    input_size: tuple[int, int] | None = None) -> LoadedModel:
+    """A bundled model name, a library constructor (``torchvision:resnet50``, ``timm:resnet50``; random
+    weights, ``input_size`` recorded as its input shape), a chanprune ``.safetensors`` file, or
+    (opted in) a pickled module."""
     if spec in BUNDLED:
         return LoadedModel(create_model(spec), BUNDLED[spec])
+    if parse_constructor(spec) is not None:
+        return LoadedModel(constructor_model(spec, input_size), None, spec)
     path = Path(spec)
     if not path.exists():
-        raise ChanpruneError(f"{spec!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}) nor an existing file")
+        raise ChanpruneError(f"{spec!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}), a constructor "
+                             "(torchvision:NAME or timm:NAME) nor an existing file")
     if path.suffix == ".safetensors":
         model = load_model(path)
         bundled = model._chanprune["arch"].get("bundled")
-        return LoadedModel(model, BUNDLED.get(bundled))
+        return LoadedModel(model, BUNDLED.get(bundled), model._chanprune["arch"].get("constructor"))
     if path.suffix in {".pt", ".pth"}:
         if not trust_checkpoint:
             raise ChanpruneError(f"{spec!r} is a pickled module and unpickling runs code; pass --trust-checkpoint "
@@ -46,16 +95,26 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
                        input_size: tuple[int, int] | None) -> torch.Tensor:
     """Calibration images: from ``calib_data`` if given, else the bundled model's train split."""
     if calib_data is not None:
-        in_chans = loaded.entry.in_chans if loaded.entry else None
+        in_chans = loaded.entry.in_chans if loaded.entry else _recorded_channels(loaded.model)
         images = load_calibration_file(calib_data, input_size, in_chans)
         if n_images is not None and n_images < len(images):
             g = torch.Generator().manual_seed(seed)
             images = images[torch.randperm(len(images), generator=g)[:n_images].sort().values]
         return images
+    if loaded.entry is None and loaded.constructor is not None:
+        shape = (getattr(loaded.model, "_chanprune", None) or {}).get("input_shape") or [3, 224, 224]
+        raise ChanpruneError(f"{loaded.constructor} has random weights and no data set; pass --calib-data (a folder "
+                             "of images or a .npy/.pt tensor of shape N,C,H,W) and --input-size H W to resize "
+                             f"the images of a folder (this model's usual input is {shape[1]}x{shape[2]})")
     if loaded.entry is None:
         raise ChanpruneError("this model has no bundled data set; pass --calib-data (a folder of images or a "
                              ".npy/.pt tensor of shape N,C,H,W)")
     return calibration_subset(mnist_split("train"), n_images or 500, seed)
+
+
+def _recorded_channels(model: nn.Module) -> int | None:
+    shape = (getattr(model, "_chanprune", None) or {}).get("input_shape")
+    return int(shape[0]) if shape else None
 
 
 def test_split(loaded: LoadedModel) -> Split | None:

@@ -1,0 +1,188 @@
+"""Model specs ``torchvision:NAME`` / ``timm:NAME``: parsing, clear errors, and save/load round trips."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from chanprune import checkpoint
+from chanprune.checkpoint import build_architecture, load_model, load_state_file, parse_constructor, save_model
+from chanprune.errors import ChanpruneError
+from chanprune.experiment import calibration_images, constructor_model, load_model_spec
+
+from conftest import randomise
+
+
+def vision():
+    """torchvision (and timm, or None) with the test set-up's operator workaround; skip without them."""
+    setup = pytest.importorskip("benchmarks.vision_setup")
+    try:
+        return setup.import_vision()
+    except ImportError as err:
+        pytest.skip(str(err))
+
+
+# ---------------------------------------------------------------- parsing (no torchvision needed)
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("torchvision:resnet50", ("torchvision", "resnet50")),
+    ("timm:resnet50", ("timm", "resnet50")),
+    ("timm:resnet50.a1_in1k", ("timm", "resnet50.a1_in1k")),
+    ("vgg16-mnist", None),
+    ("pruned.safetensors", None),
+    ("runs/a:b/model.safetensors", None),
+    ("keras:resnet50", None),
+    ("C:/models/net.safetensors", None),
+])
+def test_parse_constructor(spec, parsed):
+    assert parse_constructor(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["torchvision:", "timm:", "timm:  "])
+def test_constructor_without_a_name(spec):
+    with pytest.raises(ChanpruneError, match=r"NAME.*list"):
+        parse_constructor(spec)
+    with pytest.raises(ChanpruneError, match="NAME"):
+        load_model_spec(spec)
+
+
+def test_unknown_spec_mentions_constructors(tmp_path):
+    with pytest.raises(ChanpruneError, match="torchvision:NAME or timm:NAME"):
+        load_model_spec(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_library_not_installed(monkeypatch, source):
+    monkeypatch.setitem(sys.modules, source, None)  # makes `import source` fail as if it were not installed
+    with pytest.raises(ChanpruneError, match=rf"need {source}, which is not installed; pip install {source}"):
+        load_model_spec(f"{source}:resnet18")
+
+
+def test_library_that_fails_to_import(monkeypatch):
+    def broken(name, *args, **kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(checkpoint.importlib, "import_module", broken)
+    with pytest.raises(ChanpruneError) as info:
+        load_model_spec("torchvision:resnet18")
+    message = str(info.value)
+    assert "installed but cannot be imported" in message and "torchvision::nms" in message
+    assert "download.pytorch.org/whl/cpu" in message and "vision_setup" in message
+    with pytest.raises(ChanpruneError, match="torchvision build that matches"):
+        load_model_spec("timm:resnet18")  # timm imports torchvision: the same advice
+
+
+# ---------------------------------------------------------------- building (torchvision installed)
+
+
+@pytest.mark.parametrize("spec, name", [("torchvision:resnet5", "resnet50"), ("timm:resnet5", "resnet50"),
+                                        ("torchvision:mobilenetv2", "mobilenet_v2")])
+def test_unknown_name_suggests_and_says_how_to_list(spec, name):
+    _, timm = vision()
+    if spec.startswith("timm") and timm is None:
+        pytest.skip("timm is not installed")
+    with pytest.raises(ChanpruneError) as info:
+        load_model_spec(spec)
+    message = str(info.value)
+    assert "unknown" in message and "did you mean" in message and name in message
+    assert "list_models(" in message
+
+
+def test_bad_constructor_arguments():
+    vision()
+    with pytest.raises(ChanpruneError, match="cannot build torchvision:resnet18 with arguments"):
+        constructor_model("torchvision:resnet18", no_such_argument=3)
+
+
+def test_torchvision_spec_records_its_architecture():
+    vision()
+    loaded = load_model_spec("torchvision:resnet18")
+    assert loaded.entry is None and loaded.constructor == "torchvision:resnet18"
+    assert not loaded.model.training
+    assert loaded.model._chanprune == {"arch": {"constructor": "torchvision:resnet18", "kwargs": {}}, "plan": [],
+                                       "input_shape": [3, 224, 224]}
+    # the input size a model was made for: inception_v3 299, efficientnet_b3 300; or what the caller asks
+    assert load_model_spec("torchvision:inception_v3").model._chanprune["input_shape"] == [3, 299, 299]
+    assert load_model_spec("torchvision:resnet18", input_size=(64, 48)).model._chanprune["input_shape"] == [3, 64, 48]
+    googlenet = load_model_spec("torchvision:googlenet").model
+    assert googlenet.aux1 is None  # training-only auxiliary heads are off by default
+    assert googlenet._chanprune["arch"]["kwargs"] == {"aux_logits": False, "init_weights": True}
+
+
+def test_timm_spec_records_its_architecture():
+    _, timm = vision()
+    if timm is None:
+        pytest.skip("timm is not installed")
+    model = constructor_model("timm:mobilenetv3_small_050", num_classes=7)
+    assert model._chanprune["arch"] == {"constructor": "timm:mobilenetv3_small_050", "kwargs": {"num_classes": 7}}
+    assert model._chanprune["input_shape"] == [3, 224, 224]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_constructor_spec_without_calibration_data_asks_for_it():
+    vision()
+    loaded = load_model_spec("torchvision:squeezenet1_1")
+    with pytest.raises(ChanpruneError, match=r"--calib-data.*--input-size H W"):
+        calibration_images(loaded, None, None, 0, None)
+    from chanprune.cli import main
+
+    result = CliRunner().invoke(main, ["prune", "--model", "torchvision:squeezenet1_1", "--speedup", "2",
+                                       "--out", "never.safetensors", "--report", "never.json"])
+    assert result.exit_code == 2
+    assert "torchvision:squeezenet1_1 has random weights" in result.output and "--calib-data" in result.output
+
+
+def test_constructor_spec_with_calibration_tensor(tmp_path):
+    vision()
+    images = torch.randn(3, 3, 40, 40)
+    torch.save(images, tmp_path / "calib.pt")
+    loaded = load_model_spec("torchvision:squeezenet1_1")
+    assert torch.equal(calibration_images(loaded, str(tmp_path / "calib.pt"), None, 0, None), images)
+
+
+# ---------------------------------------------------------------- save / load round trips
+
+
+def assert_same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("spec, kwargs", [
+    ("torchvision:squeezenet1_1", {}),
+    ("torchvision:mobilenet_v3_small", {"num_classes": 10}),
+    ("timm:mobilenetv3_small_050", {"num_classes": 5}),
+])
+def test_unpruned_constructor_model_round_trip(tmp_path, spec, kwargs):
+    _, timm = vision()
+    if spec.startswith("timm") and timm is None:
+        pytest.skip("timm is not installed")
+    model = randomise(constructor_model(spec, (32, 32), **kwargs), seed=3)  # BN statistics that matter
+    path = tmp_path / "model.safetensors"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert loaded._chanprune == model._chanprune
+    assert loaded._chanprune["arch"] == {"constructor": spec, "kwargs": kwargs}
+    assert_same(model, loaded, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert load_state_file(path)[1]["arch"] == {"constructor": spec, "kwargs": kwargs}
+    # and the spec loader reads it back as a constructor model
+    again = load_model_spec(str(path))
+    assert again.constructor == spec and again.entry is None
+
+
+def test_architecture_reference_errors():
+    vision()
+    with pytest.raises(ChanpruneError, match="unknown torchvision classification model"):
+        build_architecture({"constructor": "torchvision:no_such_net", "kwargs": {}})
+    with pytest.raises(ChanpruneError, match="not a constructor reference"):
+        build_architecture({"constructor": "keras:resnet50"})
