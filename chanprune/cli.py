@@ -82,9 +82,18 @@ def _read_widths(path: Path) -> dict[str, int]:
 @main.command()
 @click.option("--model", "model_spec", required=True, help="Bundled name (e.g. vgg16-mnist) or checkpoint path.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs(original) / FLOPs(pruned).")
-@click.option("--method", type=click.Choice(["lasso", "max_response", "input_l1", "first_k", "random"]),
+@click.option("--method", type=click.Choice(["lasso", "greedy", "max_response", "input_l1", "first_k", "random"]),
               default="lasso", show_default=True)
-@click.option("--allocation", type=click.Choice(["uniform", "vgg-paper"]), default="uniform", show_default=True)
+@click.option("--lasso-rounds", type=int, default=1, show_default=True,
+              help="LASSO steps with least-squares refits between them (the paper's alternating form).")
+@click.option("--allocation", type=click.Choice(["uniform", "vgg-paper", "resnet-paper"]), default="uniform",
+              show_default=True)
+@click.option("--trunk", type=click.Choice(["keep", "joint"]), default="keep", show_default=True,
+              help="Channels tied by residual adds: keep them whole (paper) or prune them jointly.")
+@click.option("--residual-correction/--no-residual-correction", default=True, show_default=True,
+              help="The last layer of a residual branch also makes up for its shortcut's error.")
+@click.option("--feature-map-sampling/--no-feature-map-sampling", default=True, show_default=True,
+              help="A conv reading channels that stay whole reads a chosen subset through a channel select.")
 @click.option("--widths", "widths_file", type=click.Path(path_type=Path), default=None,
               help="JSON/YAML file: layer name -> kept input channels (instead of an allocation).")
 @click.option("--exclude", multiple=True, help="Glob of layer names to leave unpruned (repeatable).")
@@ -98,8 +107,8 @@ def _read_widths(path: Path) -> dict[str, int]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Report JSON.")
-def prune(model_spec: str, speedup: float | None, method: str, allocation: str, widths_file: Path | None,
-          exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
+def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
+          residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, trust_checkpoint: bool,
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report."""
@@ -116,7 +125,9 @@ def prune(model_spec: str, speedup: float | None, method: str, allocation: str, 
     images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
     pruned, report = run_prune(loaded.model, images, speedup, method, allocation=allocation, widths=widths,
                                exclude=exclude, samples_per_image=samples_per_image, seed=seed,
-                               reconstruct=not no_reconstruction)
+                               reconstruct=not no_reconstruction, lasso_rounds=lasso_rounds, trunk=trunk,
+                               residual_correction=residual_correction,
+                               feature_map_sampling=feature_map_sampling)
     report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),
                          input_size=list(images.shape[2:]), widths_file=str(widths_file) if widths_file else None)
     measured = compare(loaded.model, pruned, test_split(loaded), images)
