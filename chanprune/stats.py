@@ -212,7 +212,7 @@ class Targets:
 def record_targets(graph: ChannelGraph, images: torch.Tensor, samples_per_image: int = 10,
                    seed: int = 0, batch_size: int = 64) -> Targets:
     """Run the original (traced) model once and keep each reader's output at sampled positions."""
-    readers = {r.name: r for g in graph.prunable() for r in g.readers}
+    readers = {r.name: r for g in graph.groups for r in g.readers}
     generators = {name: torch.Generator().manual_seed(seed * 100003 + i) for i, name in enumerate(readers)}
     positions: dict[str, list[Positions]] = {name: [] for name in readers}
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
