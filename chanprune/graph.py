@@ -154,10 +154,11 @@ class _Tag:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps chanprune's own layers as leaves."""
+    """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of BatchNorm
+    and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise activation)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SelectedConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SelectedConv2d, nn.Linear, *FOLLOWER_NORMS)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -299,9 +300,9 @@ class _Builder:
         if isinstance(module, FOLLOWER_NORMS) and main is not None and main.flat_size is None and main.axis == 1:
             self.follow(name, main)
             source = node.args[0]
-            if source.op == "call_module" and len(source.users) == 1 and \
+            if source.op == "call_module" and len(source.users) == 1 and type(module) in FOLLOWER_NORMS and \
                     isinstance(self.modules[source.target], (nn.Conv2d, nn.Linear)):
-                self.bn_after[source.target] = name
+                self.bn_after[source.target] = name  # a plain BN folds into its producer's targets
             return main
         if isinstance(module, nn.PReLU) and main is not None and main.flat_size is None:
             if module.num_parameters == 1:

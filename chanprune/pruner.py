@@ -122,24 +122,42 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
     return sorted(units, key=lambda u: min(graph.order[r.name] for r in u.readers))
 
 
-def check_memory(model: nn.Module, units: list[Unit], n_samples: int) -> None:
-    """Fail before starting when a layer's statistics would not fit in the available memory."""
+def _available_memory() -> int | None:
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
+        return None
+
+
+def statistics_bytes(model: nn.Module, unit: Unit) -> int:
+    """Memory the moments of a unit's readers take while it is pruned (G, B and solver copies)."""
+    need = 0
+    for r in unit.readers:
+        dim = reader_dim(model, r)
+        n_out = model.get_submodule(r.name).weight.shape[0]
+        need += 8 * (6 * dim * dim + 2 * dim * n_out)
+    return need
+
+
+def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Units whose statistics fit in the free memory; the others stay whole, with a warning."""
+    available = _available_memory()
+    if available is None:
+        return units
+    too_big = [u for u in units if statistics_bytes(model, u) > 0.8 * available]
+    if too_big:
+        warnings.warn(f"statistics of {', '.join(u.readers[0].name for u in too_big)} would need more than the "
+                      f"{available / 2**30:.1f} GiB free, so their input channels stay whole", stacklevel=3)
+    return [u for u in units if u not in too_big]
+
+
+def check_memory(model: nn.Module, units: list[Unit], n_samples: int) -> None:
+    """Fail before starting when the original model's cached targets would not fit in memory."""
+    available = _available_memory()
+    if available is None:
         return
-    targets = 0
-    for u in units:
-        need = 0
-        for r in u.readers:
-            dim = reader_dim(model, r)
-            n_out = model.get_submodule(r.name).weight.shape[0]
-            need += 8 * (6 * dim * dim + 2 * dim * n_out)
-            targets += 4 * n_samples * n_out * (2 if r.shortcut else 1)
-        if need > 0.8 * available:
-            raise ChanpruneError(
-                f"statistics of the readers of {u.name} need about {need / 2**30:.1f} GiB but "
-                f"{available / 2**30:.1f} GiB are free; exclude it with --exclude '{u.readers[0].name}'")
+    targets = sum(4 * n_samples * model.get_submodule(r.name).weight.shape[0] * (2 if r.shortcut else 1)
+                  for u in units for r in u.readers)
     if targets > 0.5 * available:
         raise ChanpruneError(f"cached targets need about {targets / 2**30:.1f} GiB; use fewer "
                              "calibration images or --samples-per-image")
@@ -178,7 +196,7 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     graph = build_graph(original, images[:1])
     flops_before, per_layer = flop_breakdown(original, tuple(images.shape))
     flop_model = FlopModel(graph, flops_before, per_layer)
-    units = pruning_units(graph, cfg)
+    units = units_that_fit(original, pruning_units(graph, cfg))
     widths = resolve_widths(cfg, graph, units, flop_model)
     todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
     if targets is None:

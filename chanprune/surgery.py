@@ -7,6 +7,7 @@ saved model can be rebuilt by replaying the plan on a fresh copy of its architec
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,7 @@ def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     """A copy of a channel-wise layer (BatchNorm, PReLU, depthwise Conv2d) with only channels ``keep``."""
     keep = keep.to(torch.long)
     if isinstance(module, _NORMS):
-        return keep_outputs(module, keep)
+        return _sliced_norm(module, keep)
     if isinstance(module, nn.PReLU):
         new = nn.PReLU(len(keep)).to(module.weight.device)
         new.weight = _like(module.weight, module.weight[keep])
@@ -96,6 +97,17 @@ def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         new.train(module.training)
         return new
     raise ChanpruneError(f"cannot remove channels of {type(module).__name__}")
+
+
+def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A BatchNorm (or a subclass with extra behaviour, kept as is) with only channels ``keep``."""
+    new = copy.deepcopy(module)
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if tensor.ndim and tensor.shape[0] == module.num_features:
+            value = tensor.detach()[keep].clone()
+            setattr(new, name, nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value)
+    new.num_features = len(keep)
+    return new
 
 
 def select_inputs(module: nn.Module, index: torch.Tensor) -> SelectedConv2d:
