@@ -1,4 +1,4 @@
-"""The command-line face of chanprune: train, prune, eval, analyze, demo."""
+"""The command-line face of chanprune: train, prune, finetune, eval, analyze, demo."""
 
 from __future__ import annotations
 
@@ -141,6 +141,58 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
         acc = f"  accuracy {100 * report.accuracy_before:.2f}% -> {100 * report.accuracy_after:.2f}%"
     click.echo(f"speed-up {report.speedup_achieved:.2f}x  params {report.params_before:,} -> "
                f"{report.params_after:,}{acc}  logit error {report.logit_rel_error:.4f}  -> {out}")
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="Pruned model (.safetensors) or bundled name.")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--lr", default=0.01, show_default=True)
+@click.option("--warmup-epochs", default=0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--distill", default=0.0, show_default=True,
+              help="Weight of distillation from the teacher (0: labels only).")
+@click.option("--temperature", default=4.0, show_default=True)
+@click.option("--teacher", "teacher_spec", default=None,
+              help="Teacher for distillation [default: the bundled model the pruned one came from].")
+@click.option("--from-scratch", is_flag=True,
+              help="Baseline: re-initialise the pruned architecture and train it for --epochs instead.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Fine-tuned model (.safetensors).")
+def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimizer: str, weight_decay: float,
+             distill: float, temperature: float, teacher_spec: str | None, from_scratch: bool, seed: int,
+             out: Path) -> None:
+    """Fine-tune a pruned bundled model on the bundled training split (or train it from scratch)."""
+    from .checkpoint import save_model
+    from .data import mnist_split
+    from .evaluate import accuracy
+    from .experiment import load_model_spec
+    from .finetune import finetune as run_finetune, train_from_scratch
+    from .train import TrainConfig
+
+    if out.suffix != ".safetensors":
+        raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}")
+    loaded = load_model_spec(model_spec)
+    if loaded.entry is None or loaded.entry.dataset != "mnist":
+        raise ChanpruneError("the CLI fine-tunes models derived from a bundled model on its bundled data; "
+                             "for other models call chanprune.finetune.finetune with your labelled data")
+    config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer,
+                         weight_decay=weight_decay, distill=0.0 if from_scratch else distill,
+                         temperature=temperature, seed=seed)
+    config.validate()
+    teacher = None
+    if config.distill > 0:
+        teacher = load_model_spec(teacher_spec or loaded.entry.name).model
+    train_split, val_split = mnist_split("train"), mnist_split("val")
+    model = loaded.model
+    if from_scratch:
+        model, result = train_from_scratch(model, train_split, val_split, config)
+    else:
+        result = run_finetune(model, train_split, val_split, config, teacher)
+    save_model(model, out)
+    click.echo(f"val accuracy {100 * result['val_accuracy']:.2f}%  test accuracy "
+               f"{100 * accuracy(model, mnist_split('test')):.2f}%  -> {out}")
 
 
 @main.command(name="eval")

@@ -1,4 +1,5 @@
-"""Training loop for the reference models: SGD with linear warm-up then cosine decay.
+"""Training loop for reference models and fine-tuning: SGD or AdamW, linear warm-up then cosine
+decay, optional knowledge distillation from a teacher (the unpruned model).
 
 Warm-up matters: plain lr 0.1 from step one stalls the BN-VGG for several epochs.
 """
@@ -28,6 +29,19 @@ class TrainConfig:
     weight_decay: float = 5e-4
     shift: int = 2
     seed: int = 0
+    optimizer: str = "sgd"  # "sgd" (nesterov) or "adamw"
+    distill: float = 0.0  # weight of the distillation loss (0: labels only, 1: teacher only)
+    temperature: float = 4.0
+
+    def validate(self) -> None:
+        from .errors import ChanpruneError
+
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ChanpruneError(f"unknown optimizer {self.optimizer!r}; use sgd or adamw")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ChanpruneError(f"distillation weight must be in [0, 1], got {self.distill}")
+        if self.epochs < 0 or self.lr <= 0 or self.temperature <= 0:
+            raise ChanpruneError("epochs must be >= 0 and lr and temperature > 0")
 
 
 def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -45,18 +59,42 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     return padded[batch, chans, rows, cols]
 
 
-def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig,
-          progress: bool = True) -> dict[str, float]:
-    """Train ``model`` in place; returns the final train loss and validation accuracy."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = labelled_loader(train_split, config.batch_size, shuffle=True, seed=config.seed)
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.: KL(teacher || student) of temperature-softened outputs, scaled by T²."""
+    log_student = nn.functional.log_softmax(logits / temperature, 1)
+    log_teacher = nn.functional.log_softmax(teacher_logits / temperature, 1)
+    return nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (nesterov) or AdamW; no weight decay on biases and BatchNorm parameters."""
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=config.lr, momentum=config.momentum, nesterov=True)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+
+
+def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig,
+          progress: bool = True, teacher: nn.Module | None = None) -> dict[str, float]:
+    """Train ``model`` in place; returns the final train loss and validation accuracy.
+
+    With a ``teacher`` and ``config.distill`` > 0 the loss mixes cross-entropy on the labels with
+    the distillation loss towards the teacher's outputs on the same (shifted) images.
+    """
+    config.validate()
+    if config.distill > 0 and teacher is None:
+        from .errors import ChanpruneError
+
+        raise ChanpruneError("distillation needs a teacher model")
+    if teacher is not None:
+        teacher.eval()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = labelled_loader(train_split, config.batch_size, shuffle=True, seed=config.seed)
+    optimizer = make_optimizer(model, config)
     total = config.epochs * len(loader)
     warmup = config.warmup_epochs * len(loader)
 
@@ -66,19 +104,25 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
         return 0.5 * config.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     step, loss_value = 0, float("nan")
-    bar = tqdm(range(config.epochs), desc="train", disable=not progress)
+    bar = tqdm(range(config.epochs), desc="train", disable=not progress or config.epochs == 0)
     for _ in bar:
         model.train()
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            logits = model(random_shift(images, config.shift, generator))
+            images = random_shift(images, config.shift, generator)
+            logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
+            if config.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = (1 - config.distill) * loss + \
+                    config.distill * distillation_loss(logits, teacher_logits, config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         val_acc = accuracy(model, val_split)
         bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val_acc:.4f}")
     model.eval()

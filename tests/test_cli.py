@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from chanprune.checkpoint import load_model, save_model
+from chanprune.data import mnist_split
 from chanprune.errors import ChanpruneError
+from chanprune.evaluate import accuracy
 from chanprune.experiment import load_model_spec
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
@@ -59,6 +61,30 @@ def test_cli_prune_flops_match_the_report(vgg_run):
     assert (cfg["speedup"], cfg["method"], cfg["samples_per_image"], cfg["calib_images"]) == (2.0, "lasso", 2, 64)
     assert 0.0 <= report["accuracy_after"] <= 1.0 and report["accuracy_before"] > 0.9
     assert report["logit_rel_error"] >= 0
+
+
+@pytest.mark.slow
+def test_cli_finetune_with_distillation_keeps_the_pruned_shapes(vgg_run, tmp_path):
+    _, out, report = vgg_run
+    tuned_path = tmp_path / "tuned.safetensors"
+    result = invoke("finetune", "--model", out, "--epochs", "1", "--lr", "0.005", "--distill", "0.5",
+                    "--out", tuned_path)
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.stdout
+    pruned, tuned = load_model(out), load_model(tuned_path)
+    assert [p.shape for p in tuned.parameters()] == [p.shape for p in pruned.parameters()]
+    assert not torch.equal(tuned.classifier.fc2.weight, pruned.classifier.fc2.weight)
+    test = mnist_split("test")
+    assert accuracy(tuned, test) >= report["accuracy_after"] - 0.01
+
+
+def test_cli_finetune_refuses_models_without_bundled_data(tmp_path):
+    model = make_tiny(0)
+    path = tmp_path / "user.safetensors"
+    save_model(model, path, arch={"class": "conftest:TinyCNN", "kwargs": {}})
+    result = invoke("finetune", "--model", path, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 2 and "labelled data" in result.output
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 @pytest.mark.slow
