@@ -420,7 +420,7 @@ class _Builder:
         """When one operand of a residual add is a reader's (BN'd) output, remember the other."""
         for branch, shortcut in ((a, b), (b, a)):
             source = branch
-            if source.op == "call_module" and isinstance(self.modules[source.target], FOLLOWER_NORMS):
+            if source.op == "call_module" and type(self.modules[source.target]) in FOLLOWER_NORMS:
                 source = source.args[0]
                 if len(source.users) != 1:
                     continue
