@@ -97,11 +97,6 @@ def _excluded(names: list[str], exclude: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
 
 
-def prunable_groups(graph: ChannelGraph, exclude: tuple[str, ...]) -> list[ChannelGroup]:
-    """Prunable groups with no member matching an exclude pattern."""
-    return [g for g in graph.prunable() if not _excluded(g.members, exclude)]
-
-
 def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
     """What this run may prune, in execution order.
 
