@@ -63,6 +63,15 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _ridge(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ChanpruneError(f"--ridge must be a number or 'auto', got {text!r}") from None
+
+
 def _read_widths(path: Path) -> dict[str, int]:
     import json
 
@@ -103,13 +112,16 @@ def _read_widths(path: Path) -> dict[str, int]:
 @click.option("--input-size", type=int, nargs=2, default=None, help="H W to resize calibration images to.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-reconstruction", is_flag=True, help="Keep original weights of kept channels (ablation).")
+@click.option("--ridge", default="1e-6", show_default=True,
+              help="Least-squares ridge relative to trace(XᵀX)/dim, or 'auto': per layer, the ridge (or the "
+                   "original weights) with the lowest error on the held-out calibration images.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Report JSON.")
 def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
           residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
-          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, trust_checkpoint: bool,
+          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, trust_checkpoint: bool,
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report."""
     from .checkpoint import save_model
@@ -125,7 +137,8 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
     images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
     pruned, report = run_prune(loaded.model, images, speedup, method, allocation=allocation, widths=widths,
                                exclude=exclude, samples_per_image=samples_per_image, seed=seed,
-                               reconstruct=not no_reconstruction, lasso_rounds=lasso_rounds, trunk=trunk,
+                               reconstruct=not no_reconstruction, ridge=_ridge(ridge),
+                               lasso_rounds=lasso_rounds, trunk=trunk,
                                residual_correction=residual_correction,
                                feature_map_sampling=feature_map_sampling)
     report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),

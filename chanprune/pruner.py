@@ -31,11 +31,12 @@ from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
 from .layers import SelectedConv2d
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
-from .solvers import block_indices, least_squares, relative_error
+from .solvers import block_indices, heldout_least_squares, least_squares, relative_error
 from .stats import Moments, Targets, collect_moments, reader_dim, record_targets
 from .surgery import Plan, folded_weight, replay, write_folded
 
 TRUNK_MODES = ("keep", "joint")
+AUTO_RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # relative to trace(G)/dim
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PruneConfig:
     samples_per_image: int = 10
     seed: int = 0
     reconstruct: bool = True
-    ridge: float = 1e-6
+    ridge: float | str = 1e-6  # or "auto": chosen per layer on the held-out samples
     lasso_rounds: int = 1
     heldout_every: int = 10
     batch_size: int = 64
@@ -76,6 +77,8 @@ class PruneConfig:
             raise ChanpruneError("give a speed-up target or explicit widths")
         if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and self.speedup >= 1):
             raise ChanpruneError(f"speed-up must be a number >= 1, got {self.speedup!r}")
+        if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
+            raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
         if self.samples_per_image < 1:
             raise ChanpruneError(f"samples per image must be >= 1, got {self.samples_per_image}")
 
@@ -302,8 +305,12 @@ class PruneRun:
         cols = block_indices(index, k)
         w_kept, b_kept = full.weight[:, cols], full.bias
         before = relative_error(fit, index, k, w_kept, b_kept)
-        if self.cfg.reconstruct:
-            w_kept, b_kept = least_squares(fit, index, k, self.cfg.ridge)
+        ridge = self.cfg.ridge
+        if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
+            w_kept, b_kept, ridge = heldout_least_squares(fit, heldout, index, k, AUTO_RIDGES, (w_kept, b_kept))
+        elif self.cfg.reconstruct:
+            ridge = 1e-6 if ridge == "auto" else ridge
+            w_kept, b_kept = least_squares(fit, index, k, ridge)
         if select:
             self.plan.select_inputs(self.work, name, index)
         else:
@@ -315,7 +322,7 @@ class PruneRun:
         self.errors[name] = {
             "kept_indices": keep.tolist(), "rel_error_before": before, "samples": fit.count, "inputs": len(cols),
             "rel_error": relative_error(fit, index, k, w_kept, b_kept),
-            "rel_error_heldout": relative_error(heldout, index, k, w_kept, b_kept),
+            "rel_error_heldout": relative_error(heldout, index, k, w_kept, b_kept), "ridge": ridge,
         }
 
     def result(self, original: nn.Module) -> nn.Module:

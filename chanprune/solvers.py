@@ -104,6 +104,17 @@ def least_squares(moments: Moments, keep: torch.Tensor, k: int,
     return w, b
 
 
+def heldout_least_squares(fit: Moments, heldout: Moments, keep: torch.Tensor, k: int, ridges: tuple[float, ...],
+                          fallback: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """Least squares with the ridge (or the ``fallback`` weights: no reconstruction) that gives the
+    lowest error on the held-out moments; returns (weight, bias, ridge or None for the fallback).
+
+    Guards layers fitted on too few samples, where the smallest ridge overfits.
+    """
+    candidates = [(*least_squares(fit, keep, k, r), r) for r in ridges] + [(*fallback, None)]
+    return min(candidates, key=lambda c: squared_error(heldout, keep, k, c[0], c[1]))
+
+
 def squared_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Tensor,
                   bias: torch.Tensor) -> float:
     """||Y - X_S W^T - b||^2 from the moments alone, clamped at zero against round-off."""

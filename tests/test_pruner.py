@@ -251,3 +251,24 @@ def test_api_rejects_bad_requests_with_chanprune_error():
         speedup = case.pop("speedup")
         with pytest.raises(ChanpruneError):
             prune(model, calib, speedup, progress=False, **case)
+
+
+def test_auto_ridge_never_does_worse_on_held_out_samples_than_the_fixed_one():
+    model = make_tiny(0)
+    images = random_images(40)  # 4 held-out images, few samples per input: the fixed ridge overfits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, fixed = prune(model, images, 2.0, samples_per_image=2, progress=False)
+        _, auto = prune(model, images, 2.0, samples_per_image=2, progress=False, ridge="auto")
+    fixed_errors = {layer.name: layer.rel_error_heldout for layer in fixed.layers if layer.rel_error_heldout is not None}
+    auto_errors = {layer.name: layer.rel_error_heldout for layer in auto.layers if layer.rel_error_heldout is not None}
+    assert fixed_errors.keys() == auto_errors.keys() and fixed_errors
+    # the first layer sees the same inputs in both runs, so there the choice can only help
+    first = next(iter(fixed_errors))
+    assert auto_errors[first] <= fixed_errors[first] + 1e-9
+    assert auto.config["ridge"] == "auto"
+
+
+def test_bad_ridge_is_refused():
+    with pytest.raises(ChanpruneError, match="ridge"):
+        prune(make_tiny(0), random_images(20), 2.0, ridge="big", progress=False)
