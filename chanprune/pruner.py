@@ -211,7 +211,8 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     if sparse:
         warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
                       f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
-                      "one: use more calibration images or --samples-per-image", stacklevel=2)
+                      "one: use more calibration images or --samples-per-image, or ridge='auto' (--ridge auto)",
+                      stacklevel=2)
     pruned._chanprune = {"arch": info["arch"], "plan": run.plan.to_list(), "input_shape": list(images.shape[1:])}
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
