@@ -1,4 +1,4 @@
-"""The command-line face of chanprune: train, prune, finetune, eval, analyze, demo."""
+"""The command-line face of chanprune: train, prune, finetune, export, eval, analyze, demo."""
 
 from __future__ import annotations
 
@@ -206,6 +206,34 @@ def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimi
     save_model(model, out)
     click.echo(f"val accuracy {100 * result['val_accuracy']:.2f}%  test accuracy "
                f"{100 * accuracy(model, mnist_split('test')):.2f}%  -> {out}")
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="Bundled name or (pruned) checkpoint path.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--program", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a torch.export archive (.pt2).")
+@click.option("--opset", default=17, show_default=True)
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+def export(model_spec: str, out: Path, program: Path | None, opset: int, trust_checkpoint: bool) -> None:
+    """Export to ONNX (dynamic batch), check it in ONNX Runtime, and measure its channel selects."""
+    from .experiment import load_model_spec
+    from .export import check_onnx, export_onnx, export_program, select_cost_onnx
+
+    model = load_model_spec(model_spec, trust_checkpoint).model
+    export_onnx(model, out, opset=opset)
+    check = check_onnx(model, out)
+    if not check["ok"]:
+        out.unlink()
+        raise ChanpruneError(f"ONNX Runtime disagrees with torch (max difference {check['max_abs_diff']:.3g}); "
+                             "the file was removed")
+    cost = select_cost_onnx(out)
+    click.echo(f"{out}: {check['nodes']} nodes, {check['gather_nodes']} channel selects "
+               f"({100 * cost['gather_share']:.1f}% of ONNX Runtime time), max difference to torch "
+               f"{check['max_abs_diff']:.2g}, {cost['ms_median']:.2f} ms at batch 1")
+    if program is not None:
+        export_program(model, program)
+        click.echo(f"{program}: torch.export archive, checked against torch")
 
 
 @main.command(name="eval")

@@ -279,3 +279,15 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_writes_a_checked_onnx_file_and_program(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = make_tiny(0)
+    model._chanprune = {"arch": {"class": "conftest:TinyCNN", "kwargs": {}}, "plan": [], "input_shape": [3, 8, 8]}
+    path = tmp_path / "tiny.safetensors"
+    save_model(model, path)
+    result = invoke("export", "--model", path, "--out", tmp_path / "tiny.onnx", "--program", tmp_path / "tiny.pt2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tiny.onnx").stat().st_size > 0 and (tmp_path / "tiny.pt2").stat().st_size > 0
+    assert "0 channel selects" in result.stdout and "max difference to torch" in result.stdout
