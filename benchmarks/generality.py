@@ -281,6 +281,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generality"),
                         help="output path without suffix: writes .json and .md")
     parser.add_argument("--docs", type=Path, default=None, help="also replace the table in this markdown page")
+    parser.add_argument("--update", action="store_true",
+                        help="merge into the existing --out results: rows of models not run now are kept")
     parser.add_argument("--list", action="store_true", help="print the model specs and exit")
     args = parser.parse_args()
 
@@ -326,6 +328,10 @@ def main() -> None:
         pass
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    if args.update and json_path.exists():  # keep earlier rows of models not rerun now
+        rerun = {r["model"] for r in rows}
+        earlier = [r for r in json.loads(json_path.read_text())["rows"] if r["model"] not in rerun]
+        rows = sorted(earlier + rows, key=lambda r: r["model"])
     json_path.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     table = markdown_table(rows)
     header = (f"`{args.method}` at {args.speedup:g}x, {args.images} random calibration images of "

@@ -329,9 +329,14 @@ class PruneRun:
     def result(self, original: nn.Module) -> nn.Module:
         """The user's model class with this run's surgery replayed and the working weights loaded."""
         pruned = replay(copy.deepcopy(original), self.plan.ops[self.first_op:])
-        missing, unexpected = pruned.load_state_dict(self.work.state_dict(), strict=False)
-        if unexpected:
-            raise AssertionError(f"traced copy has parameters the model lacks: {unexpected[:5]}")
+        # copied tensor by tensor: a model's own _load_from_state_dict (torchvision's MNASNet
+        # rebuilds its stem for old checkpoint versions) must not see the traced copy's state
+        target = pruned.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, value in self.work.state_dict(keep_vars=True).items():
+                if name not in target:
+                    raise AssertionError(f"traced copy has a tensor the model lacks: {name}")
+                target[name].copy_(value)
         return pruned
 
 
