@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from .allocation import Unit
 from .data import Split
 from .evaluate import accuracy
+from .files import write_text_atomic
 from .graph import build_graph
 from .pruner import PruneConfig, PruneRun
-from .report import write_text_atomic
 from .stats import collect_moments, record_targets
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ChanpruneError
+from .files import write_atomically
 
 META_KEY = "chanprune"
 FORMAT = "chanprune-model/1"
@@ -22,18 +21,8 @@ FORMAT = "chanprune-model/1"
 
 def save_state_file(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write ``state`` and ``meta`` atomically: a failed save never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
 
 
 def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

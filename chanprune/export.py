@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ChanpruneError
+from .files import write_atomically
 
 INPUT_NAME = "input"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
@@ -123,28 +124,6 @@ def _trace_batch(batch_size: int, dynamic_batch: bool) -> int:
     return max(_check_batch(batch_size), 2) if dynamic_batch else _check_batch(batch_size)
 
 
-def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-        os.close(fd)
-    except OSError as err:
-        raise ChanpruneError(f"cannot write {str(path)!r} ({err.strerror or err}); "
-                             "choose a writable directory") from None
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise ChanpruneError(f"cannot write {str(path)!r} ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _export_onnx_file(model: nn.Module, x: torch.Tensor, dest: Path, outputs: list[torch.Tensor],
                       dynamic_batch: bool, opset: int, dynamo: bool) -> None:
     output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
@@ -202,7 +181,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] |
             except Exception as err:
                 raise ChanpruneError(f"the exported ONNX graph is invalid ({_first_line(err)})") from None
 
-        return _write_atomically(path, write)
+        return write_atomically(path, write)
 
 
 def channel_gathers(graph: Any) -> list[Any]:
@@ -327,7 +306,7 @@ def export_program(model: nn.Module, path: str | Path, input_shape: Sequence[int
                 raise ChanpruneError(f"the saved program's outputs differ from the model's by "
                                      f"{check['max_abs_diff']:.3g} (largest output {check['max_abs_ref']:.3g})")
 
-        return _write_atomically(path, write)
+        return write_atomically(path, write)
 
 
 def select_cost_onnx(path: str | Path, input_shape: Sequence[int] | None = None, batch_size: int = 1,
