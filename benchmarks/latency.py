@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
 from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
 from chanprune.models import create_model
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*samples for.*")
+    warnings.simplefilter("ignore", SparseSamplesWarning)
     model = create_model("vgg16-mnist")
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
     nets = {1.0: model}

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
 from chanprune.graph import build_graph
 from chanprune.models import create_model
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--samples-per-image", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/residual-MODEL.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*samples per kept input.*")
+    warnings.simplefilter("ignore", SparseSamplesWarning)
     rows = run(args.model, args.variants.split(","), [float(s) for s in args.speedups.split(",")],
                [int(s) for s in args.seeds.split(",")], args.calib_images, args.samples_per_image,
                args.method, args.allocation)

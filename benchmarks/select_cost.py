@@ -22,6 +22,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
 from chanprune.latency import measure_latency
 from chanprune.layers import SelectedConv2d
 from chanprune.models import BUNDLED, create_model
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/select-cost-MODEL.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*samples per kept input.*")
+    warnings.simplefilter("ignore", SparseSamplesWarning)
     entry = BUNDLED[args.model]
     shape = (entry.in_chans, *entry.input_size)
     model = create_model(args.model)

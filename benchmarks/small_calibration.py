@@ -9,6 +9,7 @@ import argparse
 import warnings
 
 from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
 from chanprune.models import create_model
 from chanprune.pruner import prune
@@ -21,7 +22,7 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=100)
     parser.add_argument("--samples-per-image", type=int, default=4)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*samples per kept input.*")
+    warnings.simplefilter("ignore", SparseSamplesWarning)
     test = mnist_split("test")
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
     print("| model | ridge | test acc (%) | logit error |\n|---|---|---|---|")

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
 from chanprune.graph import build_graph
 from chanprune.models import create_model
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--samples-per-image", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/strategies.json"))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*samples for.*")
+    warnings.simplefilter("ignore", SparseSamplesWarning)
     rows = run(args.methods.split(","), [float(s) for s in args.speedups.split(",")],
                [int(s) for s in args.seeds.split(",")], args.calib_images, args.samples_per_image)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,9 @@
-"""The one exception type users see for bad input: it names the problem and the fix."""
+"""The exception type users see for bad input, and the warning categories callers may filter."""
 
 
 class ChanpruneError(ValueError):
     """Bad input or an impossible request; the message says what was wrong and what to do."""
+
+
+class SparseSamplesWarning(UserWarning):
+    """Some layers were fitted on fewer than 3 samples per kept input: held-out error may be high."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from .data import materialise, validate_images
-from .errors import ChanpruneError
+from .errors import ChanpruneError, SparseSamplesWarning
 from .flops import count_flops, count_params, flop_breakdown
 from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
 from .layers import SelectedConv2d
@@ -212,7 +212,7 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
         warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
                       f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
                       "one: use more calibration images or --samples-per-image, or ridge='auto' (--ridge auto)",
-                      stacklevel=2)
+                      SparseSamplesWarning, stacklevel=2)
     pruned._chanprune = {"arch": info["arch"], "plan": run.plan.to_list(), "input_shape": list(images.shape[1:])}
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
