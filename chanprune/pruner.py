@@ -253,17 +253,16 @@ class PruneRun:
         offset, size, total = self.channel_span(layer, group)
         return torch.cat([torch.arange(offset), offset + keep, torch.arange(offset + size, total)])
 
-    def reader_problem(self, reader: Reader, group: ChannelGroup, fit: Moments, heldout: Moments) -> ReaderProblem:
-        """The reader's weights and moments restricted to ``group``'s channels; the contribution of
-        its other input channels (a concatenation) is moved into the target."""
-        problem = reader_problem(self.work, reader, fit, heldout)
-        offset, size, total = self.channel_span(reader.name, group)
+    def restricted(self, problem: ReaderProblem, group: ChannelGroup) -> ReaderProblem:
+        """A reader's problem restricted to ``group``'s channels; the contribution of its other
+        input channels (a concatenation) is moved into the target."""
+        offset, size, total = self.channel_span(problem.reader.name, group)
         if size == total:
             return problem
-        k = problem.k
+        k, fit, heldout = problem.k, problem.fit, problem.heldout
         cols = block_indices(offset + torch.arange(size), k)
         other = block_indices(torch.cat([torch.arange(offset), torch.arange(offset + size, total)]), k)
-        return ReaderProblem(reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
+        return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
                              fit.residual(cols, other, problem.weight[:, other]),
                              heldout.residual(cols, other, problem.weight[:, other]), k)
 
@@ -276,15 +275,16 @@ class PruneRun:
         """
         group, cfg = unit.group, self.cfg
         moments = moments or self.moments(unit.readers)
-        problems = [self.reader_problem(r, group, *moments[r.name]) for r in unit.readers]
+        full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
+        problems = [self.restricted(rp, group) for rp in full]
         writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().reshape(self.widths[group.name], -1)
                                    for w in group.writers], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
         keep = STRATEGIES[cfg.method](problem)
         if len(keep) != n_keep:
             raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
-        for rp in problems:
-            self.reconstruct(rp, group, keep, moments[rp.reader.name], select=unit.reader is not None)
+        for rp in full:
+            self.reconstruct(rp, group, keep, select=unit.reader is not None)
         if unit.reader is None:
             for name in group.writers:
                 self.plan.keep_outputs(self.work, name, keep)
@@ -296,15 +296,13 @@ class PruneRun:
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
         return keep
 
-    def reconstruct(self, rp: ReaderProblem, group: ChannelGroup, keep: torch.Tensor,
-                    moments: tuple[Moments, Moments], select: bool) -> None:
-        """Least squares of one reader on its kept input channels, written into the working model."""
-        name, k = rp.reader.name, rp.k
-        fit, heldout = moments
+    def reconstruct(self, rp: ReaderProblem, group: ChannelGroup, keep: torch.Tensor, select: bool) -> None:
+        """Least squares of one reader (its whole input) on the kept input channels, written into
+        the working model."""
+        name, k, fit, heldout = rp.reader.name, rp.k, rp.fit, rp.heldout
         index = self.layer_index(name, group, keep)
-        full = reader_problem(self.work, rp.reader, fit, heldout)
         cols = block_indices(index, k)
-        w_kept, b_kept = full.weight[:, cols], full.bias
+        w_kept, b_kept = rp.weight[:, cols], rp.bias
         before = relative_error(fit, index, k, w_kept, b_kept)
         ridge = self.cfg.ridge
         if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
