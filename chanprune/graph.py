@@ -199,7 +199,7 @@ class _Builder:
         self.depthwise: set[str] = set()
         self.order: dict[str, int] = {}
         self.readers: dict[str, tuple[Reader, list[ChannelGroup]]] = {}
-        self.bn_after: dict[str, str] = {}
+        self.bn_after: dict[str, fx.Node] = {}  # conv/linear -> the plain BN node right after it
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.shared = {name for name, count in calls.items() if count > 1}
 
@@ -302,7 +302,7 @@ class _Builder:
             source = node.args[0]
             if source.op == "call_module" and len(source.users) == 1 and type(module) in FOLLOWER_NORMS and \
                     isinstance(self.modules[source.target], (nn.Conv2d, nn.Linear)):
-                self.bn_after[source.target] = name  # a plain BN folds into its producer's targets
+                self.bn_after[source.target] = node  # a plain BN folds into its producer's targets
             return main
         if isinstance(module, nn.PReLU) and main is not None and main.flat_size is None:
             if module.num_parameters == 1:
@@ -488,14 +488,10 @@ class _Builder:
 
     # -- result ----------------------------------------------------------------------------
     def finish(self, input_shape: tuple[int, ...], warn: bool) -> ChannelGraph:
-        groups: list[ChannelGroup] = []
-        for g in self.created:
-            if g.parent is None:
-                groups.append(g)
+        groups = [g for g in self.created if g.parent is None]
         for name, (reader, _) in self.readers.items():
-            reader.bn = self.bn_after.get(name)
-            if reader.shortcut is None and reader.bn:
-                reader.output_node = _node_name(self.gm, reader.bn) or reader.output_node
+            if name in self.bn_after:  # targets are taken after the BN the reader's weights fold into
+                reader.bn, reader.output_node = self.bn_after[name].target, self.bn_after[name].name
         layouts = {name: [g.root().name for g in segs] for name, segs in self.layouts.items()}
         layouts.update({name: [g.root().name for g in segs] for name, (_, segs) in self.readers.items()})
         for g in groups:
@@ -509,9 +505,3 @@ class _Builder:
         groups.sort(key=lambda g: min((order[r.name] for r in g.readers), default=len(order)))
         return ChannelGraph(groups, input_shape, self.layer_kinds, self.gm, layouts, self.depthwise, order)
 
-
-def _node_name(gm: fx.GraphModule, target: str) -> str | None:
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target == target:
-            return node.name
-    return None
