@@ -14,6 +14,7 @@ from .data import Split, calibration_subset, load_calibration_file, mnist_split
 from .errors import ChanpruneError
 from .evaluate import accuracy, logit_rel_error, predict
 from .models import BUNDLED, BundledModel, create_model
+from .pruner import first_in_channels
 
 
 @dataclass
@@ -59,7 +60,7 @@ def constructor_model(spec: str, input_size: tuple[int, int] | None = None, **kw
     constructor (e.g. ``num_classes=10``) and must be JSON-serialisable."""
     kwargs = {**CONSTRUCTOR_DEFAULTS.get(spec, {}), **kwargs}
     model = build_constructor(spec, kwargs).eval()
-    in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    in_chans = first_in_channels(model) or 3
     height, width = input_size or default_input_size(spec, model)
     model._chanprune = {"arch": {"constructor": spec, "kwargs": kwargs}, "plan": [],
                         "input_shape": [in_chans, int(height), int(width)]}
