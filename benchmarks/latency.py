@@ -1,33 +1,86 @@
-"""Measured CPU latency speed-up versus FLOPs speed-up of the pruned bundled VGG-16.
+"""Measured latency speed-up next to FLOPs speed-up of pruned models.
 
-torch eager on the CPU, median of repeated runs after warm-up, at batch 1 and 32, in the
-default (NCHW) and channels_last memory formats.
+torch eager on the CPU at batch 1 and 32 (NCHW and channels_last), ONNX Runtime on the CPU at
+batch 1 and 32, and torch eager on CUDA when a GPU is present: the median of repeated runs
+after warm-up, every engine at the process's thread count.
 
-    python -m benchmarks.latency --speedups 2,4,5 --method lasso
+    python -m benchmarks.latency --model vgg16-mnist --speedups 2,4,5 --method lasso
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
+from chanprune.export import export_onnx, select_cost_onnx
 from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
 from chanprune.models import create_model
 from chanprune.pruner import prune
 
-SHAPE = (1, 32, 32)
+BATCHES = (1, 32)
+
+
+def engines() -> list[str]:
+    """The engine columns measured on this machine."""
+    names = [f"eager b{b} {fmt}" for b in BATCHES for fmt in ("nchw", "channels_last")]
+    names += [f"onnxruntime b{b}" for b in BATCHES]
+    if torch.cuda.is_available():
+        names += [f"cuda b{b}" for b in BATCHES]
+    return names
+
+
+def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Milliseconds per forward pass of ``net`` for every engine of :func:`engines`."""
+    ms: dict[str, float] = {}
+    for b in BATCHES:
+        for fmt in ("nchw", "channels_last"):
+            ms[f"eager b{b} {fmt}"] = 1e3 * measure_latency(net, shape, b, repeats,
+                                                            channels_last=fmt == "channels_last")
+    with tempfile.TemporaryDirectory(prefix="chanprune-latency-") as tmp:
+        path = export_onnx(net, Path(tmp) / "model.onnx", shape)
+        for b in BATCHES:
+            ms[f"onnxruntime b{b}"] = select_cost_onnx(path, shape, b, repeats, threads=torch.get_num_threads())[
+                "ms_median"]
+    if torch.cuda.is_available():
+        for b in BATCHES:
+            ms[f"cuda b{b}"] = 1e3 * measure_latency(net, shape, b, repeats, device="cuda")
+    return ms
+
+
+def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int, ...], repeats: int) -> list[dict]:
+    """One row per model (the original first): FLOPs speed-up, milliseconds and measured speed-ups."""
+    flops0 = count_flops(original, (1, *shape))
+    rows = []
+    for label, net in {"original": original, **pruned}.items():
+        ms = timings(net, shape, repeats)
+        rows.append({"model": label, "flops_speedup": flops0 / count_flops(net, (1, *shape)), "ms": ms})
+    for row in rows:
+        row["speedup"] = {k: rows[0]["ms"][k] / v for k, v in row["ms"].items()}
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: measured speed-up per engine (milliseconds in brackets) next to the FLOPs speed-up."""
+    names = list(rows[0]["ms"])
+    lines = ["| model | FLOPs speed-up | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r['speedup'][k]:.2f}x ({r['ms'][k]:.2f} ms)" for k in names]
+        lines.append(f"| {r['model']} | {r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vgg16-mnist")
     parser.add_argument("--speedups", default="2,4,5")
     parser.add_argument("--method", default="lasso")
     parser.add_argument("--calib-images", type=int, default=500)
@@ -35,33 +88,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = parser.parse_args()
     warnings.simplefilter("ignore", SparseSamplesWarning)
-    model = create_model("vgg16-mnist")
+    model = create_model(args.model)
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
-    nets = {1.0: model}
-    for s in (float(x) for x in args.speedups.split(",")):
-        nets[s], _ = prune(model, images, s, args.method, progress=False)
-    flops0 = count_flops(model, (1, *SHAPE))
-    rows = []
-    for target, net in nets.items():
-        row = {"target": target, "flops_speedup": flops0 / count_flops(net, (1, *SHAPE))}
-        for batch in (1, 32):
-            for fmt in ("nchw", "channels_last"):
-                row[f"ms_b{batch}_{fmt}"] = 1e3 * measure_latency(copy.deepcopy(net), SHAPE, batch, args.repeats,
-                                                                   channels_last=fmt == "channels_last")
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    base = rows[0]
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs",
-             "", "| target | FLOPs speed-up | b1 NCHW | b1 channels_last | b32 NCHW | b32 channels_last |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = [f"{r[k]:.2f} ms ({base[k] / r[k]:.2f}x)" for k in
-                 ("ms_b1_nchw", "ms_b1_channels_last", "ms_b32_nchw", "ms_b32_channels_last")]
-        lines.append(f"| {r['target']:g}x | {r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
+    pruned = {f"{args.method} {s}x": prune(model, images, float(s), args.method, progress=False)[0]
+              for s in args.speedups.split(",")}
+    rows = compare(model, pruned, tuple(images.shape[1:]), args.repeats)
+    text = f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs\n\n" + table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,13 @@ def calibration_subset(split: Split, n_images: int, seed: int) -> torch.Tensor:
             f"asked for {n_images} calibration images but the split holds {len(split.images)}; "
             "lower --calib-images"
         )
+    return split.images[calibration_indices(len(split.images), n_images, seed)]
+
+
+def calibration_indices(n_total: int, n_images: int, seed: int) -> torch.Tensor:
+    """The sorted indices :func:`calibration_subset` draws (for benchmarks that also need labels)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(split.images), generator=g)[:n_images]
-    return split.images[idx.sort().values]
+    return torch.randperm(n_total, generator=g)[:n_images].sort().values
 
 
 def load_calibration_file(path: str | Path, input_size: tuple[int, int] | None = None,

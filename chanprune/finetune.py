@@ -19,10 +19,95 @@ from .train import TrainConfig, train
 FINETUNE_DEFAULTS = TrainConfig(epochs=2, lr=0.01, warmup_epochs=0)
 
 
+RENORMALIZE_IMAGES = 1000
+
+
 def finetune(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig = FINETUNE_DEFAULTS,
-             teacher: nn.Module | None = None, progress: bool = True) -> dict[str, float]:
-    """Fine-tune ``model`` in place (its pruning plan is kept); returns loss and validation accuracy."""
+             teacher: nn.Module | None = None, progress: bool = True, renormalize: bool = True) -> dict[str, float]:
+    """Fine-tune ``model`` in place (its pruning plan is kept); returns loss and validation accuracy.
+
+    With ``renormalize`` the BatchNorm layers are first given the statistics their inputs really
+    have (:func:`renormalize_batchnorm`, on up to 1000 training images) without changing what the
+    model computes in eval mode. Reconstructed weights were fitted through the original running
+    statistics; training-mode BatchNorm would otherwise normalise them by batch statistics and
+    start fine-tuning from a different, worse function.
+    """
+    if renormalize:
+        renormalize_batchnorm(model, train_split.images[:RENORMALIZE_IMAGES])
     return train(model, train_split, val_split, config, progress, teacher)
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def renormalize_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> nn.Module:
+    """Set every affine BatchNorm's running statistics to those of its inputs on ``images`` and
+    rescale its weight and bias so that the model's eval-mode output is unchanged, in place.
+
+    With μ, σ the old and μ', σ' the new statistics: γ' = γ·σ'/σ and β' = β + γ·(μ' − μ)/σ, so
+    γ'(z − μ')/σ' + β' = γ(z − μ)/σ + β for every z. Afterwards training-mode batch statistics
+    agree with the running ones and fine-tuning starts from the function pruning produced.
+    """
+    norms = [m for m in _batchnorms(model) if m.affine and m.track_running_stats]
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+        acc = sums.setdefault(module, [torch.zeros((), dtype=torch.float64)] * 3)
+        sums[module] = [acc[0] + x.shape[1], acc[1] + x.sum(1), acc[2] + (x * x).sum(1)]
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            model(images[start : start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for m, (count, total, squares) in sums.items():
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0)
+        old_std = (m.running_var.double() + m.eps).sqrt()
+        new_std = (var + m.eps).sqrt()
+        gamma = m.weight.double()
+        m.bias.copy_(m.bias.double() + gamma * (mean - m.running_mean.double()) / old_std)
+        m.weight.copy_(gamma * new_std / old_std)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return model
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance on ``images``, in place.
+
+    Forward passes without gradients, only the BatchNorm layers in train mode (dropout stays
+    off), with a cumulative average over the batches (momentum None), so the result does not
+    depend on the stale statistics. Pruning that does not
+    look at data (filter magnitudes) leaves them describing channels that no longer add up the
+    same way; this gives such a model the same calibration images chanprune sees.
+    """
+    norms = _batchnorms(model)
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in norms:
+        m.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            model(images[start : start + batch_size])
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return model
 
 
 def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:

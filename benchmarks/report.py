@@ -1,0 +1,234 @@
+"""Markdown tables, target checks and PNG plots of the suite's results (benchmarks/run.py).
+
+Accuracy is test-split top-1 in percent, as mean ± standard deviation over calibration seeds;
+validation accuracy is kept in the JSON. Reads whatever results files the out-dir holds, so a
+section rerun alone refreshes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.accuracy import RESIDUAL_ARMS, TABLE1_METHODS, chanprune_arm  # noqa: E402
+from benchmarks.latency import table as latency_table  # noqa: E402
+
+STAGES = {"as_is": "as is", "bn": "BN re-estimated", "ft": "fine-tuned"}
+LABELS = {"lasso": "lasso (chanprune, the paper)", "max_response": "max response (filter pruning, Li et al.)",
+          "first_k": "first k", "scratch": "trained from scratch", "plain": "plain (paper, trunk kept)",
+          "enhanced": "enhanced (paper: residual correction + sampling)", "joint": "joint trunk (chanprune)",
+          "tp-l1": "Torch-Pruning L1", "tp-l2": "Torch-Pruning L2", "tp-bn_scale": "Torch-Pruning BN scale",
+          "tp-taylor": "Torch-Pruning Taylor"}
+
+
+def accs(rows: list[dict], stage: str) -> list[float]:
+    return [100 * r[stage]["test_acc"] for r in rows if r[stage] is not None]
+
+
+def mean_sd(values: list[float], fmt: str = ".2f") -> str:
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}"
+
+
+def select(arms: list[dict], **match: Any) -> list[dict]:
+    return [r for r in arms if all(r[k] == v for k, v in match.items())]
+
+
+def base_acc(arms: list[dict], model: str) -> float:
+    return 100 * select(arms, model=model)[0]["base"]["test_acc"]
+
+
+def table1(arms: list[dict], model: str) -> str:
+    """The paper's Table 1: increase of test error (points) without / with fine-tuning."""
+    rows = select(arms, model=model)
+    speedups = sorted({r["speedup"] for r in rows if r["arm"] == "first_k"})
+    base = base_acc(arms, model)
+    head = " | ".join(f"{s:g}× {what}" for s in speedups for what in ("no FT", "FT"))
+    lines = [f"| method | {head} |", "|---|" + "---|" * 2 * len(speedups)]
+    for arm in (*TABLE1_METHODS, "scratch"):
+        cells = []
+        for s in speedups:
+            sel = select(rows, arm=arm, speedup=s)
+            for stage in ("as_is", "ft"):
+                cells.append(mean_sd([base - a for a in accs(sel, stage)], "+.2f"))
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_table(arms: list[dict], arm_names: tuple[str, ...], speedups: set[float] | None = None) -> str:
+    """Accuracy as is / BN re-estimated / fine-tuned per (model, speed-up, arm)."""
+    lines = ["| model | speed-up | method | achieved | as is | BN re-estimated | fine-tuned (epochs) |",
+             "|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in arms):
+        for s in sorted({r["speedup"] for r in select(arms, model=model)}):
+            if speedups is not None and s not in speedups:
+                continue
+            for arm in arm_names:
+                sel = select(arms, model=model, arm=arm, speedup=s)
+                if not sel:
+                    continue
+                achieved = statistics.mean(r["achieved"] for r in sel)
+                epochs = sel[0]["ft"]["epochs"]
+                lines.append(f"| {model} ({base_acc(arms, model):.1f}) | {s:g}× | {LABELS.get(arm, arm)} | "
+                             f"{achieved:.2f}× | {mean_sd(accs(sel, 'as_is'))} | {mean_sd(accs(sel, 'bn'))} | "
+                             f"{mean_sd(accs(sel, 'ft'))} ({epochs}) |")
+    return "\n".join(lines)
+
+
+def peer_arms(arms: list[dict]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(r["arm"] for r in arms if r["family"] == "torch-pruning"))
+
+
+def target_checks(arms: list[dict], latency_rows: dict[str, list[dict]]) -> list[str]:
+    """The issue's targets, each as a measured yes/no line."""
+    lines = []
+    peers = peer_arms(arms)
+    for model in dict.fromkeys(r["model"] for r in arms):
+        residual = bool(select(arms, model=model, arm="joint"))
+        ours = chanprune_arm(residual)
+        for s in sorted({r["speedup"] for r in select(arms, model=model, family="torch-pruning")}):
+            mine = select(arms, model=model, arm=ours, speedup=s)
+            best = max(peers, key=lambda a: statistics.mean(accs(select(arms, model=model, arm=a, speedup=s), "ft")))
+            theirs = statistics.mean(accs(select(arms, model=model, arm=best, speedup=s), "ft"))
+            ft, as_is = statistics.mean(accs(mine, "ft")), statistics.mean(accs(mine, "as_is"))
+            lines.append(f"- {model} {s:g}×: chanprune fine-tuned {ft:.2f} vs best Torch-Pruning ({best}) fine-tuned "
+                         f"{theirs:.2f}: {'met' if ft >= theirs else 'NOT met'}; chanprune without fine-tuning "
+                         f"{as_is:.2f}: {'met' if as_is >= theirs else 'NOT met'}")
+    vgg4 = select(arms, model="vgg16-mnist", arm="lasso", speedup=4.0)
+    if vgg4:
+        drop = base_acc(arms, "vgg16-mnist") - statistics.mean(accs(vgg4, "ft"))
+        lines.append(f"- vgg16-mnist 4× lasso after fine-tuning: {drop:+.2f} points below the unpruned model "
+                     f"(target ≤ 0.5): {'met' if drop <= 0.5 else 'NOT met'}")
+    for row in latency_rows.get("vgg16-mnist", []):
+        if row["model"].endswith("-4x"):
+            measured = row["speedup"]["eager b32 channels_last"]
+            ratio = measured / row["flops_speedup"]
+            lines.append(f"- vgg16-mnist 4× CPU latency (eager, batch 32, channels_last): {measured:.2f}× measured "
+                         f"vs {row['flops_speedup']:.2f}× FLOPs = {ratio:.2f} (target ≥ 0.8): "
+                         f"{'met' if ratio >= 0.8 else 'NOT met'}")
+    return lines
+
+
+def plot_table1(arms: list[dict], model: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for i, arm in enumerate((*TABLE1_METHODS, "scratch")):
+        rows = select(arms, model=model, arm=arm)
+        speedups = sorted({r["speedup"] for r in rows})
+        color = f"C{i}"
+        for stage, style in (("as_is", "--"), ("ft", "-")):
+            ys = [statistics.mean(accs(select(rows, speedup=s), stage) or [float("nan")]) for s in speedups]
+            label = f"{arm}, {'fine-tuned' if stage == 'ft' else 'no fine-tuning'}"
+            if arm == "scratch":
+                if stage == "as_is":
+                    continue
+                label = "from scratch"
+            ax.plot(speedups, ys, style, marker="o", color=color, label=label)
+    ax.axhline(base_acc(arms, model), color="gray", lw=0.8, label="unpruned")
+    ax.set(xlabel="FLOPs speed-up", ylabel="test accuracy (%)", title=f"{model}: the paper's Table 1, rerun")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(curves: list[dict], path: Path) -> None:
+    layers = list(dict.fromkeys(r["layer"] for r in curves))
+    cols = 5
+    fig, axes = plt.subplots((len(layers) + cols - 1) // cols, cols, figsize=(3 * cols, 2.5 * ((len(layers) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        for method in dict.fromkeys(r["method"] for r in curves):
+            sel = [r for r in curves if r["layer"] == layer and r["method"] == method]
+            ax.plot([r["speedup"] for r in sel], [r["error_increase"] for r in sel], marker="o", ms=3, label=method)
+        ax.set_title(layer, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("speed-up of the one layer")
+    fig.supylabel("increase of test error (points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_latency(latency_rows: dict[str, list[dict]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(latency_rows), figsize=(4.2 * len(latency_rows), 3.6), squeeze=False)
+    for ax, (model, rows) in zip(axes.flat, latency_rows.items()):
+        pruned = rows[1:]
+        engines = list(pruned[0]["speedup"]) if pruned else []
+        width = 0.8 / (len(engines) + 1)
+        xs = range(len(pruned))
+        ax.bar([x - 0.4 + width / 2 for x in xs], [r["flops_speedup"] for r in pruned], width, color="black",
+               label="FLOPs")
+        for i, engine in enumerate(engines):
+            ax.bar([x - 0.4 + width * (i + 1.5) for x in xs], [r["speedup"][engine] for r in pruned], width,
+                   label=engine)
+        ax.set_xticks(list(xs), [r["model"] for r in pruned], fontsize=7)
+        ax.set(title=model, ylabel="speed-up over the original")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[str, float]) -> str:
+    """Write ``report.md`` and the PNGs into ``out_dir``; returns the report body (for the README)."""
+    arms = load(out_dir / "accuracy.json") or []
+    curves = load(out_dir / "single_layer.json") or []
+    latency_rows = load(out_dir / "latency.json") or {}
+    rel = out_dir.as_posix()
+    b = size.budget
+    epochs = ", ".join(f"{m}: {b.epochs_for(m)}" for m in dict.fromkeys(r["model"] for r in arms))
+    parts = [f"Produced by `{command}` on {machine}; "
+             + ", ".join(f"{k} {v:.0f} min" for k, v in minutes.items()) + ".",
+             f"Calibration: {b.calib_images} training images × {b.samples_per_image} positions, seeds "
+             f"{', '.join(map(str, sorted({r['seed'] for r in arms})))} (each seed also seeds fine-tuning). "
+             f"chanprune: `lasso`, uniform widths, ridge `{b.ridge}`. "
+             f"Fine-tuning (every method alike): SGD, lr {b.ft_lr}, cosine, epochs per model: {epochs}; it starts "
+             "from the model as is or with BN re-estimated, whichever has the higher validation accuracy. "
+             f"From scratch: {b.scratch_epochs} epochs, lr {b.scratch_lr}. Accuracy: test split (1000 images), "
+             "mean ± sd over seeds; unpruned accuracy in brackets."]
+    vgg = [m for m in dict.fromkeys(r["model"] for r in arms) if select(arms, model=m, arm="first_k")]
+    for model in vgg:
+        plot_table1(arms, model, out_dir / f"table1-{model}.png")
+        parts += [f"#### Table 1 analog: {model}, increase of test error (points; unpruned "
+                  f"{base_acc(arms, model):.2f}%)", table1(arms, model), f"![Table 1]({rel}/table1-{model}.png)"]
+    residual_arms = select([r for r in arms if r["model"] not in vgg], family="chanprune")
+    if residual_arms:
+        parts += ["#### Residual analog: the paper's variants and joint trunk pruning",
+                  stage_table(residual_arms, RESIDUAL_ARMS, set(b.residual_speedups))]
+    if arms:
+        ours = [r for r in arms if r["family"] == "chanprune" and r["arm"] == chanprune_arm(r["model"] not in vgg)]
+        peers = [r for r in arms if r["family"] == "torch-pruning"]
+        parts += ["#### Torch-Pruning at equal FLOPs (same models, calibration images and fine-tuning)",
+                  stage_table(ours + peers, ("lasso", "joint", *peer_arms(arms)), set(b.peer_speedups))]
+    if curves:
+        plot_curves(curves, out_dir / "single_layer.png")
+        parts += [f"#### Single layers pruned alone ({size.curve_model}; the paper's Fig. 4)",
+                  f"![single-layer curves]({rel}/single_layer.png)"]
+    if latency_rows:
+        plot_latency(latency_rows, out_dir / "latency.png")
+        parts += [f"#### Latency (median of {size.latency_repeats} runs after warm-up; seed-0 models)"]
+        parts += [f"{model}:\n\n" + latency_table(rows) for model, rows in latency_rows.items()]
+        parts += [f"![latency]({rel}/latency.png)"]
+    checks = target_checks(arms, latency_rows)
+    if checks:
+        parts += ["#### Targets", "\n".join(checks)]
+    body = "\n\n".join(parts)
+    (out_dir / "report.md").write_text("# chanprune results suite\n\n" + body + "\n")
+    return body
+

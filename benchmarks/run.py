@@ -1,0 +1,175 @@
+"""The results suite: every table and plot of the README's Results section, from scratch.
+
+    python -m benchmarks.run                  # full size (3 seeds, four reference models)
+    python -m benchmarks.run --quick          # minutes: one seed, VGG-16 and ResNet-20, small budgets
+    python -m benchmarks.run --update-readme  # also rewrite the README's suite block
+
+Accuracy jobs (one per model and calibration seed) and the single-layer curves run in parallel
+worker processes (one thread each); latency runs afterwards, alone, at the machine's thread count,
+on the seed-0 models the jobs saved. Writes ``report.md``, JSON and PNGs to ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks import latency, report
+from benchmarks.accuracy import Budget, chanprune_arm, run_job
+from benchmarks.peers import require_torch_pruning
+from chanprune.analysis import analyze_layers
+from chanprune.checkpoint import load_model
+from chanprune.data import calibration_subset, mnist_split
+from chanprune.errors import SparseSamplesWarning
+from chanprune.models import create_model
+
+README = Path("README.md")
+MARKERS = ("<!-- suite:start -->", "<!-- suite:end -->")
+
+
+@dataclass(frozen=True)
+class Size:
+    """Everything the two sizes differ in."""
+
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    budget: Budget
+    curve_model: str = "vgg16-mnist"
+    curve_speedups: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0)
+    curve_methods: tuple[str, ...] = ("lasso", "max_response", "first_k")
+    latency_repeats: int = 30
+
+
+FULL = Size(models=("vgg16-mnist", "resnet56-mnist", "resnet50-mnist", "xception50-mnist"), seeds=(0, 1, 2),
+            budget=Budget())
+QUICK = Size(models=("vgg16-mnist", "resnet20-mnist"), seeds=(0,),
+             budget=Budget(calib_images=200, samples_per_image=5, table1_speedups=(2.0, 4.0), peer_speedups=(4.0,),
+                           criteria=("l1", "taylor"), ft_epochs=(), ft_epochs_default=1, scratch_epochs=1),
+             curve_speedups=(2.0, 4.0), curve_methods=("lasso", "first_k"), latency_repeats=5)
+
+
+def run_curves(size: Size, threads: int) -> list[dict]:
+    """The paper's Fig. 4: every conv layer of the curve model pruned alone (test split)."""
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore", SparseSamplesWarning)
+    model = create_model(size.curve_model)
+    images = calibration_subset(mnist_split("train"), size.budget.calib_images, 0)
+    return analyze_layers(model, images, mnist_split("test"), size.curve_speedups, size.curve_methods,
+                          size.budget.samples_per_image, seed=0, progress=False)
+
+
+def run_parallel(size: Size, out_dir: Path, workers: int, curves: bool) -> tuple[list[dict], list[dict]]:
+    """Accuracy jobs and the curves, in ``workers`` processes; returns (arm rows, curve rows)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(run_job, (m, s, size.budget, str(out_dir / "models") if s == size.seeds[0] else None, threads))
+            for m in size.models for s in size.seeds]
+    jobs.sort(key=lambda job: job[1][0] == "vgg16-mnist")  # the longest (residual) jobs first
+    if curves:
+        jobs.append((run_curves, (size, threads)))
+    arms: list[dict] = []
+    curve_rows: list[dict] = []
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending = [(fn, pool.apply_async(fn, args)) for fn, args in jobs]
+        for fn, result in tqdm(pending, desc="accuracy jobs", file=sys.stderr):
+            (curve_rows if fn is run_curves else arms).extend(result.get())
+    return arms, curve_rows
+
+
+def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
+    """Latency of the saved seed-0 chanprune models against their originals, one table per model."""
+    results = {}
+    for name in size.models:
+        saved = sorted((out_dir / "models").glob(f"{name}-*.safetensors"))
+        original = create_model(name)
+        residual = any(p.name.startswith(f"{name}-joint-") for p in saved)
+        arm = chanprune_arm(residual)
+        chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
+        chosen.sort(key=lambda p: float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")))
+        pruned = {p.name.removeprefix(f"{name}-").removesuffix(".safetensors"): load_model(p) for p in chosen}
+        print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
+        results[name] = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
+    return results
+
+
+def machine() -> str:
+    """One line naming the machine, for the report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def update_readme(body: str) -> None:
+    """Replace the README's suite block (between the markers) with ``body``."""
+    text = README.read_text()
+    start, end = MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block to update")
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    README.write_text(pattern.sub(lambda _: f"{start}\n{body}\n{end}", text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the minutes-long size (CI)")
+    parser.add_argument("--models", help="comma-separated subset of the size's models")
+    parser.add_argument("--seeds", help="comma-separated calibration seeds (default: the size's)")
+    parser.add_argument("--sections", default="accuracy,curves,latency")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    size = QUICK if args.quick else FULL
+    if args.models:
+        size = replace(size, models=tuple(args.models.split(",")))
+    if args.seeds:
+        size = replace(size, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    sections = set(args.sections.split(","))
+    if sections - {"accuracy", "curves", "latency"}:
+        parser.error(f"unknown sections {sorted(sections - {'accuracy', 'curves', 'latency'})}")
+    require_torch_pruning()
+    out_dir = args.out_dir or Path("benchmarks/results/suite-quick" if args.quick else "benchmarks/results/suite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
+    minutes_file = out_dir / "minutes.json"
+    minutes = json.loads(minutes_file.read_text()) if minutes_file.exists() else {}
+    started = time.perf_counter()
+    if sections & {"accuracy", "curves"}:
+        arms, curves = run_parallel(size, out_dir, args.workers, "curves" in sections)
+        if "accuracy" in sections:
+            (out_dir / "accuracy.json").write_text(json.dumps(arms, indent=1))
+        if curves:
+            (out_dir / "single_layer.json").write_text(json.dumps(curves, indent=1))
+        minutes["accuracy and curves"] = (time.perf_counter() - started) / 60
+    if "latency" in sections:
+        started = time.perf_counter()
+        (out_dir / "latency.json").write_text(json.dumps(run_latency(size, out_dir), indent=1))
+        minutes["latency"] = (time.perf_counter() - started) / 60
+    minutes_file.write_text(json.dumps(minutes, indent=1))
+    body = report.write(out_dir, size, command, machine(), minutes)
+    if args.update_readme:
+        update_readme(body)
+    print(f"report: {out_dir / 'report.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
