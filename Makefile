@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chanprune-installed
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench bench-quick setup
 
 setup: $(STAMP)
 
@@ -25,3 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The results suite behind the README's Results section (about an hour on 2 cores); it rewrites
+# benchmarks/results/suite/ and the README block between the suite markers.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --update-readme
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run --quick

@@ -115,14 +115,16 @@ def _read_widths(path: Path) -> dict[str, int]:
 @click.option("--ridge", default="1e-6", show_default=True,
               help="Least-squares ridge relative to trace(XᵀX)/dim, or 'auto': per layer, the ridge (or the "
                    "original weights) with the lowest error on the held-out calibration images.")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Report JSON.")
 def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
           residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
-          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, trust_checkpoint: bool,
-          out: Path, report_path: Path) -> None:
+          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
+          trust_checkpoint: bool, out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report."""
     from .checkpoint import save_model
     from .experiment import calibration_images, compare, load_model_spec, test_split
@@ -140,7 +142,7 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
                                reconstruct=not no_reconstruction, ridge=_ridge(ridge),
                                lasso_rounds=lasso_rounds, trunk=trunk,
                                residual_correction=residual_correction,
-                               feature_map_sampling=feature_map_sampling)
+                               feature_map_sampling=feature_map_sampling, round_to=round_to)
     report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),
                          input_size=list(images.shape[2:]), widths_file=str(widths_file) if widths_file else None)
     measured = compare(loaded.model, pruned, test_split(loaded), images)

@@ -65,6 +65,7 @@ class PruneConfig:
     trunk: str = "keep"
     residual_correction: bool = True
     feature_map_sampling: bool = True
+    round_to: int = 1  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
 
     def validate(self) -> None:
         if self.method not in STRATEGIES:
@@ -79,6 +80,8 @@ class PruneConfig:
             raise ChanpruneError(f"speed-up must be a number >= 1, got {self.speedup!r}")
         if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
             raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
+        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
+            raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.samples_per_image < 1:
             raise ChanpruneError(f"samples per image must be >= 1, got {self.samples_per_image}")
 
@@ -173,7 +176,7 @@ def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flo
         return widths
     if not units:
         raise ChanpruneError("no layer of this model can be pruned (see the warnings above)")
-    return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation])
+    return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation], cfg.round_to)
 
 
 def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0, method: str = "lasso", *,

@@ -141,3 +141,25 @@ def test_widths_for_the_last_layer_prune_its_inputs():
     images = random_images(100)
     pruned, _ = prune(model, images, None, widths={"fc2": 10}, samples_per_image=4, progress=False)
     assert pruned.fc2.in_features == 10 and pruned.fc1.out_features == 10
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+@pytest.mark.parametrize("speedup", [2.0, 3.0, 4.0, 5.0])
+def test_round_to_keeps_multiples_and_still_meets_the_target(vgg, round_to, speedup):
+    _, graph, flop_model = vgg
+    widths = allocate(flop_model, graph.prunable(), speedup, round_to=round_to)
+    assert abs(flop_model.total / flop_model.flops(widths) / speedup - 1) <= 0.02
+    by_name = {g.name: g for g in graph.groups}
+    for name, w in widths.items():
+        assert w % round_to == 0 or w == by_name[name].channels
+    plain = allocate(flop_model, graph.prunable(), speedup)
+    if speedup == 2.0:  # uniform 2x keeps 1/sqrt(2) of 32, 64, ...: widths no block size divides
+        assert any(w % 8 for w in plain.values())
+
+
+def test_round_to_is_validated_and_can_make_a_target_unreachable(vgg):
+    _, graph, flop_model = vgg
+    with pytest.raises(ChanpruneError, match="round_to"):
+        allocate(flop_model, graph.prunable(), 2.0, round_to=0)
+    with pytest.raises(ChanpruneError, match="--round-to"):
+        allocate(flop_model, graph.prunable(), 1000.0, round_to=32)

@@ -9,7 +9,7 @@ from torch import nn
 from chanprune.data import Split
 from chanprune.errors import ChanpruneError
 from chanprune.evaluate import accuracy
-from chanprune.finetune import finetune, reinitialised, train_from_scratch
+from chanprune.finetune import finetune, reestimate_batchnorm, reinitialised, renormalize_batchnorm, train_from_scratch
 from chanprune.layers import SelectedConv2d
 from chanprune.train import TrainConfig, distillation_loss
 
@@ -56,7 +56,7 @@ def test_distillation_from_a_teacher_pulls_the_student_towards_it(optimizer):
     with torch.no_grad():
         gap_before = float(distillation_loss(student(val_split.images), teacher(val_split.images), 4.0))
     lr = 0.01 if optimizer == "adamw" else 0.05
-    finetune(student, train_split, val_split, TrainConfig(epochs=2, lr=lr, warmup_epochs=0, shift=0, batch_size=32,
+    finetune(student, train_split, val_split, TrainConfig(epochs=3, lr=lr, warmup_epochs=0, shift=0, batch_size=32,
                                                           optimizer=optimizer, distill=1.0), teacher, progress=False)
     with torch.no_grad():
         gap_after = float(distillation_loss(student(val_split.images), teacher(val_split.images), 4.0))
@@ -92,3 +92,67 @@ def test_from_scratch_baseline_trains_the_same_architecture():
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
     assert result["val_accuracy"] > 0.6
     assert isinstance(fresh.fc2, nn.Linear)
+
+
+def bn_net(seed: int) -> nn.Sequential:
+    """conv + BN + ReLU + dropout + conv + BN + mean pooling, BN with stale (made-up) running
+    statistics."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for m in net:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-2, 2)
+            m.running_var.uniform_(0.2, 4)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+def input_stats(net: nn.Sequential, index: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        x = net[:index].eval()(images).double()
+    return x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+
+
+def test_renormalize_batchnorm_keeps_the_eval_function_and_makes_train_mode_agree():
+    images = torch.randn(64, 3, 8, 8)
+    net = bn_net(0)
+    with torch.no_grad():
+        before = net(images)
+        renormalize_batchnorm(net, images, batch_size=16)
+        after = net.eval()(images)
+    assert torch.allclose(before, after, atol=1e-4)
+    for index in (1, 5):
+        mean, var = input_stats(net, index, images)
+        assert torch.allclose(net[index].running_mean.double(), mean, atol=1e-4)
+        assert torch.allclose(net[index].running_var.double(), var, atol=1e-4)
+    net.train()
+    net[3].eval()  # dropout off: train-mode BN on the whole set now computes the same function
+    with torch.no_grad():
+        assert torch.allclose(net(images), after, atol=1e-3)
+
+
+def test_reestimate_batchnorm_uses_the_data_and_restores_momentum_and_mode():
+    images = torch.randn(64, 3, 8, 8)
+    net = bn_net(1)
+    reestimate_batchnorm(net, images, batch_size=16)
+    assert not net.training and net[1].momentum == 0.1
+    mean, var = input_stats(net, 1, images)
+    assert torch.allclose(net[1].running_mean.double(), mean, atol=1e-4)
+    assert torch.allclose(net[1].running_var.double(), var * 64 * 64 / (64 * 64 - 1), rtol=1e-3)
+    behind_dropout = nn.Sequential(nn.Dropout(0.9), nn.BatchNorm2d(3))
+    reestimate_batchnorm(behind_dropout, images)
+    assert torch.allclose(behind_dropout[1].running_mean, images.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_finetune_starts_from_the_renormalised_function():
+    train_split, val_split = toy_split(200, 0), toy_split(100, 1)
+    net = bn_net(2)
+    with torch.no_grad():
+        before = net(train_split.images)
+    finetune(net, train_split, val_split, TrainConfig(epochs=0, lr=0.01))
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(train_split.images), before, atol=1e-4)
+    mean, _ = input_stats(net, 1, train_split.images)
+    assert torch.allclose(net[1].running_mean.double(), mean, atol=1e-4)

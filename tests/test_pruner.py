@@ -272,3 +272,14 @@ def test_auto_ridge_never_does_worse_on_held_out_samples_than_the_fixed_one():
 def test_bad_ridge_is_refused():
     with pytest.raises(ChanpruneError, match="ridge"):
         prune(make_tiny(0), random_images(20), 2.0, ridge="big", progress=False)
+
+
+def test_round_to_gives_layers_in_whole_blocks_of_channels():
+    model = make_tiny(5)  # widths 8, 12, 16
+    images = random_images(60, seed=6)
+    pruned, report = prune(model, images, 2.0, samples_per_image=5, round_to=2, progress=False)
+    assert abs(report.speedup_achieved / 2.0 - 1) <= 0.02
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 2 == 0 for w in widths) and widths != [8, 12, 16]
+    with pytest.raises(ChanpruneError, match="round_to"):
+        prune(model, images, 2.0, round_to=0, progress=False)
