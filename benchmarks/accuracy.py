@@ -62,6 +62,11 @@ class Budget:
         return dict(self.ft_epochs).get(model, self.ft_epochs_default)
 
 
+def arm_options(arm: str) -> dict[str, Any]:
+    """The prune() options of a chanprune arm: a Table 1 method or a residual variant (lasso)."""
+    return {"method": "lasso", **VARIANTS[arm]} if arm in VARIANTS else {"method": arm}
+
+
 def chanprune_arm(residual: bool) -> str:
     """The chanprune row that meets the peers: the paper's lasso, with joint trunks on residual nets."""
     return "joint" if residual else "lasso"
@@ -146,12 +151,12 @@ class Job:
             for speedup in sorted({*b.residual_speedups, *b.peer_speedups}):
                 arms = RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint",)
                 for arm in arms:
-                    self.chanprune(arm, speedup, method="lasso", **VARIANTS[arm])
+                    self.chanprune(arm, speedup, **arm_options(arm))
         else:
             for speedup in sorted({*b.table1_speedups, *b.peer_speedups}):
                 methods = TABLE1_METHODS if speedup in b.table1_speedups else ("lasso",)
                 for method in methods:
-                    net = self.chanprune(method, speedup, method=method)
+                    net = self.chanprune(method, speedup, **arm_options(method))
                     if method == "lasso" and speedup in b.table1_speedups:
                         self.scratch(speedup, net)
         for speedup in b.peer_speedups:

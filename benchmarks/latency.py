@@ -71,10 +71,13 @@ def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int,
 def table(rows: list[dict]) -> str:
     """Markdown: measured speed-up per engine (milliseconds in brackets) next to the FLOPs speed-up."""
     names = list(rows[0]["ms"])
-    lines = ["| model | FLOPs speed-up | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    acc = "test_acc" in rows[0]
+    lines = ["| model | " + ("test acc | " if acc else "") + "FLOPs speed-up | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * (len(names) + acc)]
     for r in rows:
         cells = [f"{r['speedup'][k]:.2f}x ({r['ms'][k]:.2f} ms)" for k in names]
-        lines.append(f"| {r['model']} | {r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['model']} | " + (f"{100 * r['test_acc']:.1f}% | " if acc else "") +
+                     f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -26,16 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import latency, report
-from benchmarks.accuracy import Budget, chanprune_arm, run_job
+from benchmarks.accuracy import Budget, arm_options, chanprune_arm, run_job
 from benchmarks.peers import require_torch_pruning
 from chanprune.analysis import analyze_layers
 from chanprune.checkpoint import load_model
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
+from chanprune.evaluate import accuracy
 from chanprune.models import create_model
+from chanprune.pruner import prune
 
 README = Path("README.md")
 MARKERS = ("<!-- suite:start -->", "<!-- suite:end -->")
+ROUND_TO = 8
 
 
 @dataclass(frozen=True)
@@ -87,18 +90,29 @@ def run_parallel(size: Size, out_dir: Path, workers: int, curves: bool) -> tuple
 
 
 def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
-    """Latency of the saved seed-0 chanprune models against their originals, one table per model."""
+    """Latency of the saved seed-0 chanprune models against their originals, one table per model,
+    next to the same models pruned again with widths rounded to multiples of ``ROUND_TO``."""
+    warnings.simplefilter("ignore", SparseSamplesWarning)
+    test = mnist_split("test")
+    images = calibration_subset(mnist_split("train"), size.budget.calib_images, 0)
     results = {}
     for name in size.models:
         saved = sorted((out_dir / "models").glob(f"{name}-*.safetensors"))
         original = create_model(name)
-        residual = any(p.name.startswith(f"{name}-joint-") for p in saved)
-        arm = chanprune_arm(residual)
+        arm = chanprune_arm(any(p.name.startswith(f"{name}-joint-") for p in saved))
         chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
-        chosen.sort(key=lambda p: float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")))
-        pruned = {p.name.removeprefix(f"{name}-").removesuffix(".safetensors"): load_model(p) for p in chosen}
+        speedups = sorted(float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")) for p in chosen)
+        pruned = {}
+        for s in speedups:
+            pruned[f"{arm}-{s:g}x"] = load_model(out_dir / "models" / f"{name}-{arm}-{s:g}x.safetensors")
+            pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(
+                original, images, s, ridge=size.budget.ridge, samples_per_image=size.budget.samples_per_image,
+                round_to=ROUND_TO, progress=False, **arm_options(arm))[0]
         print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
-        results[name] = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
+        rows = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
+        for row, net in zip(rows, [original, *pruned.values()]):
+            row["test_acc"] = accuracy(net, test)
+        results[name] = rows
     return results
 
 
