@@ -17,9 +17,7 @@ from .data import Split
 from .train import TrainConfig, train
 
 FINETUNE_DEFAULTS = TrainConfig(epochs=2, lr=0.01, warmup_epochs=0)
-
-
-RENORMALIZE_IMAGES = 1000
+RENORMALIZE_IMAGES = 1000  # training images that set the BN statistics before fine-tuning
 
 
 def finetune(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig = FINETUNE_DEFAULTS,
@@ -87,9 +85,9 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
 
     Forward passes without gradients, only the BatchNorm layers in train mode (dropout stays
     off), with a cumulative average over the batches (momentum None), so the result does not
-    depend on the stale statistics. Pruning that does not
-    look at data (filter magnitudes) leaves them describing channels that no longer add up the
-    same way; this gives such a model the same calibration images chanprune sees.
+    depend on the stale statistics. Pruning that does not look at data (filter magnitudes) leaves
+    them describing channels that no longer add up the same way; this gives such a model the same
+    calibration images chanprune sees.
     """
     norms = _batchnorms(model)
     saved = [(m, m.momentum) for m in norms]
