@@ -187,11 +187,12 @@ def load(path: Path) -> Any:
 
 
 def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[str, float]) -> str:
-    """Write ``report.md`` and the PNGs into ``out_dir``; returns the report body (for the README)."""
+    """Write ``report.md`` and the PNGs into ``out_dir``; returns the report body for the README
+    (images linked by their path from the repository root)."""
     arms = load(out_dir / "accuracy.json") or []
     curves = load(out_dir / "single_layer.json") or []
     latency_rows = load(out_dir / "latency.json") or {}
-    rel = out_dir.as_posix()
+    img = "IMAGES"  # image links: bare names in report.md, repository paths in the README
     b = size.budget
     epochs = ", ".join(f"{m}: {b.epochs_for(m)}" for m in dict.fromkeys(r["model"] for r in arms))
     parts = [f"Produced by `{command}` on {machine}; "
@@ -207,7 +208,7 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
     for model in vgg:
         plot_table1(arms, model, out_dir / f"table1-{model}.png")
         parts += [f"#### Table 1 analog: {model}, increase of test error (points; unpruned "
-                  f"{base_acc(arms, model):.2f}%)", table1(arms, model), f"![Table 1]({rel}/table1-{model}.png)"]
+                  f"{base_acc(arms, model):.2f}%)", table1(arms, model), f"![Table 1]({img}/table1-{model}.png)"]
     residual_arms = select([r for r in arms if r["model"] not in vgg], family="chanprune")
     if residual_arms:
         parts += ["#### Residual analog: the paper's variants and joint trunk pruning",
@@ -220,16 +221,16 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
     if curves:
         plot_curves(curves, out_dir / "single_layer.png")
         parts += [f"#### Single layers pruned alone ({size.curve_model}; the paper's Fig. 4)",
-                  f"![single-layer curves]({rel}/single_layer.png)"]
+                  f"![single-layer curves]({img}/single_layer.png)"]
     if latency_rows:
         plot_latency(latency_rows, out_dir / "latency.png")
         parts += [f"#### Latency (median of {size.latency_repeats} runs after warm-up; seed-0 models)"]
         parts += [f"{model}:\n\n" + latency_table(rows) for model, rows in latency_rows.items()]
-        parts += [f"![latency]({rel}/latency.png)"]
+        parts += [f"![latency]({img}/latency.png)"]
     checks = target_checks(arms, latency_rows)
     if checks:
         parts += ["#### Targets", "\n".join(checks)]
     body = "\n\n".join(parts)
-    (out_dir / "report.md").write_text("# chanprune results suite\n\n" + body + "\n")
-    return body
+    (out_dir / "report.md").write_text("# chanprune results suite\n\n" + body.replace(f"]({img}/", "](") + "\n")
+    return body.replace(f"]({img}/", f"]({out_dir.as_posix()}/")
 
