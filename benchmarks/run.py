@@ -69,7 +69,7 @@ def run_curves(size: Size, threads: int) -> list[dict]:
     model = create_model(size.curve_model)
     images = calibration_subset(mnist_split("train"), size.budget.calib_images, 0)
     return analyze_layers(model, images, mnist_split("test"), size.curve_speedups, size.curve_methods,
-                          size.budget.samples_per_image, seed=0, progress=False)
+                          size.budget.samples_per_image, seed=0, progress=False, ridge=size.budget.ridge)
 
 
 def run_parallel(size: Size, out_dir: Path, workers: int, curves: bool) -> tuple[list[dict], list[dict]]:

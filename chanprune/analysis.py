@@ -30,8 +30,8 @@ FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "r
 
 def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedups: tuple[float, ...],
                    methods: tuple[str, ...], samples_per_image: int = 10, seed: int = 0,
-                   progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (conv group, method, speed-up)."""
+                   progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
+    """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
     graph = build_graph(model, images[:1])
     targets = record_targets(graph, images, samples_per_image, seed)
     base_error = 1.0 - accuracy(model, split)
@@ -41,7 +41,8 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
     moments: dict[str, dict] = {}
     for group, method, speedup in tqdm(jobs, desc="analyze", disable=not progress):
         n_keep = max(1, round(group.channels / speedup))
-        cfg = PruneConfig(speedup=speedup, method=method, samples_per_image=samples_per_image, seed=seed)
+        cfg = PruneConfig(speedup=speedup, method=method, samples_per_image=samples_per_image, seed=seed,
+                          ridge=ridge)
         if group.name not in moments:  # inputs come from the unpruned model: shared by every job of a group
             moments[group.name] = collect_moments(graph.gm, group.readers, targets, cfg.heldout_every)
         run = PruneRun(graph, cfg, targets)

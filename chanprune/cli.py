@@ -263,10 +263,11 @@ def eval_(model_spec: str, trust_checkpoint: bool) -> None:
 @click.option("--calib-images", type=int, default=500, show_default=True)
 @click.option("--samples-per-image", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ridge", default="1e-6", show_default=True, help="As in prune: a number or 'auto'.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analysis"),
               show_default=True)
 def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, samples_per_image: int,
-            seed: int, out_dir: Path) -> None:
+            seed: int, ridge: str, out_dir: Path) -> None:
     """Single-layer analysis (the paper's Fig. 4): CSV, JSON and one PNG per layer."""
     from .analysis import analyze_layers, write_analysis
     from .experiment import calibration_images, load_model_spec, test_split
@@ -287,7 +288,8 @@ def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, sam
     if any(s < 1 for s in speedup_list):
         raise ChanpruneError("every speed-up must be >= 1")
     images = calibration_images(loaded, None, calib_images, seed, None)
-    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, samples_per_image, seed)
+    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, samples_per_image, seed,
+                          ridge=_ridge(ridge))
     paths = write_analysis(rows, out_dir)
     click.echo(f"wrote {len(paths)} files to {out_dir}")
 
