@@ -115,10 +115,10 @@ class Job:
             save_model(net, self.models_dir / f"{self.name}-{arm}-{speedup:g}x.safetensors")
 
     def log(self, row: dict[str, Any]) -> None:
-        ft = row["ft"]["test_acc"] if row["ft"] else float("nan")
-        as_is = row["as_is"]["test_acc"] if row["as_is"] else float("nan")
-        print(f"{self.name} seed {self.seed} {row['arm']} {row['speedup']:g}x ({row['achieved']:.2f}x): "
-              f"as is {100 * as_is:.2f}%, fine-tuned {100 * ft:.2f}%", file=sys.stderr, flush=True)
+        stages = ", ".join(f"{stage} {100 * row[stage]['test_acc']:.2f}%" for stage in ("as_is", "bn", "ft")
+                           if row[stage] is not None)
+        print(f"{self.name} seed {self.seed} {row['arm']} {row['speedup']:g}x ({row['achieved']:.2f}x): {stages}",
+              file=sys.stderr, flush=True)
 
     def chanprune(self, arm: str, speedup: float, **options: Any) -> nn.Module:
         start = time.perf_counter()
