@@ -23,6 +23,7 @@ from chanprune.errors import SparseSamplesWarning
 from chanprune.export import export_onnx, select_cost_onnx
 from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
+from chanprune.layers import SelectedConv2d
 from chanprune.models import create_model
 from chanprune.pruner import prune
 
@@ -38,8 +39,9 @@ def engines() -> list[str]:
     return names
 
 
-def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
-    """Milliseconds per forward pass of ``net`` for every engine of :func:`engines`."""
+def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> tuple[dict[str, float], float]:
+    """Milliseconds per forward pass of ``net`` for every engine of :func:`engines`, and the share
+    of ONNX Runtime's kernel time (batch 32) spent in channel selects (Gather nodes)."""
     ms: dict[str, float] = {}
     for b in BATCHES:
         for fmt in ("nchw", "channels_last"):
@@ -48,12 +50,12 @@ def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, f
     with tempfile.TemporaryDirectory(prefix="chanprune-latency-") as tmp:
         path = export_onnx(net, Path(tmp) / "model.onnx", shape)
         for b in BATCHES:
-            ms[f"onnxruntime b{b}"] = select_cost_onnx(path, shape, b, repeats, threads=torch.get_num_threads())[
-                "ms_median"]
+            cost = select_cost_onnx(path, shape, b, repeats, threads=torch.get_num_threads())
+            ms[f"onnxruntime b{b}"] = cost["ms_median"]
     if torch.cuda.is_available():
         for b in BATCHES:
             ms[f"cuda b{b}"] = 1e3 * measure_latency(net, shape, b, repeats, device="cuda")
-    return ms
+    return ms, cost["gather_share"]
 
 
 def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int, ...], repeats: int) -> list[dict]:
@@ -61,8 +63,10 @@ def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int,
     flops0 = count_flops(original, (1, *shape))
     rows = []
     for label, net in {"original": original, **pruned}.items():
-        ms = timings(net, shape, repeats)
-        rows.append({"model": label, "flops_speedup": flops0 / count_flops(net, (1, *shape)), "ms": ms})
+        ms, gather_share = timings(net, shape, repeats)
+        rows.append({"model": label, "flops_speedup": flops0 / count_flops(net, (1, *shape)), "ms": ms,
+                     "selects": sum(isinstance(m, SelectedConv2d) for m in net.modules()),
+                     "onnx_select_share": gather_share})
     for row in rows:
         row["speedup"] = {k: rows[0]["ms"][k] / v for k, v in row["ms"].items()}
     return rows
@@ -72,12 +76,13 @@ def table(rows: list[dict]) -> str:
     """Markdown: measured speed-up per engine (milliseconds in brackets) next to the FLOPs speed-up."""
     names = list(rows[0]["ms"])
     acc = "test_acc" in rows[0]
-    lines = ["| model | " + ("test acc | " if acc else "") + "FLOPs speed-up | " + " | ".join(names) + " |",
-             "|---|---|" + "---|" * (len(names) + acc)]
+    lines = ["| model | " + ("test acc | " if acc else "") + "FLOPs speed-up | " + " | ".join(names) +
+             " | channel selects (ORT b32 time share) |", "|---|---|" + "---|" * (len(names) + acc + 1)]
     for r in rows:
         cells = [f"{r['speedup'][k]:.2f}x ({r['ms'][k]:.2f} ms)" for k in names]
+        selects = f"{r['selects']} ({100 * r['onnx_select_share']:.1f}%)" if r["selects"] else "0"
         lines.append(f"| {r['model']} | " + (f"{100 * r['test_acc']:.1f}% | " if acc else "") +
-                     f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
+                     f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + f" | {selects} |")
     return "\n".join(lines)
 
 

@@ -91,7 +91,8 @@ def run_parallel(size: Size, out_dir: Path, workers: int, curves: bool) -> tuple
 
 def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
     """Latency of the saved seed-0 chanprune models against their originals, one table per model,
-    next to the same models pruned again with widths rounded to multiples of ``ROUND_TO``."""
+    next to the same models pruned again with widths rounded to multiples of ``ROUND_TO`` (and,
+    for residual nets, the enhanced variant with its channel selects)."""
     warnings.simplefilter("ignore", SparseSamplesWarning)
     test = mnist_split("test")
     images = calibration_subset(mnist_split("train"), size.budget.calib_images, 0)
@@ -103,6 +104,9 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
         chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
         speedups = sorted(float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")) for p in chosen)
         pruned = {}
+        with_selects = out_dir / "models" / f"{name}-enhanced-{speedups[0]:g}x.safetensors"
+        if with_selects.exists():  # the paper's feature-map sampling: what its channel selects cost
+            pruned[f"enhanced-{speedups[0]:g}x"] = load_model(with_selects)
         for s in speedups:
             pruned[f"{arm}-{s:g}x"] = load_model(out_dir / "models" / f"{name}-{arm}-{s:g}x.safetensors")
             pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(

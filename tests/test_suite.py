@@ -27,8 +27,9 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
     peers4 = [r for r in arms if r["family"] == "torch-pruning"]
     assert joint4["as_is"]["test_acc"] > max(r["as_is"]["test_acc"] for r in peers4)  # data-free BN is stale
     latency = json.loads((out / "latency.json").read_text())["resnet20-mnist"]
-    assert [r["model"] for r in latency] == ["original", "joint-2x", "joint-2x round-to 8", "joint-4x",
-                                             "joint-4x round-to 8"]
+    assert [r["model"] for r in latency] == ["original", "enhanced-2x", "joint-2x", "joint-2x round-to 8",
+                                             "joint-4x", "joint-4x round-to 8"]
+    assert latency[1]["selects"] > 0 and 0 < latency[1]["onnx_select_share"] < 0.5
     assert all(0.5 < r["test_acc"] <= 1 for r in latency)
     report = (out / "report.md").read_text()
     for heading in ("Residual analog", "Torch-Pruning at equal FLOPs", "Latency", "Targets"):
