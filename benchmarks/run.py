@@ -72,19 +72,19 @@ def run_curves(size: Size, threads: int) -> list[dict]:
                           size.budget.samples_per_image, seed=0, progress=False, ridge=size.budget.ridge)
 
 
-def run_parallel(size: Size, out_dir: Path, workers: int, curves: bool) -> tuple[list[dict], list[dict]]:
-    """Accuracy jobs and the curves, in ``workers`` processes; returns (arm rows, curve rows)."""
+def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str]) -> tuple[list[dict], list[dict]]:
+    """Accuracy jobs and/or the curves, in ``workers`` processes; returns (arm rows, curve rows)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = [(run_job, (m, s, size.budget, str(out_dir / "models") if s == size.seeds[0] else None, threads))
-            for m in size.models for s in size.seeds]
+            for m in size.models for s in size.seeds] if "accuracy" in sections else []
     jobs.sort(key=lambda job: job[1][0] == "vgg16-mnist")  # the longest (residual) jobs first
-    if curves:
+    if "curves" in sections:
         jobs.append((run_curves, (size, threads)))
     arms: list[dict] = []
     curve_rows: list[dict] = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pending = [(fn, pool.apply_async(fn, args)) for fn, args in jobs]
-        for fn, result in tqdm(pending, desc="accuracy jobs", file=sys.stderr):
+        for fn, result in tqdm(pending, desc="jobs", file=sys.stderr):
             (curve_rows if fn is run_curves else arms).extend(result.get())
     return arms, curve_rows
 
@@ -172,7 +172,7 @@ def main() -> None:
     minutes = json.loads(minutes_file.read_text()) if minutes_file.exists() else {}
     started = time.perf_counter()
     if sections & {"accuracy", "curves"}:
-        arms, curves = run_parallel(size, out_dir, args.workers, "curves" in sections)
+        arms, curves = run_parallel(size, out_dir, args.workers, sections)
         if "accuracy" in sections:
             (out_dir / "accuracy.json").write_text(json.dumps(arms, indent=1))
         if curves:
