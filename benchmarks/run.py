@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import warnings
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the worker pool is terminated with the run instead of orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = QUICK if args.quick else FULL
     if args.models:
         size = replace(size, models=tuple(args.models.split(",")))
