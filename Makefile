@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The results suite behind the README's Results section (about an hour on 2 cores); it rewrites
+# The results suite behind the README's Results section (about 95 minutes on 2 cores); it rewrites
 # benchmarks/results/suite/ and the README block between the suite markers.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --update-readme

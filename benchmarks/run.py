@@ -3,6 +3,7 @@
     python -m benchmarks.run                  # full size (3 seeds, four reference models)
     python -m benchmarks.run --quick          # minutes: one seed, VGG-16 and ResNet-20, small budgets
     python -m benchmarks.run --update-readme  # also rewrite the README's suite block
+    python -m benchmarks.run --sections curves,latency  # rerun parts; the report is rebuilt from all results
 
 Accuracy jobs (one per model and calibration seed) and the single-layer curves run in parallel
 worker processes (one thread each); latency runs afterwards, alone, at the machine's thread count,
@@ -152,7 +153,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the minutes-long size (CI)")
     parser.add_argument("--models", help="comma-separated subset of the size's models")
     parser.add_argument("--seeds", help="comma-separated calibration seeds (default: the size's)")
-    parser.add_argument("--sections", default="accuracy,curves,latency")
+    parser.add_argument("--sections", default="accuracy,curves,latency",
+                        help="any of accuracy,curves,latency; '' rewrites the report from the saved results")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--update-readme", action="store_true")
@@ -164,7 +166,7 @@ def main() -> None:
         size = replace(size, models=tuple(args.models.split(",")))
     if args.seeds:
         size = replace(size, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    sections = set(args.sections.split(","))
+    sections = {s for s in args.sections.split(",") if s}  # empty: only rewrite the report (and README)
     if sections - {"accuracy", "curves", "latency"}:
         parser.error(f"unknown sections {sorted(sections - {'accuracy', 'curves', 'latency'})}")
     require_torch_pruning()
