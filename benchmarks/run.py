@@ -105,6 +105,8 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
         arm = chanprune_arm(any(p.name.startswith(f"{name}-joint-") for p in saved))
         chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
         speedups = sorted(float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")) for p in chosen)
+        if not speedups:
+            raise SystemExit(f"no saved {name} models in {out_dir / 'models'}; run the accuracy section first")
         pruned = {}
         with_selects = out_dir / "models" / f"{name}-enhanced-{speedups[0]:g}x.safetensors"
         if with_selects.exists():  # the paper's feature-map sampling: what its channel selects cost
