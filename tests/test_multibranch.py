@@ -16,7 +16,7 @@ from chanprune.graph import build_graph
 from chanprune.layers import SelectedConv2d
 from chanprune.pruner import prune
 
-from conftest import outputs, prune_groups_directly, rel_error
+from conftest import outputs, prune_groups_directly, randomise, rel_error
 
 
 class Block(nn.Module):
@@ -104,15 +104,7 @@ class ChannelsLastMLP(nn.Module):
 
 def make(cls, seed: int = 0) -> nn.Module:
     """A random model with non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = cls()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomise(cls(), seed)
 
 
 def images(n: int = 80, size: int = 16, seed: int = 1) -> torch.Tensor:
