@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.accuracy import RESIDUAL_ARMS, TABLE1_METHODS, chanprune_arm  # noqa: E402
 from benchmarks.latency import table as latency_table  # noqa: E402
+from benchmarks.summary import mean_sd  # noqa: E402
 
 STAGES = {"as_is": "as is", "bn": "BN re-estimated", "ft": "fine-tuned"}
 LABELS = {"lasso": "lasso (chanprune, the paper)", "max_response": "max response (filter pruning, Li et al.)",
@@ -30,13 +31,6 @@ LABELS = {"lasso": "lasso (chanprune, the paper)", "max_response": "max response
 
 def accs(rows: list[dict], stage: str) -> list[float]:
     return [100 * r[stage]["test_acc"] for r in rows if r[stage] is not None]
-
-
-def mean_sd(values: list[float], fmt: str = ".2f") -> str:
-    if not values:
-        return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}"
 
 
 def select(arms: list[dict], **match: Any) -> list[dict]:

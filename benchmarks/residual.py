@@ -18,6 +18,7 @@ import statistics
 import warnings
 from pathlib import Path
 
+from benchmarks.summary import mean_sd
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
@@ -65,16 +66,11 @@ def summarise(rows: list[dict]) -> str:
     keys = list(dict.fromkeys((r["model"], r["speedup"], r["variant"]) for r in rows))
     for model, speedup, variant in keys:
         sel = [r for r in rows if (r["model"], r["speedup"], r["variant"]) == (model, speedup, variant)]
-
-        def ms(values: list[float], fmt: str) -> str:
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):{fmt}} ± {spread:{fmt}}"
-
         lines.append(
             f"| {model} | {speedup:g}x | {variant} | {statistics.mean(r['achieved'] for r in sel):.2f}x | "
-            f"{ms([100 * r['test_acc'] for r in sel], '.2f')} | "
-            f"{ms([100 * (r['base_acc'] - r['test_acc']) for r in sel], '.2f')} | "
-            f"{ms([r['logit_err'] for r in sel], '.4f')} | {statistics.mean(r['seconds'] for r in sel):.0f} |")
+            f"{mean_sd([100 * r['test_acc'] for r in sel], '.2f')} | "
+            f"{mean_sd([100 * (r['base_acc'] - r['test_acc']) for r in sel], '.2f')} | "
+            f"{mean_sd([r['logit_err'] for r in sel], '.4f')} | {statistics.mean(r['seconds'] for r in sel):.0f} |")
     return "\n".join(lines)
 
 

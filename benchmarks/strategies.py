@@ -14,6 +14,7 @@ import statistics
 import warnings
 from pathlib import Path
 
+from benchmarks.summary import mean_sd
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
@@ -53,13 +54,8 @@ def summarise(rows: list[dict]) -> str:
     keys = list(dict.fromkeys((r["speedup"], r["method"]) for r in rows))
     for speedup, method in keys:
         sel = [r for r in rows if r["speedup"] == speedup and r["method"] == method]
-
-        def ms(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
-            vals = [scale * r[key] for r in sel]
-            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            return f"{statistics.mean(vals):{fmt}} ± {spread:{fmt}}"
-
-        lines.append(f"| {speedup:g}x | {method} | {ms('test_acc', 100)} | {ms('logit_err', 1, '.4f')} | "
+        acc = mean_sd([100 * r["test_acc"] for r in sel])
+        lines.append(f"| {speedup:g}x | {method} | {acc} | {mean_sd([r['logit_err'] for r in sel], '.4f')} | "
                      f"{statistics.mean(r['seconds'] for r in sel):.1f} |")
     return "\n".join(lines)
 
