@@ -49,12 +49,12 @@ def renormalize_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     agree with the running ones and fine-tuning starts from the function pruning produced.
     """
     norms = [m for m in _batchnorms(model) if m.affine and m.track_running_stats]
-    sums: dict[nn.Module, list[torch.Tensor]] = {}
+    sums: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, Σx, Σx² per channel
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
-        acc = sums.setdefault(module, [torch.zeros((), dtype=torch.float64)] * 3)
-        sums[module] = [acc[0] + x.shape[1], acc[1] + x.sum(1), acc[2] + (x * x).sum(1)]
+        count, total, squares = sums.get(module, (0, 0.0, 0.0))
+        sums[module] = (count + x.shape[1], total + x.sum(1), squares + (x * x).sum(1))
 
     handles = [m.register_forward_pre_hook(hook) for m in norms]
     was_training = model.training
