@@ -25,7 +25,7 @@ from torch import nn
 
 from benchmarks.peers import CRITERIA, tp_prune
 from benchmarks.residual import VARIANTS
-from chanprune.checkpoint import save_model
+from chanprune.io.checkpoint import save_model
 from chanprune.data import calibration_indices, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict

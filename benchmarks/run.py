@@ -31,7 +31,7 @@ from benchmarks import latency, report
 from benchmarks.accuracy import Budget, arm_options, chanprune_arm, run_job
 from benchmarks.peers import require_torch_pruning
 from chanprune.analysis import analyze_layers
-from chanprune.checkpoint import load_model
+from chanprune.io.checkpoint import load_model
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy

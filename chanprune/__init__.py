@@ -1,9 +1,10 @@
 """chanprune: channel pruning by LASSO selection and least-squares reconstruction (He et al. 2017)."""
 
-from .checkpoint import load_model, save_model
+from .io.checkpoint import load_model, save_model
 from .errors import ChanpruneError
 from .models import create_model
-from .pruner import PruneConfig, prune
+from .config import PruneConfig
+from .pruner import prune
 from .report import LayerReport, PruneReport
 
 __all__ = ["ChanpruneError", "LayerReport", "PruneConfig", "PruneReport", "create_model", "load_model", "prune",

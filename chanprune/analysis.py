@@ -22,7 +22,8 @@ from .data import Split
 from .evaluate import accuracy
 from .files import write_text_atomic
 from .graph import build_graph
-from .pruner import PruneConfig, PruneRun
+from .config import PruneConfig
+from .pruner import PruneRun
 from .stats import collect_moments, record_targets
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")

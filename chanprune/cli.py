@@ -37,7 +37,7 @@ def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None) 
     """Train a bundled reference model on the bundled MNIST split and save its checkpoint."""
     from dataclasses import asdict
 
-    from .checkpoint import save_state_file
+    from .io.state_file import save_state_file
     from .data import mnist_split
     from .evaluate import accuracy
     from .models import bundled_model
@@ -117,7 +117,7 @@ def _read_widths(path: Path) -> dict[str, int]:
                    "original weights) with the lowest error on the held-out calibration images.")
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels).")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Report JSON.")
@@ -126,7 +126,7 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
           trust_checkpoint: bool, out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report."""
-    from .checkpoint import save_model
+    from .io.checkpoint import save_model
     from .experiment import calibration_images, compare, load_model_spec, test_split
     from .pruner import prune as run_prune
 
@@ -173,13 +173,15 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
 @click.option("--from-scratch", is_flag=True,
               help="Baseline: re-initialise the pruned architecture and train it for --epochs instead.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Fine-tuned model (.safetensors).")
 def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimizer: str, weight_decay: float,
              distill: float, temperature: float, teacher_spec: str | None, from_scratch: bool, seed: int,
-             out: Path) -> None:
+             trust_checkpoint: bool, out: Path) -> None:
     """Fine-tune a pruned bundled model on the bundled training split (or train it from scratch)."""
-    from .checkpoint import save_model
+    from .io.checkpoint import save_model
     from .data import mnist_split
     from .evaluate import accuracy
     from .experiment import load_model_spec
@@ -188,7 +190,7 @@ def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimi
 
     if out.suffix != ".safetensors":
         raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}")
-    loaded = load_model_spec(model_spec)
+    loaded = load_model_spec(model_spec, trust_checkpoint)
     if loaded.entry is None or loaded.entry.dataset != "mnist":
         raise ChanpruneError("the CLI fine-tunes models derived from a bundled model on its bundled data; "
                              "for other models call chanprune.finetune.finetune with your labelled data")
@@ -216,7 +218,7 @@ def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimi
 @click.option("--program", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a torch.export archive (.pt2).")
 @click.option("--opset", default=17, show_default=True)
-@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 def export(model_spec: str, out: Path, program: Path | None, opset: int, trust_checkpoint: bool) -> None:
     """Export to ONNX (dynamic batch), check it in ONNX Runtime, and measure its channel selects."""
     from .experiment import load_model_spec
@@ -240,15 +242,16 @@ def export(model_spec: str, out: Path, program: Path | None, opset: int, trust_c
 
 @main.command(name="eval")
 @click.option("--model", "model_spec", required=True, help="Bundled name or checkpoint path.")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module (runs its code).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 def eval_(model_spec: str, trust_checkpoint: bool) -> None:
     """Print test accuracy (bundled data) and FLOPs of a model."""
     from .evaluate import accuracy
     from .experiment import load_model_spec, test_split
     from .flops import count_flops, count_params
+    from .io.provenance import input_shape
 
     loaded = load_model_spec(model_spec, trust_checkpoint)
-    shape = loaded.model._chanprune.get("input_shape") if hasattr(loaded.model, "_chanprune") else None
+    shape = input_shape(loaded.model)
     if shape is None:
         raise ChanpruneError("the model records no input shape; evaluate a model saved by chanprune")
     split = test_split(loaded)

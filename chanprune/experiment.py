@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import build_constructor, load_model, load_pickled_module, parse_constructor
+from .io.checkpoint import load_model, load_pickled_module
+from .io.provenance import Provenance, attach, input_shape, provenance
+from .io.references import ArchRef, build_constructor, parse_constructor
 from .data import Split, calibration_subset, load_calibration_file, mnist_split
 from .errors import ChanpruneError
 from .evaluate import accuracy, logit_rel_error, predict
@@ -62,9 +64,7 @@ def constructor_model(spec: str, input_size: tuple[int, int] | None = None, **kw
     model = build_constructor(spec, kwargs).eval()
     in_chans = first_in_channels(model) or 3
     height, width = input_size or default_input_size(spec, model)
-    model._chanprune = {"arch": {"constructor": spec, "kwargs": kwargs}, "plan": [],
-                        "input_shape": [in_chans, int(height), int(width)]}
-    return model
+    return attach(model, Provenance(ArchRef("constructor", spec, kwargs), (), (in_chans, int(height), int(width))))
 
 
 def load_model_spec(spec: str, trust_checkpoint: bool = False,
@@ -81,9 +81,10 @@ def load_model_spec(spec: str, trust_checkpoint: bool = False,
         raise ChanpruneError(f"{spec!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}), a constructor "
                              "(torchvision:NAME or timm:NAME) nor an existing file")
     if path.suffix == ".safetensors":
-        model = load_model(path)
-        bundled = model._chanprune["arch"].get("bundled")
-        return LoadedModel(model, BUNDLED.get(bundled), model._chanprune["arch"].get("constructor"))
+        model = load_model(path, trust=trust_checkpoint)
+        arch = provenance(model).arch
+        return LoadedModel(model, BUNDLED.get(arch.name) if arch.kind == "bundled" else None,
+                           arch.name if arch.kind == "constructor" else None)
     if path.suffix in {".pt", ".pth"}:
         if not trust_checkpoint:
             raise ChanpruneError(f"{spec!r} is a pickled module and unpickling runs code; pass --trust-checkpoint "
@@ -103,7 +104,7 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
             images = images[torch.randperm(len(images), generator=g)[:n_images].sort().values]
         return images
     if loaded.entry is None and loaded.constructor is not None:
-        shape = (getattr(loaded.model, "_chanprune", None) or {}).get("input_shape") or [3, 224, 224]
+        shape = input_shape(loaded.model) or (3, 224, 224)
         raise ChanpruneError(f"{loaded.constructor} has random weights and no data set; pass --calib-data (a folder "
                              "of images or a .npy/.pt tensor of shape N,C,H,W) and --input-size H W to resize "
                              f"the images of a folder (this model's usual input is {shape[1]}x{shape[2]})")
@@ -114,7 +115,7 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
 
 
 def _recorded_channels(model: nn.Module) -> int | None:
-    shape = (getattr(model, "_chanprune", None) or {}).get("input_shape")
+    shape = input_shape(model)
     return int(shape[0]) if shape else None
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import ChanpruneError
 from .files import write_atomically
+from .io.provenance import input_shape as recorded_input_shape
 
 INPUT_NAME = "input"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
@@ -48,7 +49,7 @@ def _first_line(err: BaseException) -> str:
 def resolve_input_shape(model: nn.Module | None, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     """``input_shape`` as a tuple (one sample, no batch axis), else the model's recorded one."""
     if input_shape is None and model is not None:
-        input_shape = (getattr(model, "_chanprune", None) or {}).get("input_shape")
+        input_shape = recorded_input_shape(model)
     if input_shape is None:
         raise ChanpruneError("the model's input shape is unknown; pass input_shape=(C, H, W) for one sample")
     try:

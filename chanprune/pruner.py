@@ -10,13 +10,14 @@ same surgery replayed on it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,72 +25,18 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
+from .config import AUTO_RIDGES, PruneConfig
 from .data import materialise, validate_images
 from .errors import ChanpruneError, SparseSamplesWarning
 from .flops import count_flops, count_params, flop_breakdown
 from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
+from .io.provenance import attach, provenance_or_class
 from .layers import SelectedConv2d
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, heldout_least_squares, least_squares, relative_error
 from .stats import Moments, Targets, collect_moments, reader_dim, record_targets
 from .surgery import Plan, folded_weight, replay, write_folded
-
-TRUNK_MODES = ("keep", "joint")
-AUTO_RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # relative to trace(G)/dim
-
-
-@dataclass
-class PruneConfig:
-    """Every option of a pruning run; stored in the report so the run can be repeated.
-
-    ``trunk`` says what happens to channels tied by residual adds: "keep" leaves them whole (the
-    paper), "joint" prunes them with one selection over all their readers. With
-    ``feature_map_sampling`` a conv reading channels that stay whole reads a chosen subset of
-    them through a channel select. ``residual_correction`` makes the last layer of a residual
-    branch also make up for the error on its shortcut.
-    """
-
-    speedup: float | None = 4.0
-    method: str = "lasso"
-    allocation: str = "uniform"
-    widths: dict[str, int] | None = None
-    exclude: tuple[str, ...] = ()
-    samples_per_image: int = 10
-    seed: int = 0
-    reconstruct: bool = True
-    ridge: float | str = 1e-6  # or "auto": chosen per layer on the held-out samples
-    lasso_rounds: int = 1
-    heldout_every: int = 10
-    batch_size: int = 64
-    trunk: str = "keep"
-    residual_correction: bool = True
-    feature_map_sampling: bool = True
-    round_to: int = 1  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
-
-    def validate(self) -> None:
-        if self.method not in STRATEGIES:
-            raise ChanpruneError(f"unknown method {self.method!r}; use one of {', '.join(STRATEGIES)}")
-        if self.allocation not in PRESETS:
-            raise ChanpruneError(f"unknown allocation {self.allocation!r}; use one of {', '.join(PRESETS)}")
-        if self.trunk not in TRUNK_MODES:
-            raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
-        if self.speedup is None and self.widths is None:
-            raise ChanpruneError("give a speed-up target or explicit widths")
-        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and self.speedup >= 1):
-            raise ChanpruneError(f"speed-up must be a number >= 1, got {self.speedup!r}")
-        if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
-            raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
-        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
-            raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
-        if self.samples_per_image < 1:
-            raise ChanpruneError(f"samples per image must be >= 1, got {self.samples_per_image}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["exclude"] = list(self.exclude)
-        return out
-
 
 def first_in_channels(model: nn.Module) -> int | None:
     """Input channels of the first conv (the image channels the model expects)."""
@@ -193,7 +140,25 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
     cfg.validate()
     images = targets.images if targets is not None else materialise(calib_data)
     validate_images(images, first_in_channels(model))
-    original = model.eval()
+    with evaluating(model) as original:
+        return _prune(original, images, cfg, targets, progress, start)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the duration, each module's own training flag restored afterwards,
+    so that pruning never changes the caller's model."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _prune(original: nn.Module, images: torch.Tensor, cfg: PruneConfig, targets: Targets | None,
+           progress: bool, start: float) -> tuple[nn.Module, PruneReport]:
     graph = build_graph(original, images[:1])
     flops_before, per_layer = flop_breakdown(original, tuple(images.shape))
     flop_model = FlopModel(graph, flops_before, per_layer)
@@ -204,8 +169,8 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
         check_memory(original, todo, len(images) * cfg.samples_per_image)
         targets = record_targets(graph, images, cfg.samples_per_image, cfg.seed, cfg.batch_size)
 
-    info = getattr(model, "_chanprune", None) or {"arch": class_reference(model), "plan": []}
-    run = PruneRun(graph, cfg, targets, Plan(list(info["plan"])))
+    record = provenance_or_class(original)
+    run = PruneRun(graph, cfg, targets, Plan(list(record.plan)))
     for unit in tqdm(todo, desc=f"{cfg.method} {cfg.speedup or ''}x".strip(), disable=not progress, leave=False):
         run.prune_unit(unit, widths[unit.name])
     pruned = run.result(original)
@@ -215,8 +180,8 @@ def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0,
         warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
                       f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
                       "one: use more calibration images or --samples-per-image, or ridge='auto' (--ridge auto)",
-                      SparseSamplesWarning, stacklevel=2)
-    pruned._chanprune = {"arch": info["arch"], "plan": run.plan.to_list(), "input_shape": list(images.shape[1:])}
+                      SparseSamplesWarning, stacklevel=3)
+    attach(pruned, record.with_plan(run.plan.ops, tuple(images.shape[1:])))
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
         params_before=count_params(original), params_after=count_params(pruned),
@@ -383,9 +348,3 @@ def unit_reports(graph: ChannelGraph, units: list[Unit], run: PruneRun) -> list[
 
 def _in_channels(layer: nn.Module) -> int:
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
-
-
-def class_reference(model: nn.Module) -> dict[str, Any]:
-    """Architecture reference of a user's model: its importable class, built without arguments."""
-    cls = type(model)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}

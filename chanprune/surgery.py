@@ -178,56 +178,93 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
     return added
 
 
+OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias")
+
+
+@dataclass(frozen=True)
+class PlanOp:
+    """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
+    (and, for a Linear after flatten, the ``channel_size`` features each channel owns)."""
+
+    op: str
+    layer: str
+    keep: tuple[int, ...] = ()
+    channel_size: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op, "layer": self.layer}
+        if self.op != "add_bias":
+            out["keep"] = list(self.keep)
+        if self.op == "keep_inputs":
+            out["channel_size"] = self.channel_size
+        return out
+
+
 @dataclass
 class Plan:
     """Ordered surgery operations, replayable on a fresh model of the same architecture."""
 
-    ops: list[dict[str, Any]] = field(default_factory=list)
+    ops: list[PlanOp] = field(default_factory=list)
+
+    def apply(self, model: nn.Module, op: PlanOp) -> None:
+        apply_op(model, op)
+        self.ops.append(op)
 
     def keep_outputs(self, model: nn.Module, name: str, keep: torch.Tensor) -> None:
-        replace_module(model, name, keep_outputs(model.get_submodule(name), keep))
-        self.ops.append({"op": "keep_outputs", "layer": name, "keep": keep.tolist()})
+        self.apply(model, PlanOp("keep_outputs", name, tuple(keep.tolist())))
 
     def keep_inputs(self, model: nn.Module, name: str, keep: torch.Tensor, channel_size: int = 1) -> None:
-        replace_module(model, name, keep_inputs(model.get_submodule(name), keep, channel_size))
-        self.ops.append({"op": "keep_inputs", "layer": name, "keep": keep.tolist(), "channel_size": channel_size})
+        self.apply(model, PlanOp("keep_inputs", name, tuple(keep.tolist()), channel_size))
 
     def keep_channels(self, model: nn.Module, name: str, keep: torch.Tensor) -> None:
-        replace_module(model, name, keep_channels(model.get_submodule(name), keep))
-        self.ops.append({"op": "keep_channels", "layer": name, "keep": keep.tolist()})
+        self.apply(model, PlanOp("keep_channels", name, tuple(keep.tolist())))
 
     def select_inputs(self, model: nn.Module, name: str, index: torch.Tensor) -> None:
-        replace_module(model, name, select_inputs(model.get_submodule(name), index))
-        self.ops.append({"op": "select_inputs", "layer": name, "keep": index.tolist()})
+        self.apply(model, PlanOp("select_inputs", name, tuple(index.tolist())))
 
     def add_bias(self, name: str) -> None:
-        self.ops.append({"op": "add_bias", "layer": name})
-
-    def to_list(self) -> list[dict[str, Any]]:
-        return list(self.ops)
+        self.ops.append(PlanOp("add_bias", name))
 
 
-def replay(model: nn.Module, ops: list[dict[str, Any]]) -> nn.Module:
-    """Apply recorded operations to ``model`` (shapes only; weights are loaded afterwards)."""
+def apply_op(model: nn.Module, op: PlanOp) -> None:
+    """Apply one recorded operation to ``model`` (shapes, and the weights of kept channels)."""
+    try:
+        layer = model.get_submodule(op.layer)
+    except AttributeError:
+        raise ChanpruneError(f"pruning plan names layer {op.layer!r} that the architecture lacks; "
+                             "the checkpoint does not match its architecture") from None
+    keep = torch.tensor(op.keep, dtype=torch.long)
+    if len(keep) and int(keep.max()) >= _channel_bound(layer, op):
+        raise ChanpruneError(f"pruning plan keeps channel {int(keep.max())} of {op.layer!r}, which has fewer; "
+                             "the checkpoint does not match its architecture")
+    if op.op == "keep_outputs":
+        replace_module(model, op.layer, keep_outputs(layer, keep))
+    elif op.op == "keep_inputs":
+        replace_module(model, op.layer, keep_inputs(layer, keep, op.channel_size))
+    elif op.op == "keep_channels":
+        replace_module(model, op.layer, keep_channels(layer, keep))
+    elif op.op == "select_inputs":
+        replace_module(model, op.layer, select_inputs(layer, keep))
+    elif op.op == "add_bias":
+        with_bias(layer)
+    else:
+        raise ChanpruneError(f"unknown pruning operation {op.op!r}; the checkpoint is newer than this chanprune")
+
+
+def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
+    """How many channels ``op`` may index in ``layer``."""
+    weight = getattr(layer, "weight", None)
+    if op.op == "keep_outputs":
+        return weight.shape[0] if weight is not None else getattr(layer, "num_features", 0)
+    if op.op in ("keep_inputs", "select_inputs"):
+        if isinstance(layer, nn.Linear):
+            return layer.in_features // op.channel_size
+        return weight.shape[1] if weight is not None else 0
+    return getattr(layer, "num_features", None) or (weight.shape[0] if weight is not None else 0)
+
+
+def replay(model: nn.Module, ops: list[PlanOp] | tuple[PlanOp, ...]) -> nn.Module:
+    """Apply recorded operations to ``model`` in order (returns ``model``)."""
     for op in ops:
-        name = op["layer"]
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise ChanpruneError(f"pruning plan names layer {name!r} that the architecture lacks; "
-                                 "the checkpoint does not match its architecture") from None
-        keep = torch.tensor(op.get("keep", []), dtype=torch.long)
-        if op["op"] == "keep_outputs":
-            replace_module(model, name, keep_outputs(layer, keep))
-        elif op["op"] == "keep_inputs":
-            replace_module(model, name, keep_inputs(layer, keep, op.get("channel_size", 1)))
-        elif op["op"] == "keep_channels":
-            replace_module(model, name, keep_channels(layer, keep))
-        elif op["op"] == "select_inputs":
-            replace_module(model, name, select_inputs(layer, keep))
-        elif op["op"] == "add_bias":
-            with_bias(layer)
-        else:
-            raise ChanpruneError(f"unknown pruning operation {op['op']!r}; the checkpoint is newer "
-                                 "than this chanprune")
+        apply_op(model, op)
     return model

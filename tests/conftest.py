@@ -1,6 +1,6 @@
 """Shared tiny models, data and helpers for the chanprune tests.
 
-The model classes live here (not in a test module) so that ``chanprune.checkpoint`` can rebuild
+The model classes live here (not in a test module) so that ``chanprune.io.checkpoint`` can rebuild
 them by their import reference ``conftest:<Class>`` when a pruned model is loaded again.
 Every model takes no constructor arguments; ``make_*`` helpers give them seeded, non-trivial
 weights and BatchNorm statistics (eval-mode BN is then a real affine map, not the identity).
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from chanprune.graph import build_graph
-from chanprune.pruner import PruneConfig, PruneRun, pruning_units
+from chanprune.config import PruneConfig
+from chanprune.pruner import PruneRun, pruning_units
 from chanprune.stats import record_targets
 
 IMAGE_SHAPE = (3, 8, 8)

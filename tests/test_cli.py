@@ -14,7 +14,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from chanprune.checkpoint import load_model, save_model
+from chanprune.io.checkpoint import load_model, save_model
+from chanprune.io.provenance import Provenance, attach
+from chanprune.io.references import ArchRef
 from chanprune.data import mnist_split
 from chanprune.errors import ChanpruneError
 from chanprune.evaluate import accuracy
@@ -24,7 +26,7 @@ from chanprune.graph import build_graph
 
 from chanprune.cli import main
 
-from conftest import make_tiny, outputs, random_images
+from conftest import TinyCNN, make_tiny, outputs, random_images
 
 
 def invoke(*args: str):
@@ -81,8 +83,10 @@ def test_cli_finetune_with_distillation_keeps_the_pruned_shapes(vgg_run, tmp_pat
 def test_cli_finetune_refuses_models_without_bundled_data(tmp_path):
     model = make_tiny(0)
     path = tmp_path / "user.safetensors"
-    save_model(model, path, arch={"class": "conftest:TinyCNN", "kwargs": {}})
+    save_model(attach(model, Provenance(ArchRef("class", "conftest:TinyCNN"), (), (3, 8, 8))), path)
     result = invoke("finetune", "--model", path, "--out", tmp_path / "t.safetensors")
+    assert result.exit_code == 2 and "never imports code" in result.output and "--trust-checkpoint" in result.output
+    result = invoke("finetune", "--model", path, "--trust-checkpoint", "--out", tmp_path / "t.safetensors")
     assert result.exit_code == 2 and "labelled data" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 
@@ -131,7 +135,7 @@ def test_cli_pruned_vgg_shapes_are_consistent_and_eval_runs(vgg_run):
 @pytest.fixture
 def tiny_files(tmp_path):
     model = make_tiny(0)
-    model._chanprune = {"arch": {"class": "conftest:TinyCNN", "kwargs": {}}, "plan": [], "input_shape": [3, 8, 8]}
+    attach(model, Provenance(ArchRef("class", "conftest:TinyCNN"), (), (3, 8, 8)))
     save_model(model, tmp_path / "tiny.safetensors")
     torch.save(model, tmp_path / "tiny.pt")
     np.save(tmp_path / "calib.npy", random_images(120).numpy())
@@ -142,12 +146,12 @@ def test_cli_prunes_a_user_checkpoint(tiny_files):
     model, d = tiny_files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = invoke("prune", "--model", d / "tiny.safetensors", "--calib-data", d / "calib.npy",
-                        "--speedup", "1.5", "--samples-per-image", "4", "--out", d / "out.safetensors",
-                        "--report", d / "r.json")
+        result = invoke("prune", "--model", d / "tiny.safetensors", "--trust-checkpoint", "--calib-data",
+                        d / "calib.npy", "--speedup", "1.5", "--samples-per-image", "4", "--out",
+                        d / "out.safetensors", "--report", d / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((d / "r.json").read_text())
-    loaded = load_model(d / "out.safetensors")
+    loaded = load_model(d / "out.safetensors", model=TinyCNN())
     assert report["flops_after"] == count_flops(loaded, (1, 3, 8, 8))
     assert abs(report["speedup_achieved"] / 1.5 - 1) <= 0.02
     assert report["accuracy_before"] is None  # no labelled data for a user model
@@ -169,7 +173,7 @@ def test_cli_trusted_pickle_and_no_reconstruction(tiny_files):
     assert result.exit_code == 0, result.output
     report = json.loads((d / "r.json").read_text())
     assert report["config"]["reconstruct"] is False
-    loaded = load_model(d / "out.safetensors")
+    loaded = load_model(d / "out.safetensors", trust=True)
     assert loaded.conv3.bias is None  # nothing was refitted, so no bias was added
     for layer in report["layers"]:
         if layer["kept_indices"] is not None:
@@ -284,10 +288,11 @@ def test_console_script_exit_code(tmp_path):
 def test_cli_export_writes_a_checked_onnx_file_and_program(tmp_path):
     pytest.importorskip("onnxruntime")
     model = make_tiny(0)
-    model._chanprune = {"arch": {"class": "conftest:TinyCNN", "kwargs": {}}, "plan": [], "input_shape": [3, 8, 8]}
+    attach(model, Provenance(ArchRef("class", "conftest:TinyCNN"), (), (3, 8, 8)))
     path = tmp_path / "tiny.safetensors"
     save_model(model, path)
-    result = invoke("export", "--model", path, "--out", tmp_path / "tiny.onnx", "--program", tmp_path / "tiny.pt2")
+    result = invoke("export", "--model", path, "--trust-checkpoint", "--out", tmp_path / "tiny.onnx",
+                    "--program", tmp_path / "tiny.pt2")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tiny.onnx").stat().st_size > 0 and (tmp_path / "tiny.pt2").stat().st_size > 0
     assert "0 channel selects" in result.stdout and "max difference to torch" in result.stdout

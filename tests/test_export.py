@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from chanprune.io.provenance import Provenance, attach
+from chanprune.io.references import ArchRef
 from chanprune.errors import ChanpruneError
 from chanprune.export import (check_onnx, check_program, export_onnx, export_program, resolve_input_shape,
                               select_cost_onnx)
@@ -94,7 +96,7 @@ def test_onnx_matches_torch_at_any_batch(tmp_path, make):
 
 def test_onnx_input_shape_from_model_and_mode_kept(tmp_path):
     model = make_residual().train()
-    model._chanprune = {"input_shape": list(IMAGE_SHAPE)}
+    attach(model, Provenance(ArchRef.of_class(model), (), tuple(IMAGE_SHAPE)))
     path = export_onnx(model, tmp_path / "sub" / "m.onnx")  # the directory is created
     assert model.training  # exported in eval mode, mode restored
     assert check_onnx(model.eval(), path)["ok"]

@@ -19,6 +19,8 @@ from click.testing import CliRunner
 
 from chanprune import ChanpruneError, load_model, prune, save_model
 from chanprune.experiment import constructor_model, load_model_spec
+from chanprune.io.provenance import provenance
+from chanprune.io.references import ArchRef
 
 pytestmark = pytest.mark.generality
 
@@ -85,20 +87,20 @@ def test_prune_2x(spec, size, libraries):
     assert torch.isfinite(after).all()
     achieved = report.flops_before / report.flops_after
     assert abs(achieved / TARGET - 1) <= 0.05, f"{spec}: {achieved:.3f}x instead of {TARGET}x"
-    assert pruned._chanprune["arch"]["constructor"] == spec
-    assert pruned._chanprune["input_shape"] == [3, size, size]
+    assert provenance(pruned).arch == ArchRef("constructor", spec, provenance(model).arch.kwargs)
+    assert provenance(pruned).input_shape == (3, size, size)
 
 
 def test_pruned_constructor_model_round_trip(tmp_path, libraries):
     model = build("torchvision:squeezenet1_1", 32, libraries)
     x = images(32)
     pruned, _ = prune_or_xfail(model, x)
-    assert pruned._chanprune["plan"], "nothing was pruned"
+    assert provenance(pruned).plan, "nothing was pruned"
     path = tmp_path / "pruned.safetensors"
     save_model(pruned, path)
     loaded = load_model(path)
-    assert loaded._chanprune["arch"] == {"constructor": "torchvision:squeezenet1_1", "kwargs": {}}
-    assert loaded._chanprune["plan"] == pruned._chanprune["plan"]
+    assert provenance(loaded).arch.to_json() == {"constructor": "torchvision:squeezenet1_1", "kwargs": {}}
+    assert provenance(loaded).plan == provenance(pruned).plan
     assert list(loaded.state_dict()) == list(pruned.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
@@ -127,7 +129,7 @@ def test_cli_prunes_a_constructor_spec(tmp_path, libraries):
     assert result.exit_code == 0, result.output
     loaded = load_model_spec(str(out))
     assert loaded.constructor == "torchvision:squeezenet1_1"
-    assert loaded.model._chanprune["input_shape"] == [3, 32, 32]
+    assert provenance(loaded.model).input_shape == (3, 32, 32)
     with torch.no_grad():
         assert loaded.model(images(32)).shape == (N_IMAGES, 1000)
     evaluated = CliRunner().invoke(main, ["eval", "--model", str(out)])

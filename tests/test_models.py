@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from chanprune.checkpoint import load_state_file
+from chanprune.io.provenance import input_shape
+from chanprune.io.state_file import load_state_file
 from chanprune.data import mnist_split
 from chanprune.evaluate import accuracy
 from chanprune.flops import count_flops, count_params
@@ -48,7 +49,7 @@ def test_forward_shape(models, name):
     model = models[name]
     assert not model.training
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    assert model._chanprune["input_shape"] == [1, 32, 32]
+    assert input_shape(model) == (1, 32, 32)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chanprune.checkpoint import load_model, save_model
+from chanprune.io.checkpoint import load_model, save_model
 from chanprune.graph import build_graph
 from chanprune.layers import SelectedConv2d
 from chanprune.pruner import prune
@@ -119,7 +119,8 @@ def quiet_prune(model, x, speedup, **options):
 
 def full_widths(model: nn.Module, x: torch.Tensor, **options) -> dict[str, int]:
     """Every unit of a run at its full width."""
-    from chanprune.pruner import PruneConfig, pruning_units
+    from chanprune.config import PruneConfig
+    from chanprune.pruner import pruning_units
 
     graph = build_graph(model, x[:1], warn=False)
     return {u.name: u.channels for u in pruning_units(graph, PruneConfig(**options))}
@@ -181,7 +182,7 @@ def test_feature_map_sampling_reads_subsets_and_survives_save_and_load(tmp_path)
     assert isinstance(conv, SelectedConv2d) and conv.in_channels == len(conv.index) < 12
     assert pruned.conv1.out_channels == 12  # the trunk keeps every channel
     save_model(pruned, tmp_path / "p.safetensors")
-    loaded = load_model(tmp_path / "p.safetensors")
+    loaded = load_model(tmp_path / "p.safetensors", model=MiniResNet())
     torch.testing.assert_close(outputs(loaded, x), outputs(pruned, x))
 
 

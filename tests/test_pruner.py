@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from chanprune.errors import ChanpruneError
-from chanprune.flops import count_flops
+from chanprune.flops import count_flops, count_params
+from chanprune.models import create_model
 from chanprune.graph import build_graph
-from chanprune.pruner import prune
+from chanprune.pruner import first_in_channels, prune
 from chanprune.selection import STRATEGIES
 from chanprune.surgery import Plan
 
 from conftest import (IMAGE_SHAPE, ODD_SHAPE, make_odd, make_tiny, outputs, prune_groups_directly,
-                      random_images, rel_error)
+                      random_images, randomise, rel_error)
 
 
 def full_widths(model, images):
@@ -46,7 +47,7 @@ def test_keeping_every_channel_reproduces_every_layer(make, shape):
             outputs(pruned, fresh), outputs(model, fresh)
             h1.remove(), h2.remove()
             assert rel_error(got[0], ref[0]) < 1e-4, name
-    assert [op["op"] for op in plan.ops].count("keep_inputs") == len(errors)
+    assert [op.op for op in plan.ops].count("keep_inputs") == len(errors)
 
 
 def test_speedup_one_changes_nothing():
@@ -283,3 +284,46 @@ def test_round_to_gives_layers_in_whole_blocks_of_channels():
     assert all(w % 2 == 0 for w in widths) and widths != [8, 12, 16]
     with pytest.raises(ChanpruneError, match="round_to"):
         prune(model, images, 2.0, round_to=0, progress=False)
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """Everything about a model that pruning must leave alone."""
+    return {
+        "training": {n: m.training for n, m in model.named_modules()},
+        "tensors": {n: (t.detach().clone(), t.requires_grad) for n, t in
+                    [*model.named_parameters(), *model.named_buffers()]},
+        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+                  for n, m in model.named_modules()},
+        "modules": {n: type(m) for n, m in model.named_modules()},
+    }
+
+
+@pytest.mark.parametrize("maker", [make_tiny, lambda seed: randomise(create_model("resnet20-mnist"), seed)])
+def test_prune_never_changes_the_callers_model(maker):
+    model = maker(0)
+    model.train()
+    model.conv1.eval() if hasattr(model, "conv1") else None  # a mix of modes must come back as it was
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    handle = model.register_forward_hook(lambda m, i, o: None)
+    before = _snapshot(model)
+    channels = first_in_channels(model)
+    images = torch.randn(40, channels, 8 if channels == 3 else 32, 8 if channels == 3 else 32,
+                         generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, _ = prune(model, images, 1.5, samples_per_image=4, progress=False)
+    after = _snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["modules"] == before["modules"]
+    assert after["hooks"].keys() == before["hooks"].keys()
+    for name, hooks in before["hooks"].items():
+        assert [list(h) for h in after["hooks"][name]] == [list(h) for h in hooks], name
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (value, grad) in before["tensors"].items():
+        now, now_grad = after["tensors"][name]
+        assert now.dtype == value.dtype and now.shape == value.shape, name
+        assert now.numpy().tobytes() == value.numpy().tobytes(), name
+        assert now_grad == grad, name
+    assert pruned is not model and count_params(pruned) < count_params(model)
+    handle.remove()

@@ -162,7 +162,7 @@ def test_every_strategy_keeps_exactly_n_with_fewer_samples_than_inputs(method):
 def test_multi_round_lasso_keeps_exactly_n(rounds):
     from dataclasses import fields
 
-    from chanprune.pruner import PruneConfig
+    from chanprune.config import PruneConfig
 
     if "lasso_rounds" not in {f.name for f in fields(PruneConfig)}:
         pytest.skip("this chanprune has no multi-round LASSO")

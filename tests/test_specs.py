@@ -9,8 +9,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from chanprune import checkpoint
-from chanprune.checkpoint import build_architecture, load_model, load_state_file, parse_constructor, save_model
+from chanprune.io import references
+from chanprune.io.checkpoint import load_model, save_model
+from chanprune.io.provenance import provenance
+from chanprune.io.references import ArchRef, build_architecture, parse_constructor
+from chanprune.io.state_file import load_state_file
 from chanprune.errors import ChanpruneError
 from chanprune.experiment import calibration_images, constructor_model, load_model_spec
 
@@ -67,7 +70,7 @@ def test_library_that_fails_to_import(monkeypatch):
     def broken(name, *args, **kwargs):
         raise RuntimeError("operator torchvision::nms does not exist")
 
-    monkeypatch.setattr(checkpoint.importlib, "import_module", broken)
+    monkeypatch.setattr(references.importlib, "import_module", broken)
     with pytest.raises(ChanpruneError) as info:
         load_model_spec("torchvision:resnet18")
     message = str(info.value)
@@ -95,8 +98,10 @@ def test_unknown_name_suggests_and_says_how_to_list(spec, name):
 
 def test_bad_constructor_arguments():
     vision()
-    with pytest.raises(ChanpruneError, match="cannot build torchvision:resnet18 with arguments"):
+    with pytest.raises(ChanpruneError, match="takes no argument 'no_such_argument'; it accepts .*num_classes"):
         constructor_model("torchvision:resnet18", no_such_argument=3)
+    with pytest.raises(ChanpruneError, match="cannot build torchvision:resnet18 with arguments"):
+        constructor_model("torchvision:resnet18", num_classes="ten")  # accepted name, value the class rejects
 
 
 def test_torchvision_spec_records_its_architecture():
@@ -104,14 +109,14 @@ def test_torchvision_spec_records_its_architecture():
     loaded = load_model_spec("torchvision:resnet18")
     assert loaded.entry is None and loaded.constructor == "torchvision:resnet18"
     assert not loaded.model.training
-    assert loaded.model._chanprune == {"arch": {"constructor": "torchvision:resnet18", "kwargs": {}}, "plan": [],
+    assert provenance(loaded.model).to_json() == {"arch": {"constructor": "torchvision:resnet18", "kwargs": {}}, "plan": [],
                                        "input_shape": [3, 224, 224]}
     # the input size a model was made for: inception_v3 299, efficientnet_b3 300; or what the caller asks
-    assert load_model_spec("torchvision:inception_v3").model._chanprune["input_shape"] == [3, 299, 299]
-    assert load_model_spec("torchvision:resnet18", input_size=(64, 48)).model._chanprune["input_shape"] == [3, 64, 48]
+    assert provenance(load_model_spec("torchvision:inception_v3").model).input_shape == (3, 299, 299)
+    assert provenance(load_model_spec("torchvision:resnet18", input_size=(64, 48)).model).input_shape == (3, 64, 48)
     googlenet = load_model_spec("torchvision:googlenet").model
     assert googlenet.aux1 is None  # training-only auxiliary heads are off by default
-    assert googlenet._chanprune["arch"]["kwargs"] == {"aux_logits": False, "init_weights": True}
+    assert provenance(googlenet).arch.kwargs == {"aux_logits": False, "init_weights": True}
 
 
 def test_timm_spec_records_its_architecture():
@@ -119,8 +124,8 @@ def test_timm_spec_records_its_architecture():
     if timm is None:
         pytest.skip("timm is not installed")
     model = constructor_model("timm:mobilenetv3_small_050", num_classes=7)
-    assert model._chanprune["arch"] == {"constructor": "timm:mobilenetv3_small_050", "kwargs": {"num_classes": 7}}
-    assert model._chanprune["input_shape"] == [3, 224, 224]
+    assert provenance(model).arch == ArchRef("constructor", "timm:mobilenetv3_small_050", {"num_classes": 7})
+    assert provenance(model).input_shape == (3, 224, 224)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
 
 
@@ -171,8 +176,8 @@ def test_unpruned_constructor_model_round_trip(tmp_path, spec, kwargs):
     save_model(model, path)
     loaded = load_model(path)
     assert type(loaded) is type(model) and not loaded.training
-    assert loaded._chanprune == model._chanprune
-    assert loaded._chanprune["arch"] == {"constructor": spec, "kwargs": kwargs}
+    assert provenance(loaded) == provenance(model)
+    assert provenance(loaded).arch.to_json() == {"constructor": spec, "kwargs": kwargs}
     assert_same(model, loaded, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert load_state_file(path)[1]["arch"] == {"constructor": spec, "kwargs": kwargs}
     # and the spec loader reads it back as a constructor model
@@ -183,6 +188,6 @@ def test_unpruned_constructor_model_round_trip(tmp_path, spec, kwargs):
 def test_architecture_reference_errors():
     vision()
     with pytest.raises(ChanpruneError, match="unknown torchvision classification model"):
-        build_architecture({"constructor": "torchvision:no_such_net", "kwargs": {}})
+        build_architecture(ArchRef("constructor", "torchvision:no_such_net"))
     with pytest.raises(ChanpruneError, match="not a constructor reference"):
-        build_architecture({"constructor": "keras:resnet50"})
+        build_architecture(ArchRef("constructor", "keras:resnet50"))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from chanprune.errors import ChanpruneError
-from chanprune.surgery import Plan, bn_affine, folded_weight, keep_inputs, keep_outputs, replay, write_folded
+from chanprune.surgery import Plan, PlanOp, bn_affine, folded_weight, keep_inputs, keep_outputs, replay, write_folded
 
 from conftest import make_tiny, outputs, random_images
 
@@ -103,12 +103,14 @@ def test_plan_replays_on_a_fresh_model():
     with_bias = write_folded(model.conv3, None, *folded_weight(model.conv3, None))
     assert with_bias
     plan.add_bias("conv3")
-    fresh = replay(make_tiny(1), plan.to_list())
+    fresh = replay(make_tiny(1), plan.ops)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     fresh.load_state_dict(model.state_dict())
     x = random_images(4)
     assert torch.equal(outputs(fresh, x), outputs(model, x))
     with pytest.raises(ChanpruneError, match="lacks"):
-        replay(make_tiny(0), [{"op": "keep_outputs", "layer": "conv9", "keep": [0]}])
+        replay(make_tiny(0), [PlanOp("keep_outputs", "conv9", (0,))])
     with pytest.raises(ChanpruneError, match="unknown pruning operation"):
-        replay(make_tiny(0), [{"op": "explode", "layer": "conv1"}])
+        replay(make_tiny(0), [PlanOp("explode", "conv1")])
+    with pytest.raises(ChanpruneError, match="fewer"):
+        replay(make_tiny(0), [PlanOp("keep_inputs", "fc1", (4,), channel_size=16)])

@@ -9,6 +9,9 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ChanpruneError
+from ..io.provenance import Provenance, attach
+from ..io.references import ArchRef
+from ..io.state_file import load_state_file
 from .resnet import resnet20, resnet50_small, resnet56
 from .vgg import vgg16_half
 from .xception import xception50_small
@@ -52,11 +55,8 @@ def create_model(name: str, pretrained: bool = True) -> nn.Module:
     entry = bundled_model(name)
     model = entry.build()
     if pretrained:
-        from ..checkpoint import load_state_file
-
         if not entry.checkpoint.exists():
             raise ChanpruneError(f"no trained checkpoint for {name!r} at {entry.checkpoint}; "
                                  f"run `chanprune train --model {name}` to create it")
         model.load_state_dict(load_state_file(entry.checkpoint)[0])
-    model._chanprune = {"arch": {"bundled": name}, "plan": [], "input_shape": [entry.in_chans, *entry.input_size]}
-    return model.eval()
+    return attach(model, Provenance(ArchRef("bundled", name), (), (entry.in_chans, *entry.input_size))).eval()

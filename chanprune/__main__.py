@@ -1,0 +1,5 @@
+"""``python -m chanprune`` (and ``torchrun -m chanprune``): the command line."""
+
+from .cli import main
+
+main()
