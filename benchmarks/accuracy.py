@@ -34,7 +34,6 @@ from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 from chanprune.models import create_model
 from chanprune.pruner import prune
-from chanprune.stats import record_targets
 from chanprune.train import TrainConfig
 
 TABLE1_METHODS = ("lasso", "max_response", "first_k")
@@ -73,7 +72,7 @@ def chanprune_arm(residual: bool) -> str:
 
 
 class Job:
-    """The arms of one (model, seed): shared data, targets and the recording of each arm."""
+    """The arms of one (model, seed): shared data and the recording of each arm."""
 
     def __init__(self, model_name: str, seed: int, budget: Budget, models_dir: Path | None):
         self.name, self.seed, self.budget, self.models_dir = model_name, seed, budget, models_dir
@@ -84,7 +83,6 @@ class Job:
         self.reference = predict(self.model, self.test.images)
         graph = build_graph(self.model, self.images[:1])
         self.residual = any(g.residual for g in graph.groups)
-        self.targets = record_targets(graph, self.images, budget.samples_per_image, seed)
         self.shape = (1, *self.images.shape[1:])
         self.flops0 = count_flops(self.model, self.shape)
         self.base = self.scores(self.model)
@@ -122,7 +120,7 @@ class Job:
 
     def chanprune(self, arm: str, speedup: float, **options: Any) -> nn.Module:
         start = time.perf_counter()
-        net, _ = prune(self.model, speedup=speedup, targets=self.targets, seed=self.seed, ridge=self.budget.ridge,
+        net, _ = prune(self.model, self.images, speedup, seed=self.seed, ridge=self.budget.ridge,
                        samples_per_image=self.budget.samples_per_image, progress=False, **options)
         self.record(arm, "chanprune", speedup, net, time.perf_counter() - start)
         return net

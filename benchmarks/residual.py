@@ -22,10 +22,8 @@ from benchmarks.summary import mean_sd
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
-from chanprune.graph import build_graph
 from chanprune.models import create_model
 from chanprune.pruner import prune
-from chanprune.stats import record_targets
 
 VARIANTS = {
     "plain": dict(trunk="keep", residual_correction=False, feature_map_sampling=False),
@@ -37,7 +35,7 @@ VARIANTS = {
 
 def run(model_name: str, variants: list[str], speedups: list[float], seeds: list[int], calib_images: int,
         samples_per_image: int, method: str, allocation: str) -> list[dict]:
-    """One row per (variant, speed-up, seed); the original model's targets are shared per seed."""
+    """One row per (variant, speed-up, seed)."""
     model = create_model(model_name)
     test = mnist_split("test")
     reference = predict(model, test.images)
@@ -45,10 +43,9 @@ def run(model_name: str, variants: list[str], speedups: list[float], seeds: list
     rows = []
     for seed in seeds:
         images = calibration_subset(mnist_split("train"), calib_images, seed)
-        targets = record_targets(build_graph(model, images[:1]), images, samples_per_image, seed)
         for speedup in speedups:
             for variant in variants:
-                pruned, report = prune(model, speedup=speedup, method=method, targets=targets, seed=seed,
+                pruned, report = prune(model, images, speedup, method=method, seed=seed,
                                        samples_per_image=samples_per_image, allocation=allocation,
                                        progress=False, **VARIANTS[variant])
                 rows.append({"model": model_name, "variant": variant, "speedup": speedup, "seed": seed,

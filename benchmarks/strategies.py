@@ -18,10 +18,8 @@ from benchmarks.summary import mean_sd
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
-from chanprune.graph import build_graph
 from chanprune.models import create_model
 from chanprune.pruner import prune
-from chanprune.stats import record_targets
 
 
 def run(methods: list[str], speedups: list[float], seeds: list[int], calib_images: int,
@@ -33,11 +31,10 @@ def run(methods: list[str], speedups: list[float], seeds: list[int], calib_image
     rows = []
     for seed in seeds:
         images = calibration_subset(mnist_split("train"), calib_images, seed)
-        targets = record_targets(build_graph(model, images[:1]), images, samples_per_image, seed)
         for speedup in speedups:
             for spec in methods:
                 method, _, rounds = spec.partition(":")
-                pruned, report = prune(model, speedup=speedup, method=method, targets=targets, seed=seed,
+                pruned, report = prune(model, images, speedup, method=method, seed=seed,
                                        samples_per_image=samples_per_image, lasso_rounds=int(rounds or 1),
                                        progress=False)
                 rows.append({"method": spec, "speedup": speedup, "seed": seed,

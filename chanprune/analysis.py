@@ -23,8 +23,9 @@ from .evaluate import accuracy
 from .files import write_text_atomic
 from .graph import build_graph
 from .config import PruneConfig
-from .pruner import PruneRun
-from .stats import collect_moments, record_targets
+from .engine.calibration import Sampling, unpruned_moments
+from .engine.store import BatchStore, default_budget
+from .pruner import PruneRun, first_in_channels
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
 
@@ -34,19 +35,21 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
                    progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
     """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
     graph = build_graph(model, images[:1])
-    targets = record_targets(graph, images, samples_per_image, seed)
     base_error = 1.0 - accuracy(model, split)
     groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
     rows = []
-    moments: dict[str, dict] = {}
+    sampling = Sampling(samples_per_image, seed, PruneConfig().heldout_every)
+    with BatchStore(default_budget(torch.device("cpu")), torch.device("cpu")) as store:
+        # inputs come from the unpruned model: shared by every job of a group
+        found = unpruned_moments(graph, images, PruneConfig().batch_size, sampling, [g.readers for g in groups],
+                                 store, first_in_channels(model))
+    moments = {g.name: m for g, m in zip(groups, found)}
     for group, method, speedup in tqdm(jobs, desc="analyze", disable=not progress):
         n_keep = max(1, round(group.channels / speedup))
         cfg = PruneConfig(speedup=speedup, method=method, samples_per_image=samples_per_image, seed=seed,
                           ridge=ridge)
-        if group.name not in moments:  # inputs come from the unpruned model: shared by every job of a group
-            moments[group.name] = collect_moments(graph.gm, group.readers, targets, cfg.heldout_every)
-        run = PruneRun(graph, cfg, targets)
+        run = PruneRun(graph, cfg)
         run.prune_unit(Unit(group), n_keep, moments[group.name])
         pruned = run.result(model)
         reader = run.errors[group.readers[0].name]

@@ -1,6 +1,6 @@
 """The bundled demo: VGG-16 on MNIST pruned at 2x, 4x, 5x by LASSO and by filter pruning.
 
-The original model's targets are recorded once and shared by every run.
+Every run carries the calibration images through the original and the pruned model once.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from tqdm.auto import tqdm
 from .data import calibration_subset, mnist_split
 from .evaluate import accuracy, logit_rel_error, predict
 from .flops import count_flops, count_params
-from .graph import build_graph
 from .latency import measure_latency
 from .models import BUNDLED, create_model
 from .pruner import prune
-from .stats import record_targets
 
 COLUMNS = ("method", "target", "speedup", "params", "test_acc", "logit_err", "ms_b1", "ms_b32")
 
@@ -33,7 +31,6 @@ def run_demo(model_name: str = "vgg16-mnist", methods: tuple[str, ...] = ("lasso
     images = calibration_subset(mnist_split("train"), calib_images, seed)
     shape = (1, entry.in_chans, *entry.input_size)
     reference = predict(model, test.images)
-    targets = record_targets(build_graph(model, images[:1]), images, samples_per_image, seed)
     flops0 = count_flops(model, shape)
 
     def row(method: str, target: float | None, net: torch.nn.Module) -> dict[str, Any]:
@@ -46,7 +43,7 @@ def run_demo(model_name: str = "vgg16-mnist", methods: tuple[str, ...] = ("lasso
     rows = [row("original", None, model)]
     runs = [(m, s) for m in methods for s in speedups]
     for method, speedup in tqdm(runs, desc="demo", disable=not progress):
-        pruned, _ = prune(model, speedup=speedup, method=method, targets=targets, progress=progress,
+        pruned, _ = prune(model, images, speedup, method=method, progress=progress,
                           samples_per_image=samples_per_image, seed=seed, **options)
         rows.append(row(method, speedup, pruned))
     return rows

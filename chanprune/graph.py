@@ -109,13 +109,24 @@ class ChannelGroup:
         return group
 
 
+@dataclass(frozen=True)
+class NodeLayout:
+    """The channel groups a traced value holds side by side along ``axis`` (H*W features per
+    channel when ``flat_size`` is set): what to slice when one of those groups is pruned."""
+
+    groups: tuple[str, ...]
+    axis: int
+    flat_size: int | None = None
+
+
 @dataclass
 class ChannelGraph:
     """Channel groups of a model, the traced module, and the channel layout of every member.
 
     ``layouts[name]`` lists the groups laid side by side along a follower's or reader's channel
     axis (one entry unless the input is a concatenation); ``depthwise`` holds depthwise convs
-    (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution.
+    (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution;
+    ``node_layouts`` gives the channel layout of every traced value that carries groups.
     """
 
     groups: list[ChannelGroup]
@@ -125,6 +136,7 @@ class ChannelGraph:
     layouts: dict[str, list[str]]
     depthwise: set[str]
     order: dict[str, int]
+    node_layouts: dict[str, NodeLayout] = field(default_factory=dict)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -167,23 +179,67 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many types on dynamic control flow
         raise ChanpruneError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
-            "remove data-dependent control flow from forward() or wrap it in a leaf module") from None
+            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {_first_line(err)}); "
+            "remove data-dependent control flow from forward() or wrap it in a leaf module") from err
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> ChannelGraph:
     """Trace ``model`` on ``example`` (a batch of 1 is enough) and find its channel groups."""
     gm = trace(model)
+    check_runs(gm, example)
     try:
         ShapeProp(gm).propagate(example)
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
-                             f"({type(err).__name__}: {err}); pass the right --input-size") from None
+                             f"({type(err).__name__}: {_first_line(err)}); pass the right --input-size") from err
     builder = _Builder(gm)
     for node in gm.graph.nodes:
         builder.visit(node)
     return builder.finish(tuple(example.shape), warn)
+
+
+PROBE_SIZES = (8, 16, 32, 64, 128, 224, 256, 512)
+
+
+def check_runs(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Raise a clear error when the model does not run on ``example``: images too small for its
+    pooling, or the wrong size for a Linear after a flatten. The message names a square size the
+    model does run on, when one of :data:`PROBE_SIZES` does. (Checked before ShapeProp, which
+    prints a traceback of its own when a node fails.)"""
+    try:
+        with torch.no_grad():
+            gm(example)
+    except Exception as err:
+        height, width = example.shape[-2:]
+        reason = f"{type(err).__name__}: {_first_line(err)}"
+        size = _size_that_runs(gm, example)
+        if size is None:
+            raise ChanpruneError(f"the model does not run on images of {height}x{width} ({reason}); check the "
+                                 "image size and channel count (--input-size H W resizes a folder of images)") from err
+        problem = (f"images of {height}x{width} are too small for this model" if size > max(height, width)
+                   else f"the model does not run on images of {height}x{width}")
+        raise ChanpruneError(f"{problem} ({reason}); it runs on {size}x{size} images: resize them "
+                             f"(--input-size {size} {size} for a folder of images)") from err
+
+
+def _size_that_runs(gm: fx.GraphModule, example: torch.Tensor) -> int | None:
+    """The smallest of :data:`PROBE_SIZES` (square) the model runs on, or None."""
+    for size in PROBE_SIZES:
+        probe = example.new_zeros((1, example.shape[1], size, size))
+        try:
+            with torch.no_grad():
+                gm(probe)
+        except Exception:  # any failure means: not this size
+            continue
+        return size
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's often run to many lines)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 class _Builder:
@@ -503,5 +559,8 @@ class _Builder:
                 warnings.warn(f"channels of {g.writer} stay unpruned: {'; '.join(unsupported)}", stacklevel=3)
         order = {name: i for i, name in enumerate(self.order)}
         groups.sort(key=lambda g: min((order[r.name] for r in g.readers), default=len(order)))
-        return ChannelGraph(groups, input_shape, self.layer_kinds, self.gm, layouts, self.depthwise, order)
+        node_layouts = {node.name: NodeLayout(tuple(g.root().name for g in tag.segments), tag.axis, tag.flat_size)
+                        for node, tag in self.tags.items() if tag is not None}
+        return ChannelGraph(groups, input_shape, self.layer_kinds, self.gm, layouts, self.depthwise, order,
+                            node_layouts)
 

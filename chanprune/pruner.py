@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from .config import AUTO_RIDGES, PruneConfig
-from .data import materialise, validate_images
+from .data import iterate_batches, validate_images
+from .engine.calibration import Calibration, Sampling
+from .engine.store import BatchStore, available_memory, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
 from .flops import count_flops, count_params, flop_breakdown
 from .graph import ChannelGraph, ChannelGroup, Reader, build_graph
@@ -35,7 +37,7 @@ from .layers import SelectedConv2d
 from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, heldout_least_squares, least_squares, relative_error
-from .stats import Moments, Targets, collect_moments, reader_dim, record_targets
+from .stats import Moments, reader_dim
 from .surgery import Plan, folded_weight, replay, write_folded
 
 def first_in_channels(model: nn.Module) -> int | None:
@@ -70,13 +72,6 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
     return sorted(units, key=lambda u: min(graph.order[r.name] for r in u.readers))
 
 
-def _available_memory() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
 def statistics_bytes(model: nn.Module, unit: Unit) -> int:
     """Memory the moments of a unit's readers take while it is pruned (G, B and solver copies)."""
     need = 0
@@ -89,7 +84,7 @@ def statistics_bytes(model: nn.Module, unit: Unit) -> int:
 
 def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
     """Units whose statistics fit in the free memory; the others stay whole, with a warning."""
-    available = _available_memory()
+    available = available_memory(torch.device("cpu"))
     if available is None:
         return units
     too_big = [u for u in units if statistics_bytes(model, u) > 0.8 * available]
@@ -97,18 +92,6 @@ def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
         warnings.warn(f"statistics of {', '.join(u.readers[0].name for u in too_big)} would need more than the "
                       f"{available / 2**30:.1f} GiB free, so their input channels stay whole", stacklevel=3)
     return [u for u in units if u not in too_big]
-
-
-def check_memory(model: nn.Module, units: list[Unit], n_samples: int) -> None:
-    """Fail before starting when the original model's cached targets would not fit in memory."""
-    available = _available_memory()
-    if available is None:
-        return
-    targets = sum(4 * n_samples * model.get_submodule(r.name).weight.shape[0] * (2 if r.shortcut else 1)
-                  for u in units for r in u.readers)
-    if targets > 0.5 * available:
-        raise ChanpruneError(f"cached targets need about {targets / 2**30:.1f} GiB; use fewer "
-                             "calibration images or --samples-per-image")
 
 
 def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel) -> dict[str, int]:
@@ -126,22 +109,32 @@ def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flo
     return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation], cfg.round_to)
 
 
-def prune(model: nn.Module, calib_data: Any = None, speedup: float | None = 4.0, method: str = "lasso", *,
-          targets: Targets | None = None, progress: bool = True, **options: Any) -> tuple[nn.Module, PruneReport]:
+def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method: str = "lasso", *,
+          progress: bool = True, device: str | torch.device | None = None, memory_budget: int | None = None,
+          **options: Any) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` to ``speedup`` x fewer FLOPs; returns (pruned copy, report).
 
-    ``calib_data`` is a tensor (N, C, H, W) or an iterable of batches; ``targets`` (from
-    :func:`chanprune.stats.record_targets`) may be passed instead to share the original model's
-    statistics between runs. ``options`` are fields of :class:`PruneConfig`.
+    ``calib_data`` is a tensor (N, C, H, W) or an iterable of batches (a DataLoader yielding
+    images or (images, ...) tuples); it is read once, batch by batch. ``device`` is where
+    statistics are gathered (default: the model's); ``memory_budget`` caps the bytes of carried
+    activations kept on it (default: half the free memory), beyond which they go to temporary
+    files. ``options`` are fields of :class:`PruneConfig`. The caller's model is not changed.
     """
     start = time.perf_counter()
     cfg = PruneConfig(speedup=speedup, method=method, **options)
     cfg.exclude = tuple(cfg.exclude)
     cfg.validate()
-    images = targets.images if targets is not None else materialise(calib_data)
-    validate_images(images, first_in_channels(model))
-    with evaluating(model) as original:
-        return _prune(original, images, cfg, targets, progress, start)
+    stream = iterate_batches(calib_data, cfg.batch_size)
+    first = next(stream, None)
+    if not isinstance(first, torch.Tensor):
+        raise ChanpruneError("calibration data is empty or yields no image tensors; give a tensor (N, C, H, W) "
+                             "or an iterable of such batches")
+    validate_images(first, first_in_channels(model))
+    device = torch.device(device) if device is not None else \
+        next((p.device for p in model.parameters()), torch.device("cpu"))
+    budget = memory_budget if memory_budget is not None else default_budget(device)
+    with evaluating(model) as original, BatchStore(budget, device) as store:
+        return _prune(original, first, itertools.chain([first], stream), cfg, store, progress, start)
 
 
 @contextlib.contextmanager
@@ -157,22 +150,24 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
-def _prune(original: nn.Module, images: torch.Tensor, cfg: PruneConfig, targets: Targets | None,
-           progress: bool, start: float) -> tuple[nn.Module, PruneReport]:
-    graph = build_graph(original, images[:1])
-    flops_before, per_layer = flop_breakdown(original, tuple(images.shape))
+def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Tensor], cfg: PruneConfig,
+           store: BatchStore, progress: bool, start: float) -> tuple[nn.Module, PruneReport]:
+    device = store.device
+    graph = build_graph(original, first[:1].to(_model_device(original)))
+    input_shape = (1, *first.shape[1:])
+    flops_before, per_layer = flop_breakdown(original, input_shape)
     flop_model = FlopModel(graph, flops_before, per_layer)
     units = units_that_fit(original, pruning_units(graph, cfg))
     widths = resolve_widths(cfg, graph, units, flop_model)
     todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
-    if targets is None:
-        check_memory(original, todo, len(images) * cfg.samples_per_image)
-        targets = record_targets(graph, images, cfg.samples_per_image, cfg.seed, cfg.batch_size)
 
     record = provenance_or_class(original)
-    run = PruneRun(graph, cfg, targets, Plan(list(record.plan)))
-    for unit in tqdm(todo, desc=f"{cfg.method} {cfg.speedup or ''}x".strip(), disable=not progress, leave=False):
-        run.prune_unit(unit, widths[unit.name])
+    run = PruneRun(graph, cfg, Plan(list(record.plan)), device)
+    readers = [r for u in todo for r in u.readers]
+    sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
+    calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
+                              sampling, readers, store, first_in_channels(original))
+    prune_units(run, calibration, todo, widths, f"{cfg.method} {cfg.speedup or ''}x".strip() if progress else None)
     pruned = run.result(original)
 
     sparse = [name for name, e in run.errors.items() if e["samples"] < 3 * e["inputs"]]
@@ -181,22 +176,44 @@ def _prune(original: nn.Module, images: torch.Tensor, cfg: PruneConfig, targets:
                       f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
                       "one: use more calibration images or --samples-per-image, or ridge='auto' (--ridge auto)",
                       SparseSamplesWarning, stacklevel=3)
-    attach(pruned, record.with_plan(run.plan.ops, tuple(images.shape[1:])))
+    attach(pruned, record.with_plan(run.plan.ops, tuple(first.shape[1:])))
     report = PruneReport(
-        flops_before=flops_before, flops_after=count_flops(pruned, tuple(images.shape)),
+        flops_before=flops_before, flops_after=count_flops(pruned, input_shape),
         params_before=count_params(original), params_after=count_params(pruned),
         seconds=0.0, config=cfg.to_dict(),
         layers=layer_reports(original, pruned, run.errors) + unit_reports(graph, todo, run))
+    report.calibration_images = calibration.images
+    report.peak_activation_bytes = store.peak_bytes
+    report.spilled_bytes = store.spilled_bytes
     report.seconds = time.perf_counter() - start
     return pruned, report
+
+
+def prune_units(run: "PruneRun", calibration: Calibration, units: list[Unit], widths: dict[str, int],
+                progress: str | None = None) -> None:
+    """Prune ``units`` in execution order: moments from the carried activations, selection and
+    reconstruction, then the carried values lose the dropped channels and move to the next unit."""
+    for i, unit in enumerate(tqdm(units, desc=progress, disable=progress is None, leave=False)):
+        moments = calibration.moments(unit.readers, run.kept_outputs, run.cfg.residual_correction)
+        widths_before = dict(run.widths)
+        keep = run.prune_unit(unit, widths[unit.name], {k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in moments.items()})
+        if unit.reader is None:
+            calibration.drop_channels(unit.group.name, keep, widths_before)
+        if i + 1 < len(units):
+            calibration.advance(calibration.reader_position(units[i + 1].readers))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class PruneRun:
     """The state of one pruning run: the traced working copy, current widths, the surgery plan."""
 
-    def __init__(self, graph: ChannelGraph, cfg: PruneConfig, targets: Targets, plan: Plan | None = None):
-        self.graph, self.cfg, self.targets = graph, cfg, targets
-        self.work: fx.GraphModule = copy.deepcopy(graph.gm)
+    def __init__(self, graph: ChannelGraph, cfg: PruneConfig, plan: Plan | None = None,
+                 device: torch.device | str = "cpu"):
+        self.graph, self.cfg = graph, cfg
+        self.work: fx.GraphModule = copy.deepcopy(graph.gm).to(device)
         self.plan = plan or Plan()
         self.first_op = len(self.plan.ops)
         self.widths = {g.name: g.channels for g in graph.groups}
@@ -204,11 +221,6 @@ class PruneRun:
         self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
         self.errors: dict[str, dict[str, Any]] = {}
         self.generator = torch.Generator().manual_seed(cfg.seed)
-
-    def moments(self, readers: list[Reader]) -> dict[str, tuple[Moments, Moments]]:
-        """Moments of ``readers`` in the model pruned so far."""
-        return collect_moments(self.work, readers, self.targets, self.cfg.heldout_every,
-                               self.kept_outputs, self.cfg.residual_correction)
 
     def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
         """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis."""
@@ -234,15 +246,13 @@ class PruneRun:
                              fit.residual(cols, other, problem.weight[:, other]),
                              heldout.residual(cols, other, problem.weight[:, other]), k)
 
-    def prune_unit(self, unit: Unit, n_keep: int,
-                   moments: dict[str, tuple[Moments, Moments]] | None = None) -> torch.Tensor:
+    def prune_unit(self, unit: Unit, n_keep: int, moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
         """Select ``n_keep`` channels for ``unit``, reconstruct its readers, shrink every member.
 
-        ``moments`` may be passed when they are known to match the working model (single-layer
-        analysis). Returns the kept channel indices.
+        ``moments`` (fitted, held-out) of each reader must match the working model as it is now.
+        Returns the kept channel indices.
         """
         group, cfg = unit.group, self.cfg
-        moments = moments or self.moments(unit.readers)
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
         writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().reshape(self.widths[group.name], -1)

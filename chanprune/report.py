@@ -40,6 +40,9 @@ class PruneReport:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     logit_rel_error: float | None = None
+    calibration_images: int | None = None
+    peak_activation_bytes: int | None = None  # carried activations held in memory at once
+    spilled_bytes: int | None = None  # carried activations written to temporary files
 
     @property
     def speedup_achieved(self) -> float:

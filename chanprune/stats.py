@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .data import iterate_batches
-from .graph import ChannelGraph, Reader
+from .graph import Reader
 from .layers import SelectedConv2d
+
+
+FOLD_EVERY = 16384  # samples summed in float32 before they are folded into the float64 totals
 
 
 @dataclass
 class Moments:
-    """Running sums over samples: count, sum x, sum y, X^T X, X^T Y and ||Y||^2 (float64)."""
+    """Running sums over samples: count, sum x, sum y, X^T X, X^T Y and ||Y||^2.
+
+    A pure, additive value: ``a.merge(b)`` is the moments of both sample sets, which is what
+    ranks all-reduce. Products run in float32 (the fast BLAS path) into float32 buffers that are
+    folded into the float64 totals every :data:`FOLD_EVERY` samples, so the float64 cost is paid
+    once per fold rather than once per batch; the totals keep float64 precision.
+    """
 
     dim_x: int
     dim_y: int
     count: int = 0
+    device: torch.device | str = "cpu"
     sum_x: torch.Tensor = field(init=False)
     sum_y: torch.Tensor = field(init=False)
     xtx: torch.Tensor = field(init=False)
@@ -35,27 +43,69 @@ class Moments:
     yty: float = 0.0
 
     def __post_init__(self) -> None:
-        f64 = torch.float64
-        self.sum_x = torch.zeros(self.dim_x, dtype=f64)
-        self.sum_y = torch.zeros(self.dim_y, dtype=f64)
-        self.xtx = torch.zeros(self.dim_x, self.dim_x, dtype=f64)
-        self.xty = torch.zeros(self.dim_x, self.dim_y, dtype=f64)
+        f64, dev = torch.float64, torch.device(self.device)
+        self.device = dev
+        self.sum_x = torch.zeros(self.dim_x, dtype=f64, device=dev)
+        self.sum_y = torch.zeros(self.dim_y, dtype=f64, device=dev)
+        self.xtx = torch.zeros(self.dim_x, self.dim_x, dtype=f64, device=dev)
+        self.xty = torch.zeros(self.dim_x, self.dim_y, dtype=f64, device=dev)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_count = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add samples x (P, dim_x) and y (P, dim_y); products in float32, sums in float64."""
+        """Add samples x (P, dim_x) and y (P, dim_y)."""
         if len(x) == 0:
             return
         x, y = x.float(), y.float()
         self.count += len(x)
-        self.sum_x += x.sum(0).double()
-        self.sum_y += y.sum(0).double()
-        self.xtx += (x.T @ x).double()
-        self.xty += (x.T @ y).double()
-        self.yty += float(y.double().square().sum())
+        self.sum_x += x.sum(0, dtype=torch.float64)
+        self.sum_y += y.sum(0, dtype=torch.float64)
+        self.yty += float(y.square().sum(dtype=torch.float64))
+        if self._pending is None:
+            self._pending = (x.T @ x, x.T @ y)
+        else:
+            self._pending[0].addmm_(x.T, x)
+            self._pending[1].addmm_(x.T, y)
+        self._pending_count += len(x)
+        if self._pending_count >= FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> "Moments":
+        """Add the float32 partial sums into the float64 totals (returns ``self``)."""
+        if self._pending is not None:
+            self.xtx += self._pending[0]
+            self.xty += self._pending[1]
+            self._pending, self._pending_count = None, 0
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Add ``other``'s samples into these moments (returns ``self``)."""
+        self.fold()
+        other.fold()
+        self.count += other.count
+        self.sum_x += other.sum_x.to(self.device)
+        self.sum_y += other.sum_y.to(self.device)
+        self.xtx += other.xtx.to(self.device)
+        self.xty += other.xty.to(self.device)
+        self.yty += other.yty
+        return self
+
+    def to(self, device: torch.device | str) -> "Moments":
+        """These moments on ``device`` (folded; a new value unless already there)."""
+        self.fold()
+        if torch.device(device) == self.device:
+            return self
+        moved = Moments(self.dim_x, self.dim_y, self.count, "meta")
+        moved.device = torch.device(device)
+        moved.sum_x, moved.sum_y = self.sum_x.to(device), self.sum_y.to(device)
+        moved.xtx, moved.xty, moved.yty = self.xtx.to(device), self.xty.to(device), self.yty
+        return moved
 
     def restrict(self, cols: torch.Tensor) -> "Moments":
         """The moments of the input features ``cols`` only (shares nothing with ``self``)."""
-        sub = Moments(len(cols), self.dim_y)
+        self.fold()
+        sub = Moments(len(cols), self.dim_y, device="meta")
+        sub.device = self.device
         sub.count, sub.yty = self.count, self.yty
         sub.sum_x, sub.sum_y = self.sum_x[cols], self.sum_y.clone()
         sub.xtx, sub.xty = self.xtx[cols][:, cols], self.xty[cols]
@@ -99,15 +149,28 @@ class Positions:
     col: torch.Tensor
 
 
-def sample_positions(batch: int, height: int, width: int, per_image: int,
-                     generator: torch.Generator) -> Positions:
-    """``per_image`` distinct positions per image (all of them when the map is smaller)."""
-    hw = height * width
+def _scramble(x: torch.Tensor) -> torch.Tensor:
+    """A fixed integer hash of int64 values (xor-shift-multiply rounds; shifts masked to be logical)."""
+    x = x ^ ((x >> 31) & (2**33 - 1))
+    x = x * 0x2545F4914F6CDD1D
+    x = x ^ ((x >> 29) & (2**35 - 1))
+    x = x * 0x1CE4E5B9
+    return x ^ ((x >> 32) & (2**32 - 1))
+
+
+def sample_positions(image_ids: torch.Tensor, height: int, width: int, per_image: int, key: int) -> Positions:
+    """``per_image`` distinct positions per image (all of them when the map is smaller).
+
+    The positions of an image depend only on ``key`` (seed and layer) and the image's index in the
+    calibration set ``image_ids``, not on how the images are batched or which pass asks for them.
+    """
+    batch, hw = len(image_ids), height * width
     take = min(per_image, hw)
     if take == hw:
         flat = torch.arange(hw).repeat(batch, 1)
     else:
-        flat = torch.rand(batch, hw, generator=generator).argsort(1)[:, :take]
+        codes = (key * 1_000_003 + image_ids.long())[:, None] * hw + torch.arange(hw)[None]
+        flat = _scramble(codes).argsort(1)[:, :take]
     image = torch.arange(batch).repeat_interleave(take)
     flat = flat.reshape(-1)
     return Positions(image, flat // width, flat % width)
@@ -146,40 +209,6 @@ def reader_dim(model: nn.Module, reader: Reader) -> int:
     return layer.in_features
 
 
-class _StopForward(Exception):
-    """Raised once every wanted value of a batch has been captured."""
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a traced model and hands the values of chosen nodes to a callback."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str], callback: Callable[[str, torch.Tensor], None]):
-        super().__init__(gm)
-        self.wanted, self.callback, self.seen = wanted, callback, set()
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if n.name in self.wanted:
-            self.callback(n.name, result)
-            self.seen.add(n.name)
-            if self.seen == self.wanted:
-                raise _StopForward
-        return result
-
-
-def run_capturing(gm: fx.GraphModule, batch: torch.Tensor, wanted: set[str],
-                  callback: Callable[[str, torch.Tensor], None]) -> None:
-    """Forward ``batch`` through ``gm`` (eval mode) until every node in ``wanted`` has been seen."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        _Recorder(gm, wanted, callback).run(batch)
-    except _StopForward:
-        pass
-    finally:
-        gm.train(was_training)
-
-
 def sample_output(value: torch.Tensor, layout: str, pos: Positions) -> torch.Tensor:
     """Rows (P, channels) of a layer output at positions ``pos``."""
     if layout == "nc":
@@ -187,64 +216,6 @@ def sample_output(value: torch.Tensor, layout: str, pos: Positions) -> torch.Ten
     if layout == "nhwc":
         return value[pos.image, pos.row, pos.col]
     return value[pos.image, :, pos.row, pos.col]
-
-
-@dataclass
-class Targets:
-    """Original-model outputs of every reader at sampled positions, per calibration batch.
-
-    ``outputs`` hold each reader's (BN-folded) output; ``shortcuts`` the value a residual add
-    sums with it. Computed once and shared by every pruning run on the same model and images.
-    """
-
-    images: torch.Tensor
-    batch_size: int
-    samples_per_image: int
-    positions: dict[str, list[Positions]]
-    outputs: dict[str, list[torch.Tensor]]
-    shortcuts: dict[str, list[torch.Tensor]]
-
-    def batches(self):
-        return iterate_batches(self.images, self.batch_size)
-
-
-@torch.no_grad()
-def record_targets(graph: ChannelGraph, images: torch.Tensor, samples_per_image: int = 10,
-                   seed: int = 0, batch_size: int = 64) -> Targets:
-    """Run the original (traced) model once and keep each reader's output at sampled positions."""
-    readers = {r.name: r for g in graph.groups for r in g.readers}
-    generators = {name: torch.Generator().manual_seed(seed * 100003 + i) for i, name in enumerate(readers)}
-    positions: dict[str, list[Positions]] = {name: [] for name in readers}
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in readers}
-    shortcuts: dict[str, list[torch.Tensor]] = {name: [] for name, r in readers.items() if r.shortcut}
-    by_node: dict[str, list[tuple[str, Reader]]] = {}
-    for name, r in readers.items():
-        by_node.setdefault(r.output_node, []).append(("output", r))
-        if r.shortcut:
-            by_node.setdefault(r.shortcut, []).append(("shortcut", r))
-
-    batch_positions: dict[str, Positions] = {}
-
-    def capture(node: str, value: torch.Tensor) -> None:
-        for role, r in by_node[node]:
-            if r.name not in batch_positions:  # the shortcut may run before the reader
-                batch_positions[r.name] = _positions(value, r.layout, samples_per_image, generators[r.name])
-            rows = sample_output(value, r.layout, batch_positions[r.name]).float().clone()
-            (outputs if role == "output" else shortcuts)[r.name].append(rows)
-
-    for batch in iterate_batches(images, batch_size):
-        batch_positions.clear()
-        run_capturing(graph.gm, batch, set(by_node), capture)
-        for name in readers:
-            positions[name].append(batch_positions[name])
-    return Targets(images, batch_size, samples_per_image, positions, outputs, shortcuts)
-
-
-def _positions(value: torch.Tensor, layout: str, per_image: int, generator: torch.Generator) -> Positions:
-    if layout == "nc":
-        return Positions(torch.arange(len(value)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    h, w = (value.shape[1], value.shape[2]) if layout == "nhwc" else (value.shape[2], value.shape[3])
-    return sample_positions(value.shape[0], h, w, per_image, generator)
 
 
 def reader_samples(layer: nn.Module, reader: Reader, x: torch.Tensor, pos: Positions) -> torch.Tensor:
@@ -256,58 +227,3 @@ def reader_samples(layer: nn.Module, reader: Reader, x: torch.Tensor, pos: Posit
     if reader.layout == "nhwc":
         return x[pos.image, pos.row, pos.col]
     return x.reshape(len(x), -1)[pos.image]
-
-
-@torch.no_grad()
-def collect_moments(work: fx.GraphModule, readers: list[Reader], targets: Targets, heldout_every: int = 10,
-                    kept_outputs: dict[str, torch.Tensor] | None = None,
-                    residual_correction: bool = False) -> dict[str, tuple[Moments, Moments]]:
-    """Moments (fitted, held-out) of each reader: inputs from ``work``, targets from ``targets``.
-
-    ``kept_outputs`` restricts a reader's targets to the output channels it still has. With
-    ``residual_correction`` a reader whose output feeds a residual add targets Y2 + Y1 - Y1'
-    (its original output plus the original shortcut minus the current one), so it also makes
-    up for error that reached the shortcut. Every ``heldout_every``-th calibration image is held
-    out of the fit to measure generalisation.
-    """
-    kept_outputs = kept_outputs or {}
-    result: dict[str, tuple[Moments, Moments]] = {}
-    layers = {r.name: work.get_submodule(r.name) for r in readers}
-    by_node: dict[str, list[tuple[str, Reader]]] = {}
-    for r in readers:
-        dim_y = layers[r.name].weight.shape[0]
-        result[r.name] = (Moments(reader_dim(work, r), dim_y), Moments(reader_dim(work, r), dim_y))
-        by_node.setdefault(r.input_node, []).append(("input", r))
-        if residual_correction and r.shortcut:
-            by_node.setdefault(r.shortcut, []).append(("shortcut", r))
-    state = {"batch": 0, "offset": 0}
-    current_shortcut: dict[str, torch.Tensor] = {}
-    inputs: dict[str, torch.Tensor] = {}
-
-    def capture(node: str, value: torch.Tensor) -> None:
-        for role, r in by_node[node]:
-            pos = targets.positions[r.name][state["batch"]]
-            if role == "shortcut":
-                current_shortcut[r.name] = sample_output(value, r.layout, pos).float()
-            else:
-                inputs[r.name] = reader_samples(layers[r.name], r, value, pos)
-
-    for b, batch in enumerate(targets.batches()):
-        state["batch"] = b
-        run_capturing(work, batch, set(by_node), capture)
-        for r in readers:
-            pos = targets.positions[r.name][b]
-            keep = kept_outputs.get(r.name)
-            y = targets.outputs[r.name][b]
-            if residual_correction and r.shortcut:
-                y = y + targets.shortcuts[r.name][b]
-            if keep is not None:
-                y = y[:, keep]
-            if residual_correction and r.shortcut:
-                y = y - current_shortcut[r.name]
-            held = ((pos.image + state["offset"]) % heldout_every) == heldout_every - 1
-            fit_m, held_m = result[r.name]
-            fit_m.update(inputs[r.name][~held], y[~held])
-            held_m.update(inputs[r.name][held], y[held])
-        state["offset"] += len(batch)
-    return result

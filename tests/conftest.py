@@ -8,6 +8,7 @@ weights and BatchNorm statistics (eval-mode BN is then a real affine map, not th
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 
@@ -17,8 +18,9 @@ from torch import nn
 
 from chanprune.graph import build_graph
 from chanprune.config import PruneConfig
-from chanprune.pruner import PruneRun, pruning_units
-from chanprune.stats import record_targets
+from chanprune.engine.calibration import Calibration, Sampling
+from chanprune.engine.store import BatchStore
+from chanprune.pruner import PruneRun, prune_units, pruning_units
 
 IMAGE_SHAPE = (3, 8, 8)
 
@@ -110,11 +112,13 @@ def prune_groups_directly(model: nn.Module, images: torch.Tensor, widths: dict[s
     graph = build_graph(original, images[:1])
     cfg = PruneConfig(speedup=None, widths=widths, method=method, samples_per_image=samples_per_image,
                       **cfg_options)
-    targets = record_targets(graph, images, samples_per_image, cfg.seed, cfg.batch_size)
-    run = PruneRun(graph, cfg, targets)
-    for unit in pruning_units(graph, cfg):
-        if unit.name in widths:
-            run.prune_unit(unit, widths[unit.name])
+    run = PruneRun(graph, cfg)
+    units = [u for u in pruning_units(graph, cfg) if u.name in widths]
+    with BatchStore(2**30, torch.device("cpu")) as store:
+        calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm), images, cfg.batch_size,
+                                  Sampling(samples_per_image, cfg.seed, cfg.heldout_every),
+                                  [r for u in units for r in u.readers], store, images.shape[1])
+        prune_units(run, calibration, units, widths)
     return run.result(original), run.errors, run.plan, graph
 
 

@@ -203,7 +203,11 @@ def test_prune_accepts_an_iterable_of_batches():
         warnings.simplefilter("ignore", UserWarning)
         a, _ = prune(model, images, 1.5, samples_per_image=4, progress=False)
         b, _ = prune(model, batches, 1.5, samples_per_image=4, progress=False)
-    assert torch.equal(outputs(a, images), outputs(b, images))
+        c, _ = prune(model, iter(batches), 1.5, samples_per_image=4, progress=False, batch_size=16)
+    # the same samples (positions follow the image, not its batch): only the float32 summation
+    # order differs between batch sizes 64 and 16
+    assert rel_error(outputs(a, images), outputs(b, images)) < 1e-4
+    assert torch.equal(outputs(b, images), outputs(c, images))  # a one-shot iterator, read once
 
 
 class SameEvenCNN(nn.Module):

@@ -10,7 +10,8 @@ import torch
 from chanprune.graph import build_graph
 from chanprune.pruner import prune, reader_problem
 from chanprune.selection import STRATEGIES, ReaderProblem, SelectionProblem
-from chanprune.stats import collect_moments, record_targets
+from chanprune.engine.calibration import Sampling, unpruned_moments
+from chanprune.engine.store import BatchStore
 
 from conftest import make_tiny, prune_groups_directly, random_images
 
@@ -22,11 +23,12 @@ def problems():
     model = make_tiny(0)
     images = random_images(120)
     graph = build_graph(model, images[:1])
-    targets = record_targets(graph, images, samples_per_image=6, seed=0)
+    groups = [graph.group(name) for name in ("conv2", "conv3")]
+    with BatchStore(2**30, torch.device("cpu")) as store:
+        found = unpruned_moments(graph, images, 64, Sampling(6, 0, 10), [g.readers for g in groups], store, 3)
     out = {}
-    for name in ("conv2", "conv3"):
-        group = graph.group(name)
-        moments = collect_moments(graph.gm, group.readers, targets)
+    for group, moments in zip(groups, found):
+        name = group.name
         readers = [reader_problem(model, r, *moments[r.name]) for r in group.readers]
         out[name] = (group, readers, model.get_submodule(group.writer).weight.detach())
     return out

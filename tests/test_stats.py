@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from chanprune.graph import build_graph
-from chanprune.stats import Positions, collect_moments, conv_patches, record_targets, sample_positions
+from chanprune.engine.calibration import Calibration, Sampling
+from chanprune.engine.store import BatchStore
+from chanprune.stats import Positions, conv_patches, sample_positions
 from chanprune.surgery import folded_weight
 
 from conftest import make_tiny, random_images
@@ -30,7 +34,7 @@ def make_conv(case, seed=0, bias=True) -> nn.Conv2d:
 
 
 def all_positions(batch: int, h: int, w: int) -> Positions:
-    return sample_positions(batch, h, w, h * w, torch.Generator().manual_seed(0))
+    return sample_positions(torch.arange(batch), h, w, h * w, 0)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -42,7 +46,7 @@ def test_conv_patches_equal_unfold_columns(case):
     h, w = out.shape[2:]
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     assert cols.shape[2] == h * w
-    pos = sample_positions(3, h, w, 7, torch.Generator().manual_seed(1))
+    pos = sample_positions(torch.arange(3), h, w, 7, 1)
     patches = conv_patches(conv, x, pos)
     assert patches.shape == (len(pos.image), case[0] * conv.kernel_size[0] * conv.kernel_size[1])
     expected = cols[pos.image, :, pos.row * w + pos.col]
@@ -77,8 +81,7 @@ def test_conv_patches_same_padding_even_kernel():
 
 
 def test_sample_positions_distinct_and_in_range():
-    g = torch.Generator().manual_seed(0)
-    pos = sample_positions(4, 5, 6, 7, g)
+    pos = sample_positions(torch.arange(4), 5, 6, 7, 0)
     assert len(pos.image) == 28
     assert pos.image.tolist() == [i for i in range(4) for _ in range(7)]
     assert int(pos.row.min()) >= 0 and int(pos.row.max()) < 5
@@ -88,48 +91,69 @@ def test_sample_positions_distinct_and_in_range():
         flat = (pos.row[sel] * 6 + pos.col[sel]).tolist()
         assert len(set(flat)) == 7
     # a map smaller than per_image: every position exactly once
-    small = sample_positions(2, 2, 3, 50, g)
+    small = sample_positions(torch.arange(2), 2, 3, 50, 0)
     assert len(small.image) == 12
     assert sorted(zip(small.image.tolist(), small.row.tolist(), small.col.tolist())) == \
         [(i, r, c) for i in range(2) for r in range(2) for c in range(3)]
-    # seeded: the same generator state gives the same positions
-    a = sample_positions(3, 4, 4, 5, torch.Generator().manual_seed(9))
-    b = sample_positions(3, 4, 4, 5, torch.Generator().manual_seed(9))
-    assert torch.equal(a.row, b.row) and torch.equal(a.col, b.col)
+    # an image's positions depend on its index and the key, not on its batch
+    a = sample_positions(torch.arange(10, 16), 8, 8, 5, 9)
+    b = sample_positions(torch.arange(13, 16), 8, 8, 5, 9)
+    assert torch.equal(a.row[15:], b.row) and torch.equal(a.col[15:], b.col)
+    c = sample_positions(torch.arange(13, 16), 8, 8, 5, 10)
+    assert not (torch.equal(c.row, b.row) and torch.equal(c.col, b.col))
+    # spread: over many images every position is drawn about equally often
+    many = sample_positions(torch.arange(4000), 4, 4, 2, 3)
+    counts = torch.bincount(many.row * 4 + many.col, minlength=16).double()
+    assert float(counts.std() / counts.mean()) < 0.1
 
 
-def _explicit_reader_data(model, images, reader: str, targets):
-    """Explicit X (patches of the reader's input at the recorded positions) and Y (recorded targets)."""
-    inputs = []
-    handle = model.get_submodule(reader).register_forward_pre_hook(lambda m, i: inputs.append(i[0].clone()))
-    with torch.no_grad():
-        for batch in targets.batches():
-            model(batch)
-    handle.remove()
+def calibrated(model, images, readers, samples_per_image, seed, batch_size):
+    """A Calibration of the unpruned ``model`` on ``images`` (both frontiers on the same model)."""
+    graph = build_graph(model, images[:1])
+    chosen = [r for g in graph.groups for r in g.readers if r.name in readers]
+    store = BatchStore(2**30, torch.device("cpu"))
+    calibration = Calibration(graph, copy.deepcopy(graph.gm), copy.deepcopy(graph.gm), images, batch_size,
+                              Sampling(samples_per_image, seed, 10), chosen, store, images.shape[1])
+    return calibration, chosen
+
+
+def _explicit_reader_data(model, images, reader: str, calibration, batch_size):
+    """Explicit X (patches of the reader's input) and Y (the reader's folded output) at the
+    calibration's sampled positions."""
+    inputs, outs = [], []
     layer = model.get_submodule(reader)
-    xs = []
-    for b, x in enumerate(inputs):
-        pos = targets.positions[reader][b]
+    bn = model.bn2 if reader == "conv2" else None
+    h1 = layer.register_forward_pre_hook(lambda m, i: inputs.append(i[0].clone()))
+    h2 = (bn or layer).register_forward_hook(lambda m, i, o: outs.append(o.clone()))
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    h1.remove(), h2.remove()
+    r = next(r for g in calibration.graph.groups for r in g.readers if r.name == reader)
+    xs, ys = [], []
+    for b, (x, out) in enumerate(zip(inputs, outs)):
+        pos = calibration.positions(r, b)
         if isinstance(layer, nn.Conv2d):
             cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                             stride=layer.stride)
             w_out = (x.shape[3] + 2 * layer.padding[1] - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) \
                 // layer.stride[1] + 1
             xs.append(cols[pos.image, :, pos.row * w_out + pos.col])
+            ys.append(out[pos.image, :, pos.row, pos.col])
         else:
             xs.append(x.reshape(len(x), -1)[pos.image])
-    return torch.cat(xs), torch.cat(targets.outputs[reader])
+            ys.append(out[pos.image])
+    return torch.cat(xs), torch.cat(ys)
 
 
 @pytest.mark.parametrize("reader", ["conv2", "conv3", "fc1"])
-def test_collect_moments_equal_explicit_sample_matrices(reader):
+def test_moments_equal_explicit_sample_matrices(reader):
     model = make_tiny(0)
     images = random_images(50)
-    graph = build_graph(model, images[:1])
-    targets = record_targets(graph, images, samples_per_image=5, seed=3, batch_size=16)
-    readers = [r for g in graph.prunable() for r in g.readers if r.name == reader]
-    fit, held = collect_moments(graph.gm, readers, targets, heldout_every=10)[reader]
-    x, y = _explicit_reader_data(model, images, reader, targets)
+    calibration, readers = calibrated(model, images, {reader}, samples_per_image=5, seed=3, batch_size=16)
+    fit, held = calibration.moments(readers, {}, False)[reader]
+    fit.fold(), held.fold()
+    x, y = _explicit_reader_data(model, images, reader, calibration, 16)
     per_image = 5 if reader != "fc1" else 1
     assert fit.count + held.count == len(x) == 50 * per_image
     assert held.count == 5 * per_image  # images 9, 19, 29, 39, 49
@@ -138,7 +162,8 @@ def test_collect_moments_equal_explicit_sample_matrices(reader):
     torch.testing.assert_close(fit.xty + held.xty, xd.T @ yd, rtol=1e-5, atol=1e-4)
     assert fit.yty + held.yty == pytest.approx(float(yd.square().sum()), rel=1e-6)
     # the held-out images are every 10th image across batches of 16
-    image_ids = torch.cat([pos.image + 16 * b for b, pos in enumerate(targets.positions[reader])])
+    r = readers[0]
+    image_ids = torch.cat([calibration.positions(r, b).image + 16 * b for b in range(4)])
     held_rows = image_ids % 10 == 9
     torch.testing.assert_close(held.sum_x, xd[held_rows].sum(0), rtol=1e-5, atol=1e-4)
 
@@ -146,15 +171,16 @@ def test_collect_moments_equal_explicit_sample_matrices(reader):
 def test_targets_are_folded_pre_activation_outputs():
     model = make_tiny(0)
     images = random_images(20)
-    graph = build_graph(model, images[:1])
-    targets = record_targets(graph, images, samples_per_image=4, seed=0, batch_size=8)
+    calibration, readers = calibrated(model, images, {"conv2"}, samples_per_image=4, seed=0, batch_size=8)
+    r = readers[0]
+    calibration.record_targets(calibration.original.index[r.output_node] + 1)
     # conv2 is followed by bn2: its targets are conv2 + bn2 as one affine map, before the ReLU
     w, b = folded_weight(model.conv2, model.bn2)
     with torch.no_grad():
         a1 = model.relu1(model.bn1(model.conv1(images)))
         folded = F.conv2d(a1.double(), w.reshape(model.conv2.weight.shape), b, padding=1)
-    got = torch.cat(targets.outputs["conv2"]).double()
-    pos = targets.positions["conv2"]
+    got = torch.cat([calibration.store.get(i, "targets")["output:conv2"] for i in range(3)]).double()
+    pos = [calibration.positions(r, i) for i in range(3)]
     expected = torch.cat([folded[8 * i:8 * i + 8][p.image, :, p.row, p.col] for i, p in enumerate(pos)])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got < 0).any(), "targets are taken before the ReLU"

@@ -1,0 +1,217 @@
+"""Moments for each pruning unit from activations carried forward, not recomputed from the input.
+
+Two frontiers move through the network in execution order: the working model's (pruned so far)
+and the original's. For a unit, the working frontier yields the readers' inputs (and, for the
+residual correction, the current shortcut); the original's frontier has recorded the readers'
+targets at the same sampled positions as it passed them. When a unit removes channels, the values
+the working frontier keeps lose the same channels, exactly as if the pruned model had computed
+them. Over a whole prune each model is run about once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..data import iterate_batches, validate_images
+from ..errors import ChanpruneError
+from ..graph import ChannelGraph, NodeLayout, Reader
+from ..stats import Moments, Positions, reader_dim, reader_samples, sample_output, sample_positions
+from .frontier import Frontier, without_inplace
+from .store import BatchStore
+
+_TARGETS = "targets"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Where samples are taken: ``per_image`` positions per image, drawn from ``seed``; every
+    ``heldout_every``-th image is held out of the fit."""
+
+    per_image: int
+    seed: int
+    heldout_every: int
+
+
+class Calibration:
+    """The calibration data carried through the working and the original model.
+
+    ``work`` is the traced working copy (it will be pruned), ``original`` a traced copy that never
+    changes; ``readers`` are all readers whose targets will be asked for.
+    """
+
+    def __init__(self, graph: ChannelGraph, work: fx.GraphModule, original: fx.GraphModule, data: Iterable,
+                 batch_size: int, sampling: Sampling, readers: list[Reader], store: BatchStore,
+                 in_channels: int | None):
+        self.graph, self.sampling, self.store = graph, sampling, store
+        self.device = store.device
+        self.reader_index = {r.name: i for i, r in enumerate(graph_readers(graph))}
+        self.pending = {r.name: r for r in readers}
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []
+        first_shape = None
+        without_inplace(work)
+        without_inplace(original)
+        count = 0
+        self.work = Frontier(work, store, "work", 0)
+        self.original = Frontier(original, store, "original", 0)
+        for b, batch in enumerate(iterate_batches(data, batch_size)):
+            batch = validate_batch(batch, in_channels, first_shape)
+            first_shape = first_shape or tuple(batch.shape[1:])
+            batch = batch.to(self.device)
+            self.work.start(b, batch)
+            self.original.start(b, batch)
+            self.offsets.append(count)
+            self.sizes.append(len(batch))
+            count += len(batch)
+        if not self.sizes:
+            raise ChanpruneError("calibration data is empty; give at least one image")
+        self.work.batches = self.original.batches = len(self.sizes)
+        self.images = count
+
+    def positions(self, reader: Reader, batch: int) -> Positions:
+        """The sampled output positions of ``reader`` in ``batch``: the same in both models, and
+        the same however often they are asked for."""
+        size = self.sizes[batch]
+        if reader.layout == "nc":
+            empty = torch.zeros(0, dtype=torch.long)
+            return Positions(torch.arange(size), empty, empty)
+        shape = self.graph.gm.graph.find_nodes(op="call_module", target=reader.name)[0].meta["tensor_meta"].shape
+        h, w = (shape[1], shape[2]) if reader.layout == "nhwc" else (shape[2], shape[3])
+        key = self.sampling.seed * 65_537 + self.reader_index[reader.name]
+        ids = torch.arange(self.offsets[batch], self.offsets[batch] + size)
+        return sample_positions(ids, h, w, self.sampling.per_image, key)
+
+    def record_targets(self, position: int) -> None:
+        """Move the original model's frontier to node ``position``, keeping every pending reader's
+        output (and shortcut) at its sampled positions on the way."""
+        by_node: dict[str, list[tuple[str, Reader]]] = {}
+        for r in self.pending.values():
+            by_node.setdefault(r.output_node, []).append(("output", r))
+            if r.shortcut:
+                by_node.setdefault(r.shortcut, []).append(("shortcut", r))
+        rows: dict[int, dict[str, torch.Tensor]] = {}
+
+        def keep(batch: int, node: str, value: torch.Tensor) -> None:
+            for role, r in by_node.get(node, ()):
+                rows.setdefault(batch, {})[f"{role}:{r.name}"] = \
+                    sample_output(value, r.layout, self.positions(r, batch)).float().clone()
+
+        self.original.advance(position, keep)
+        for batch, new in rows.items():
+            self.store.put(batch, _TARGETS, {**self.store.get(batch, _TARGETS), **new})
+
+    @torch.no_grad()
+    def moments(self, readers: list[Reader], kept_outputs: dict[str, torch.Tensor],
+                residual_correction: bool) -> dict[str, tuple[Moments, Moments]]:
+        """Moments (fitted, held-out) of ``readers``: inputs from the working model as pruned so far,
+        targets from the original. With ``residual_correction`` a reader that feeds a residual add
+        targets Y2 + Y1 - Y1' (its original output, the original shortcut, the current shortcut)."""
+        nodes = [self.original.index[r.output_node] for r in readers]
+        nodes += [self.original.index[r.shortcut] for r in readers if r.shortcut]
+        self.record_targets(max(nodes) + 1)
+        want = {r.input_node for r in readers}
+        want |= {r.shortcut for r in readers if residual_correction and r.shortcut}
+        layers = {r.name: self.work.gm.get_submodule(r.name) for r in readers}
+        result = {r.name: tuple(Moments(reader_dim(self.work.gm, r), layers[r.name].weight.shape[0],
+                                        device=self.device) for _ in range(2)) for r in readers}
+        every = self.sampling.heldout_every
+        for batch, values in self.work.look_ahead(want):
+            targets = self.store.get(batch, _TARGETS)
+            for r in readers:
+                pos = self.positions(r, batch)
+                x = reader_samples(layers[r.name], r, values[r.input_node], pos)
+                y = targets[f"output:{r.name}"]
+                if residual_correction and r.shortcut:
+                    y = y + targets[f"shortcut:{r.name}"]
+                if r.name in kept_outputs:
+                    y = y[:, kept_outputs[r.name].to(y.device)]
+                if residual_correction and r.shortcut:
+                    y = y - sample_output(values[r.shortcut], r.layout, pos).float()
+                held = ((pos.image.to(x.device) + self.offsets[batch]) % every) == every - 1
+                fit, heldout = result[r.name]
+                fit.update(x[~held], y[~held])
+                heldout.update(x[held], y[held])
+        for r in readers:
+            self.pending.pop(r.name, None)
+        for batch in range(len(self.sizes)):
+            targets = self.store.get(batch, _TARGETS)
+            left = {k: v for k, v in targets.items() if k.partition(":")[2] in self.pending}
+            self.store.put(batch, _TARGETS, left)
+        return result
+
+    def drop_channels(self, group: str, keep: torch.Tensor, widths: dict[str, int]) -> None:
+        """The working model's kept values lose the channels of ``group`` not in ``keep``;
+        ``widths`` are the current widths of every group (before this change)."""
+        layouts = self.graph.node_layouts
+        names = {n for n, lay in layouts.items() if group in lay.groups}
+
+        def change(node: str, value: torch.Tensor) -> torch.Tensor:
+            index = _axis_index(layouts[node], group, keep, widths).to(value.device)
+            return value.index_select(layouts[node].axis, index)
+
+        self.work.update(change, names)
+
+    def advance(self, position: int) -> None:
+        """Move the working frontier to node ``position`` (the next unit's first reader)."""
+        self.work.advance(position)
+
+    def reader_position(self, readers: list[Reader]) -> int:
+        return min(self.work.index[_call_node(self.work.gm, r.name)] for r in readers)
+
+
+def validate_batch(batch: torch.Tensor, in_channels: int | None, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """A calibration batch as float, checked like a whole image tensor and against the first batch's shape."""
+    if not isinstance(batch, torch.Tensor):
+        raise ChanpruneError(f"calibration batches must be image tensors (N, C, H, W), got {type(batch).__name__}")
+    validate_images(batch, in_channels)
+    if shape is not None and tuple(batch.shape[1:]) != shape:
+        raise ChanpruneError(f"calibration batches differ in shape: {tuple(batch.shape[1:])} after {shape}; "
+                             "resize every image to one input size")
+    return batch.detach().float()
+
+
+def _axis_index(layout: NodeLayout, group: str, keep: torch.Tensor, widths: dict[str, int]) -> torch.Tensor:
+    """Indices along a value's channel axis that stay when ``group`` keeps ``keep``."""
+    offset = 0
+    parts = []
+    for g in layout.groups:
+        if g == group:
+            parts.append(offset + keep)
+        else:
+            parts.append(offset + torch.arange(widths[g]))
+        offset += widths[g]
+    index = torch.cat(parts)
+    if layout.flat_size:
+        index = (index[:, None] * layout.flat_size + torch.arange(layout.flat_size)[None]).reshape(-1)
+    return index
+
+
+def _call_node(gm: fx.GraphModule, target: str) -> str:
+    return gm.graph.find_nodes(op="call_module", target=target)[0].name
+
+
+def graph_readers(graph: ChannelGraph) -> list[Reader]:
+    """Every reader of every group, in a fixed order (it seeds the sampled positions)."""
+    return [r for g in graph.groups for r in g.readers]
+
+
+def unpruned_moments(graph: ChannelGraph, data: Iterable, batch_size: int, sampling: Sampling,
+                     reader_sets: list[list[Reader]], store: BatchStore,
+                     in_channels: int | None) -> list[dict[str, tuple[Moments, Moments]]]:
+    """Moments of each set of readers with inputs and targets both from the unpruned model (the
+    single-layer analysis), in one pass; ``reader_sets`` must be in execution order."""
+    readers = [r for rs in reader_sets for r in rs]
+    calibration = Calibration(graph, copy.deepcopy(graph.gm).to(store.device),
+                              copy.deepcopy(graph.gm).to(store.device), data, batch_size, sampling, readers, store,
+                              in_channels)
+    result = []
+    for i, rs in enumerate(reader_sets):
+        result.append({k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in calibration.moments(rs, {}, False).items()})
+        if i + 1 < len(reader_sets):
+            calibration.advance(calibration.reader_position(reader_sets[i + 1]))
+    return result
