@@ -9,6 +9,7 @@ target. Units with no weight stay whole.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -149,9 +150,9 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     nearly a whole block.
     """
     if speedup < 1:
-        raise ChanpruneError(f"speed-up must be at least 1, got {speedup}")
+        raise ChanpruneError(f"speed-up must be at least 1, got {speedup}; ask for e.g. 2")
     if not isinstance(round_to, int) or round_to < 1:
-        raise ChanpruneError(f"round_to must be a positive integer, got {round_to!r}")
+        raise ChanpruneError(f"round_to must be a positive integer, got {round_to!r}; use 1 (no rounding), 8 or 16")
     weights = {u.name: w for u in units if (w := preset(u, flop_model.graph)) is not None}
     if not weights:
         raise ChanpruneError("the allocation preset prunes no layer of this model; use --allocation uniform")
@@ -165,10 +166,12 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     lo, hi = 0.0, 1.0 / min(weights.values())
     smallest = flop_model.flops(widths_at(0.0))
     if smallest > target * (1 + TOLERANCE):
+        most = flop_model.total / smallest
+        rounding = f" with --round-to {round_to}" if round_to > 1 else ""
         raise ChanpruneError(
-            f"speed-up {speedup:g}x is out of reach: keeping one channel in every prunable group gives "
-            f"{flop_model.total / smallest:.2f}x; lower --speedup{' or --round-to' if round_to > 1 else ''} "
-            "or let more layers be pruned")
+            f"speed-up {speedup:g}x is out of reach: the most this model can reach is {most:.2f}x{rounding} "
+            f"(every prunable layer at its narrowest); ask for at most {most:.2f}x"
+            f"{', lower --round-to' if round_to > 1 else ''} or let more layers be pruned (fewer --exclude)")
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         if flop_model.flops(widths_at(mid)) > target:
@@ -220,13 +223,20 @@ def check_widths(widths: dict[str, int], graph: ChannelGraph, units: list[Unit])
                 raise ChanpruneError(f"input channels of {key!r} cannot be pruned "
                                      f"({'; '.join(g.blocked_by) or 'excluded or kept by --trunk keep'}); "
                                      "remove it from the widths file")
-            known = ", ".join(u.readers[0].name for u in units)
-            raise ChanpruneError(f"widths file names unknown layer {key!r}; name a layer whose input channels "
-                                 f"can be pruned, one of: {known}")
+            raise ChanpruneError(f"widths name unknown layer {key!r}{_did_you_mean(key, list(unit_of))}; name a "
+                                 "layer whose input channels can be pruned, one of: "
+                                 f"{', '.join(u.readers[0].name for u in units)}")
         unit = unit_of[key]
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= unit.channels:
-            raise ChanpruneError(f"width of {key!r} must be an integer in 1..{unit.channels}, got {value!r}")
+            raise ChanpruneError(f"width of {key!r} must be a whole number of input channels, got {value!r}; give "
+                                 f"the number to keep, between 1 and {unit.channels} ({unit.channels} keeps all)")
         if resolved.get(unit.name, value) != value:
             raise ChanpruneError(f"readers of {unit.name!r} share their input channels; give them one width")
         resolved[unit.name] = value
     return resolved
+
+
+def _did_you_mean(key: object, names: list[str]) -> str:
+    """' (did you mean ...?)' with the names closest to ``key``, or nothing."""
+    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(n) for n in close)}?)" if close else ""

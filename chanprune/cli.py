@@ -11,14 +11,23 @@ from .errors import ChanpruneError
 
 
 class _Group(click.Group):
-    """Turns ChanpruneError into one line on stderr and exit code 2."""
+    """Turns ChanpruneError, and click's own errors in a command's options, into one line on stderr
+    and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ChanpruneError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
+        except click.UsageError as err:
+            path = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            _fail(f"{err.format_message().rstrip('.')}; see '{path} --help'")
+
+
+def _fail(message: str) -> None:
+    """Print ``message`` as one ``error:`` line (a message quoting another tool may hold newlines)."""
+    click.echo("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group)
@@ -73,19 +82,51 @@ def _ridge(text: str) -> float | str:
 
 
 def _read_widths(path: Path) -> dict[str, int]:
+    """The mapping layer name -> kept input channels of a JSON (``.json``) or YAML file."""
     import json
 
     import yaml
 
     try:
         text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ChanpruneError(f"cannot read widths file {str(path)!r} ({getattr(err, 'strerror', None) or err}); "
+                             "give a JSON/YAML file mapping layer name -> kept input channels") from err
+    try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ChanpruneError(f"cannot read widths file {str(path)!r} ({err}); give a JSON/YAML mapping "
-                             "layer name -> kept input channels") from None
+    except json.JSONDecodeError as err:
+        raise ChanpruneError(f"widths file {str(path)!r} is not valid JSON ({err}); write a mapping such as "
+                             '{"conv2": 4}') from err
+    except yaml.YAMLError as err:
+        raise ChanpruneError(f"widths file {str(path)!r} is not valid YAML ({_yaml_reason(err)}); write a mapping "
+                             "such as 'conv2: 4', one layer a line") from err
     if not isinstance(data, dict):
-        raise ChanpruneError(f"widths file {str(path)!r} must map layer names to kept input channels")
+        raise ChanpruneError(f"widths file {str(path)!r} holds a {type(data).__name__}, not a mapping; map layer "
+                             'names to kept input channels, e.g. {"conv2": 4}')
     return data
+
+
+def _yaml_reason(err: Exception) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own text spans several lines)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+def _check_outputs(out: Path, report: Path | None = None) -> None:
+    """Refuse output paths that cannot work before any work is done."""
+    from .files import check_writable
+
+    if out.suffix != ".safetensors":
+        raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}; name it e.g. "
+                             f"{str(out.with_suffix('.safetensors'))!r}")
+    if report is not None and report.resolve() == out.resolve():
+        raise ChanpruneError(f"--report and --out are the same file {str(out)!r}; give the report its own path, "
+                             f"e.g. {str(out.with_suffix('.json'))!r}")
+    check_writable(out, "--out")
+    if report is not None:
+        check_writable(report, "--report")
 
 
 @main.command()
@@ -118,31 +159,32 @@ def _read_widths(path: Path) -> dict[str, int]:
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Pruned model (.safetensors).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Report JSON.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model (.safetensors).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
 def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
           residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
           trust_checkpoint: bool, out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report."""
-    from .io.checkpoint import save_model
+    from .config import PruneConfig
     from .experiment import calibration_images, compare, load_model_spec, test_split
+    from .io.checkpoint import save_model
     from .pruner import prune as run_prune
 
     if speedup is None and widths_file is None:
         raise ChanpruneError("give --speedup S or --widths FILE")
-    if out.suffix != ".safetensors":
-        raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}")
+    _check_outputs(out, report_path)
     widths = _read_widths(widths_file) if widths_file is not None else None
+    options = dict(allocation=allocation, widths=widths, exclude=exclude, samples_per_image=samples_per_image,
+                   seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
+                   trunk=trunk, residual_correction=residual_correction,
+                   feature_map_sampling=feature_map_sampling, round_to=round_to)
+    config = PruneConfig(speedup=speedup, method=method, **options)
+    config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint)
+    config.check_model(loaded.model)
     images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
-    pruned, report = run_prune(loaded.model, images, speedup, method, allocation=allocation, widths=widths,
-                               exclude=exclude, samples_per_image=samples_per_image, seed=seed,
-                               reconstruct=not no_reconstruction, ridge=_ridge(ridge),
-                               lasso_rounds=lasso_rounds, trunk=trunk,
-                               residual_correction=residual_correction,
-                               feature_map_sampling=feature_map_sampling, round_to=round_to)
+    pruned, report = run_prune(loaded.model, images, speedup, method, progress=sys.stderr.isatty(), **options)
     report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),
                          input_size=list(images.shape[2:]), widths_file=str(widths_file) if widths_file else None)
     measured = compare(loaded.model, pruned, test_split(loaded), images)
@@ -150,7 +192,11 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
     report.accuracy_after = measured["accuracy_after"]
     report.logit_rel_error = measured["logit_rel_error"]
     save_model(pruned, out)
-    report.save_json(report_path)
+    try:
+        report.save_json(report_path)
+    except ChanpruneError:
+        out.unlink(missing_ok=True)  # a failed run leaves no output, not a model without its report
+        raise
     acc = ""
     if report.accuracy_after is not None:
         acc = f"  accuracy {100 * report.accuracy_before:.2f}% -> {100 * report.accuracy_after:.2f}%"
@@ -175,8 +221,7 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
 @click.option("--seed", default=0, show_default=True)
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Fine-tuned model (.safetensors).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Fine-tuned model (.safetensors).")
 def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimizer: str, weight_decay: float,
              distill: float, temperature: float, teacher_spec: str | None, from_scratch: bool, seed: int,
              trust_checkpoint: bool, out: Path) -> None:
@@ -188,8 +233,7 @@ def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimi
     from .finetune import finetune as run_finetune, train_from_scratch
     from .train import TrainConfig
 
-    if out.suffix != ".safetensors":
-        raise ChanpruneError(f"--out must end in .safetensors, got {str(out)!r}")
+    _check_outputs(out)
     loaded = load_model_spec(model_spec, trust_checkpoint)
     if loaded.entry is None or loaded.entry.dataset != "mnist":
         raise ChanpruneError("the CLI fine-tunes models derived from a bundled model on its bundled data; "

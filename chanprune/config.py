@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from torch import nn
 
 from .allocation import PRESETS
 from .errors import ChanpruneError
@@ -42,6 +47,7 @@ class PruneConfig:
     round_to: int = 1  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
 
     def validate(self) -> None:
+        """Raise on any option that cannot work, before the model or the data are touched."""
         if self.method not in STRATEGIES:
             raise ChanpruneError(f"unknown method {self.method!r}; use one of {', '.join(STRATEGIES)}")
         if self.allocation not in PRESETS:
@@ -50,16 +56,52 @@ class PruneConfig:
             raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
         if self.speedup is None and self.widths is None:
             raise ChanpruneError("give a speed-up target or explicit widths")
-        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and self.speedup >= 1):
-            raise ChanpruneError(f"speed-up must be a number >= 1, got {self.speedup!r}")
+        if self.speedup is not None:
+            check_speedup(self.speedup)
+        if self.widths is not None and not isinstance(self.widths, dict):
+            raise ChanpruneError(f"widths holds a {type(self.widths).__name__}, not a mapping; map layer names to "
+                                 "kept input channels, e.g. {'conv2': 4}")
         if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
-            raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}")
+            raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}; "
+                                 "use e.g. 1e-6 (the default) or 'auto'")
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
-            raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
+            raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}; use 1 (no rounding), "
+                                 "8 or 16")
         if self.samples_per_image < 1:
-            raise ChanpruneError(f"samples per image must be >= 1, got {self.samples_per_image}")
+            raise ChanpruneError(f"samples per image must be at least 1, got {self.samples_per_image}; "
+                                 "raise --samples-per-image (default 10)")
+
+    def check_model(self, model: Any) -> None:
+        """Raise unless ``model`` is an nn.Module and every exclude glob matches one of its layers:
+        a glob that matches nothing is a typo that would silently prune the layer it meant."""
+        if not isinstance(model, nn.Module):
+            raise ChanpruneError(f"the model must be a torch.nn.Module, got {type(model).__name__}; load it first "
+                                 "(chanprune.load_model, chanprune.create_model or torch.load)")
+        names = [name for name, _ in model.named_modules() if name]
+        for pattern in self.exclude:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ChanpruneError(f"exclude glob {pattern!r} matches no layer of {type(model).__name__}; fix "
+                                     f"the glob ({_layer_hint(pattern, model)})")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["exclude"] = list(self.exclude)
         return out
+
+
+def check_speedup(speedup: Any) -> None:
+    """Raise unless ``speedup`` is a finite number of at least 1 (1 keeps every channel: a no-op)."""
+    if not (isinstance(speedup, (int, float)) and not isinstance(speedup, bool) and math.isfinite(speedup)
+            and speedup >= 1):
+        raise ChanpruneError(f"speed-up must be a finite number of at least 1 (FLOPs before / FLOPs after), got "
+                             f"{speedup!r}; ask for e.g. 2 (1 keeps every channel)")
+
+
+def _layer_hint(pattern: str, model: nn.Module) -> str:
+    """Names close to ``pattern``, else the first conv/linear layers of ``model``."""
+    names = [name for name, _ in model.named_modules() if name]
+    close = difflib.get_close_matches(pattern, names, n=4, cutoff=0.5)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return f"its layers include {', '.join(layers[:10])}{', ...' if len(layers) > 10 else ''}"

@@ -7,6 +7,7 @@ Calibration draws from train, anything tuned is tuned on validation, test is onl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -67,6 +68,9 @@ def load_calibration_file(path: str | Path, input_size: tuple[int, int] | None =
                           in_channels: int | None = None) -> torch.Tensor:
     """Calibration images from a folder of images or a ``.npy`` / ``.pt`` tensor of shape N,C,H,W."""
     path = Path(path)
+    if input_size is not None and not (len(input_size) == 2 and min(input_size) >= 1):
+        raise ChanpruneError(f"--input-size must be two positive integers H W, got {tuple(input_size)}; "
+                             "give the height and width the model expects, e.g. --input-size 224 224")
     if not path.exists():
         raise ChanpruneError(f"calibration data {str(path)!r} does not exist; pass a folder of "
                              "images or a .npy/.pt tensor of shape (N, C, H, W)")
@@ -77,66 +81,146 @@ def load_calibration_file(path: str | Path, input_size: tuple[int, int] | None =
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise ChanpruneError(f"cannot read {str(path)!r} as a .npy array ({err}); "
-                                 "save it with numpy.save") from None
-        return torch.from_numpy(np.ascontiguousarray(array)).float()
+                                 "save it with numpy.save") from err
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise ChanpruneError(f"{str(path)!r} holds {array.dtype} values, not numbers; save float images "
+                                 "of shape (N, C, H, W) with numpy.save")
+        return float_images(torch.from_numpy(np.ascontiguousarray(array)), repr(str(path))).float()
     if path.suffix in {".pt", ".pth"}:
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
             raise ChanpruneError(f"cannot read {str(path)!r} as a tensor file ({err}); "
-                                 "save a plain tensor with torch.save") from None
+                                 "save a plain tensor with torch.save") from err
         if not isinstance(tensor, torch.Tensor):
             raise ChanpruneError(f"{str(path)!r} holds a {type(tensor).__name__}, not a tensor; "
                                  "save a tensor of shape (N, C, H, W) with torch.save")
-        return tensor.float()
+        return float_images(tensor, repr(str(path))).float()
     raise ChanpruneError(f"calibration data {str(path)!r} has an unknown type; pass a folder of "
                          "images or a .npy/.pt file")
 
 
 def _load_image_folder(folder: Path, input_size: tuple[int, int] | None,
                        in_channels: int | None) -> torch.Tensor:
-    from PIL import Image
+    """Every image under ``folder`` (sorted), scaled to [0, 1]; all must have one size unless resized.
 
+    ``rglob`` does not descend into symlinked folders, so a link loop (``loop -> .``) is not
+    followed; a link named like an image that cannot be opened is refused by name.
+    """
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ChanpruneError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}")
+        raise ChanpruneError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}; put images "
+                             "with one of these suffixes in it, or pass a .npy/.pt tensor of shape (N, C, H, W)")
     mode = "L" if in_channels == 1 else "RGB"
-    tensors = []
-    for file in files:
-        with Image.open(file) as image:
-            image = image.convert(mode)
-            if input_size is not None:
-                image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
-        tensors.append(torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1))
-    shapes = {t.shape for t in tensors}
-    if len(shapes) > 1:
-        raise ChanpruneError(f"images in {str(folder)!r} differ in size {sorted(shapes)}; "
-                             "pass --input-size H W to resize them")
+    tensors = [_read_image(file, mode, input_size) for file in files]
+    first = {}
+    for file, tensor in zip(files, tensors):
+        first.setdefault(tuple(tensor.shape[1:]), file)
+    if len(first) > 1:
+        (a, size_a), (b, size_b) = [(file.name, size) for size, file in first.items()][:2]
+        raise ChanpruneError(f"images in {str(folder)!r} differ in size: {a} is {size_a[0]}x{size_a[1]}, {b} is "
+                             f"{size_b[0]}x{size_b[1]}; pass --input-size H W to resize them")
     return torch.stack(tensors)
+
+
+def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> torch.Tensor:
+    """One image as a float (C, H, W) tensor in [0, 1]; unreadable and oversized files are refused by
+    name (PIL's decompression-bomb warning counts as an error: such an image is never decoded)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image = image.convert(mode)
+                if input_size is not None:
+                    image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ChanpruneError(f"image {str(file)!r} is too large to open safely ({err}); shrink it or remove it "
+                             "from the folder") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's errors for broken files
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ChanpruneError(f"cannot read image {str(file)!r} ({reason}); replace it with a valid image or "
+                             "remove it from the folder") from err
+    return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
 
 
 def validate_images(images: torch.Tensor, in_channels: int | None, what: str = "calibration data") -> None:
     """Raise early on empty, non-finite or wrongly shaped image tensors."""
     if images.ndim != 4:
-        raise ChanpruneError(f"{what} must have shape (N, C, H, W), got {tuple(images.shape)}")
+        raise ChanpruneError(f"{what} must have shape (N, C, H, W), got {tuple(images.shape)}; add the missing "
+                             "axis (images.unsqueeze(1) for one grey channel, images.unsqueeze(0) for one image)")
     if images.shape[0] == 0:
         raise ChanpruneError(f"{what} is empty; give at least one image")
     if in_channels is not None and images.shape[1] != in_channels:
         raise ChanpruneError(f"{what} has {images.shape[1]} channels but the model's first layer "
-                             f"expects {in_channels}")
-    if not torch.isfinite(images).all():
-        raise ChanpruneError(f"{what} contains NaN or infinite values; clean the images first")
+                             f"expects {in_channels}; convert the images to {in_channels} channels")
+    finite = torch.isfinite(images)
+    if not finite.all():
+        nan = int(torch.isnan(images).sum())
+        raise ChanpruneError(f"{what} contains {nan} NaN and {int((~finite).sum()) - nan} infinite values; "
+                             "replace or drop those images")
+
+
+def float_images(batch: object, what: str) -> torch.Tensor:
+    """``batch`` if it is a floating-point tensor; a clear error for anything else. Integer images
+    (uint8 pixels, the usual slip) are refused rather than guessed at: the model expects them
+    scaled and normalised the way it was trained."""
+    if isinstance(batch, np.ndarray):
+        raise ChanpruneError(f"{what} is a numpy array; pass a tensor: torch.from_numpy(array).float()")
+    if isinstance(batch, dict):
+        keys = ", ".join(repr(k) for k in batch)
+        key = next(iter(batch), "image")
+        raise ChanpruneError(f"{what} is a dict (keys {keys}); yield the image tensor or an (images, labels) "
+                             f"tuple, e.g. (batch[{key!r}] for batch in loader)")
+    if not isinstance(batch, torch.Tensor):
+        raise ChanpruneError(f"{what} is a {type(batch).__module__}.{type(batch).__name__}, not a tensor; "
+                             "give float tensors of shape (N, C, H, W)")
+    if not batch.is_floating_point():
+        raise ChanpruneError(f"{what} has dtype {batch.dtype}; convert it to float and normalise it the way the "
+                             "model was trained, e.g. images.float() / 255, then subtract the mean, divide by the std")
+    return batch
+
+
+def _image_batch(batch: object, index: int) -> torch.Tensor:
+    """One batch yielded by an iterable of calibration data, checked to be a float (N, C, H, W) tensor."""
+    what = f"batch {index} of the calibration data"
+    batch = float_images(batch, what)
+    if batch.ndim != 4:
+        raise ChanpruneError(f"{what} has shape {tuple(batch.shape)}, not (N, C, H, W); iterate a DataLoader "
+                             "(not its Dataset), or yield batches of images")
+    return batch
+
+
+def _check_iterable(data: object) -> None:
+    """Raise unless ``data`` is an iterable of batches (a path or an array is a common slip)."""
+    if isinstance(data, (str, Path)):
+        raise ChanpruneError(f"calibration data {str(data)!r} is a path; load it first: "
+                             "chanprune.data.load_calibration_file(path)")
+    if isinstance(data, np.ndarray):
+        raise ChanpruneError("calibration data is a numpy array; pass a tensor: torch.from_numpy(array).float()")
+    if not isinstance(data, Iterable):
+        raise ChanpruneError(f"calibration data must be a tensor (N, C, H, W) or an iterable of batches, got "
+                             f"{type(data).__name__}; pass calibration images")
 
 
 def iterate_batches(data: torch.Tensor | DataLoader | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
-    """Yield image batches from a tensor, or from a DataLoader yielding tensors or (images, ...) tuples."""
+    """Yield image batches from a tensor, or from a DataLoader yielding tensors or (images, ...) tuples.
+
+    Every batch is checked to be a floating-point (N, C, H, W) tensor, so that a dict, an array or
+    uint8 pixels fail with a message that says how to pass them, not deep inside torch.
+    """
     if isinstance(data, torch.Tensor):
+        float_images(data, "calibration data")
+        if data.shape[:1] == (0,):
+            raise ChanpruneError("calibration data is empty; give at least one image")
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size]
         return
-    for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+    _check_iterable(data)
+    for index, batch in enumerate(data):
+        yield _image_batch(batch[0] if isinstance(batch, (tuple, list)) else batch, index)
 
 
 def materialise(data: torch.Tensor | DataLoader | Iterable) -> torch.Tensor:

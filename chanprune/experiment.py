@@ -96,6 +96,9 @@ def load_model_spec(spec: str, trust_checkpoint: bool = False,
 def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: int | None, seed: int,
                        input_size: tuple[int, int] | None) -> torch.Tensor:
     """Calibration images: from ``calib_data`` if given, else the bundled model's train split."""
+    if n_images is not None and n_images < 1:
+        raise ChanpruneError(f"--calib-images must be at least 1, got {n_images}; give the number of images to "
+                             "calibrate on (500 for bundled models)")
     if calib_data is not None:
         in_chans = loaded.entry.in_chans if loaded.entry else _recorded_channels(loaded.model)
         images = load_calibration_file(calib_data, input_size, in_chans)

@@ -124,6 +124,7 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     cfg = PruneConfig(speedup=speedup, method=method, **options)
     cfg.exclude = tuple(cfg.exclude)
     cfg.validate()
+    cfg.check_model(model)
     stream = iterate_batches(calib_data, cfg.batch_size)
     first = next(stream, None)
     if not isinstance(first, torch.Tensor):
@@ -280,14 +281,17 @@ class PruneRun:
         name, k, fit, heldout = rp.reader.name, rp.k, rp.fit, rp.heldout
         index = self.layer_index(name, group, keep)
         cols = block_indices(index, k)
+        # every solve and error below reads only the kept columns: restrict the moments once
+        fit, heldout, all_kept = fit.restrict(cols), heldout.restrict(cols), torch.arange(len(index))
         w_kept, b_kept = rp.weight[:, cols], rp.bias
-        before = relative_error(fit, index, k, w_kept, b_kept)
+        before = relative_error(fit, all_kept, k, w_kept, b_kept)
         ridge = self.cfg.ridge
         if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
-            w_kept, b_kept, ridge = heldout_least_squares(fit, heldout, index, k, AUTO_RIDGES, (w_kept, b_kept))
+            w_kept, b_kept, ridge = heldout_least_squares(fit, heldout, all_kept, k, AUTO_RIDGES,
+                                                          (w_kept, b_kept))
         elif self.cfg.reconstruct:
             ridge = 1e-6 if ridge == "auto" else ridge
-            w_kept, b_kept = least_squares(fit, index, k, ridge)
+            w_kept, b_kept = least_squares(fit, all_kept, k, ridge)
         if select:
             self.plan.select_inputs(self.work, name, index)
         else:
@@ -298,8 +302,8 @@ class PruneRun:
                 self.plan.add_bias(name)
         self.errors[name] = {
             "kept_indices": keep.tolist(), "rel_error_before": before, "samples": fit.count, "inputs": len(cols),
-            "rel_error": relative_error(fit, index, k, w_kept, b_kept),
-            "rel_error_heldout": relative_error(heldout, index, k, w_kept, b_kept), "ridge": ridge,
+            "rel_error": relative_error(fit, all_kept, k, w_kept, b_kept),
+            "rel_error_heldout": relative_error(heldout, all_kept, k, w_kept, b_kept), "ridge": ridge,
         }
 
     def result(self, original: nn.Module) -> nn.Module:

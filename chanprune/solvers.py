@@ -75,6 +75,19 @@ def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
     return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
 
 
+def _rows(matrix: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``matrix[cols]``, without a copy when ``cols`` is every row in order."""
+    if len(cols) == matrix.shape[0] and bool((cols == torch.arange(len(cols))).all()):
+        return matrix
+    return matrix[cols]
+
+
+def _block(matrix: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``matrix[cols][:, cols]``, without a copy when ``cols`` is every row in order."""
+    rows = _rows(matrix, cols)
+    return rows if rows is matrix else rows[:, cols]
+
+
 def ridged_cholesky(a: torch.Tensor, ridge: float) -> torch.Tensor:
     """Cholesky factor of ``a + λI`` with λ = ridge * trace(a) / dim, raised until ``a`` is
     positive definite (few samples or dead inputs leave a singular or, by round-off, indefinite ``a``)."""
@@ -97,8 +110,8 @@ def least_squares(moments: Moments, keep: torch.Tensor, k: int,
     """
     cols = block_indices(keep, k)
     xtx, xty, _ = moments.centred()
-    a = xtx[cols][:, cols]
-    rhs = xty[cols]
+    a = _block(xtx, cols)
+    rhs = _rows(xty, cols)
     w = torch.cholesky_solve(rhs, ridged_cholesky(a, ridge)).T.contiguous()
     b = moments.mean_y - w @ moments.mean_x[cols]
     return w, b
@@ -122,7 +135,7 @@ def squared_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Te
         return float("nan")
     cols = block_indices(keep, k)
     xtx, xty, yty = moments.centred()
-    fit = yty - 2.0 * float((weight * xty[cols].T).sum()) + float(((weight @ xtx[cols][:, cols]) * weight).sum())
+    fit = yty - 2.0 * float((weight * _rows(xty, cols).T).sum()) + float(((weight @ _block(xtx, cols)) * weight).sum())
     offset = moments.mean_y - weight @ moments.mean_x[cols] - bias
     return max(fit + moments.count * float(offset @ offset), 0.0)
 

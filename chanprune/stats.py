@@ -20,6 +20,7 @@ from .layers import SelectedConv2d
 
 
 FOLD_EVERY = 16384  # samples summed in float32 before they are folded into the float64 totals
+MIN_SHIFT_SAMPLES = 64  # a batch that sets the float32 shift must have at least this many samples
 
 
 @dataclass
@@ -29,7 +30,9 @@ class Moments:
     A pure, additive value: ``a.merge(b)`` is the moments of both sample sets, which is what
     ranks all-reduce. Products run in float32 (the fast BLAS path) into float32 buffers that are
     folded into the float64 totals every :data:`FOLD_EVERY` samples, so the float64 cost is paid
-    once per fold rather than once per batch; the totals keep float64 precision.
+    once per fold rather than once per batch. The float32 products are taken about a shift (the
+    first batch's mean), so that inputs with large means (after a ReLU) lose no digits when the
+    solvers centre them; the fold turns them back into raw float64 sums exactly.
     """
 
     dim_x: int
@@ -38,8 +41,6 @@ class Moments:
     device: torch.device | str = "cpu"
     sum_x: torch.Tensor = field(init=False)
     sum_y: torch.Tensor = field(init=False)
-    xtx: torch.Tensor = field(init=False)
-    xty: torch.Tensor = field(init=False)
     yty: float = 0.0
 
     def __post_init__(self) -> None:
@@ -47,10 +48,13 @@ class Moments:
         self.device = dev
         self.sum_x = torch.zeros(self.dim_x, dtype=f64, device=dev)
         self.sum_y = torch.zeros(self.dim_y, dtype=f64, device=dev)
-        self.xtx = torch.zeros(self.dim_x, self.dim_x, dtype=f64, device=dev)
-        self.xty = torch.zeros(self.dim_x, self.dim_y, dtype=f64, device=dev)
+        self._xtx = torch.zeros(self.dim_x, self.dim_x, dtype=f64, device=dev)
+        self._xty = torch.zeros(self.dim_x, self.dim_y, dtype=f64, device=dev)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pending_count = 0
+        self._pending_sums = (torch.zeros_like(self.sum_x), torch.zeros_like(self.sum_y))  # of x - shift
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._centred: tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]] | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add samples x (P, dim_x) and y (P, dim_y)."""
@@ -61,6 +65,16 @@ class Moments:
         self.sum_x += x.sum(0, dtype=torch.float64)
         self.sum_y += y.sum(0, dtype=torch.float64)
         self.yty += float(y.square().sum(dtype=torch.float64))
+        if self._shift is None and len(x) < MIN_SHIFT_SAMPLES:  # too few to estimate a shift: exact float64
+            xd = x.double()
+            self._xtx.addmm_(xd.T, xd)
+            self._xty.addmm_(xd.T, y.double())
+            return
+        if self._shift is None:  # on a 1/16 grid: data exact in float32 (integers) stays exact
+            self._shift = ((x.mean(0) * 16).round() / 16, (y.mean(0) * 16).round() / 16)
+        x, y = x - self._shift[0], y - self._shift[1]
+        self._pending_sums[0].add_(x.sum(0, dtype=torch.float64))
+        self._pending_sums[1].add_(y.sum(0, dtype=torch.float64))
         if self._pending is None:
             self._pending = (x.T @ x, x.T @ y)
         else:
@@ -73,15 +87,39 @@ class Moments:
     def fold(self) -> "Moments":
         """Add the float32 partial sums into the float64 totals (returns ``self``)."""
         if self._pending is not None:
-            self.xtx += self._pending[0]
-            self.xty += self._pending[1]
+            m = self._pending_count
+            sx, sy = (s.double() for s in self._shift)
+            dx, dy = self._pending_sums
+            # sum x x^T = sum (x-s)(x-s)^T + s (sum (x-s))^T + (sum (x-s)) s^T + m s s^T
+            self._xtx += self._pending[0]
+            self._xtx.addr_(sx, dx).addr_(dx, sx).addr_(sx, sx, alpha=m)
+            self._xty += self._pending[1]
+            self._xty.addr_(sx, dy).addr_(dx, sy).addr_(sx, sy, alpha=m)
             self._pending, self._pending_count = None, 0
+            dx.zero_()
+            dy.zero_()
         return self
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """X^T X in float64 (every sample so far included)."""
+        return self.fold()._xtx
+
+    @xtx.setter
+    def xtx(self, value: torch.Tensor) -> None:
+        self.fold()._xtx = value
+
+    @property
+    def xty(self) -> torch.Tensor:
+        """X^T Y in float64 (every sample so far included)."""
+        return self.fold()._xty
+
+    @xty.setter
+    def xty(self, value: torch.Tensor) -> None:
+        self.fold()._xty = value
 
     def merge(self, other: "Moments") -> "Moments":
         """Add ``other``'s samples into these moments (returns ``self``)."""
-        self.fold()
-        other.fold()
         self.count += other.count
         self.sum_x += other.sum_x.to(self.device)
         self.sum_y += other.sum_y.to(self.device)
@@ -133,11 +171,16 @@ class Moments:
         return self.sum_y / max(self.count, 1)
 
     def centred(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Scatter matrices about the means: (X-x̄)^T(X-x̄), (X-x̄)^T(Y-ȳ), ||Y-ȳ||^2."""
-        n = self.count
-        mx, my = self.mean_x, self.mean_y
-        return (self.xtx - n * torch.outer(mx, mx), self.xty - n * torch.outer(mx, my),
-                self.yty - n * float(my @ my))
+        """Scatter matrices about the means: (X-x̄)^T(X-x̄), (X-x̄)^T(Y-ȳ), ||Y-ȳ||^2 (computed once
+        per set of samples: the solvers ask for them many times)."""
+        key = (self.count, self.yty, id(self._xtx), id(self._xty))
+        if self._centred is None or self._centred[0] != key or self._pending is not None:
+            n = self.count
+            mx, my = self.mean_x, self.mean_y
+            xtx = torch.addr(self.xtx, mx, mx, alpha=-n)
+            xty = torch.addr(self.xty, mx, my, alpha=-n)
+            self._centred = (key, (xtx, xty, self.yty - n * float(my @ my)))
+        return self._centred[1]
 
 
 @dataclass

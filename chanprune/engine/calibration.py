@@ -11,6 +11,7 @@ them. Over a whole prune each model is run about once.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -50,7 +51,8 @@ class Calibration:
         self.graph, self.sampling, self.store = graph, sampling, store
         self.device = store.device
         self.reader_index = {r.name: i for i, r in enumerate(graph_readers(graph))}
-        self.pending = {r.name: r for r in readers}
+        self.pending = Counter(r.name for r in readers)  # units still to ask for each reader's targets
+        self.readers = {r.name: r for r in readers}
         self.sizes: list[int] = []
         self.offsets: list[int] = []
         first_shape = None
@@ -90,7 +92,7 @@ class Calibration:
         """Move the original model's frontier to node ``position``, keeping every pending reader's
         output (and shortcut) at its sampled positions on the way."""
         by_node: dict[str, list[tuple[str, Reader]]] = {}
-        for r in self.pending.values():
+        for r in (self.readers[name] for name in self.pending):
             by_node.setdefault(r.output_node, []).append(("output", r))
             if r.shortcut:
                 by_node.setdefault(r.shortcut, []).append(("shortcut", r))
@@ -136,8 +138,8 @@ class Calibration:
                 fit, heldout = result[r.name]
                 fit.update(x[~held], y[~held])
                 heldout.update(x[held], y[held])
-        for r in readers:
-            self.pending.pop(r.name, None)
+        self.pending.subtract(r.name for r in readers)
+        self.pending = +self.pending  # a reader of two units (a concatenation) keeps its targets for the second
         for batch in range(len(self.sizes)):
             targets = self.store.get(batch, _TARGETS)
             left = {k: v for k, v in targets.items() if k.partition(":")[2] in self.pending}
