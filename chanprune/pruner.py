@@ -28,6 +28,7 @@ from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from .config import AUTO_RIDGES, PruneConfig
 from .data import iterate_batches, validate_images
 from .engine.calibration import Calibration, Sampling
+from .distributed import shard
 from .engine.store import BatchStore, available_memory, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
 from .flops import count_flops, count_params, flop_breakdown
@@ -115,7 +116,9 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     """Prune ``model`` to ``speedup`` x fewer FLOPs; returns (pruned copy, report).
 
     ``calib_data`` is a tensor (N, C, H, W) or an iterable of batches (a DataLoader yielding
-    images or (images, ...) tuples); it is read once, batch by batch. ``device`` is where
+    images or (images, ...) tuples); it is read once, batch by batch. Under torch.distributed
+    (e.g. ``torchrun``) each rank keeps every world-size-th batch and the statistics are summed
+    over ranks, so every rank returns the same pruned model. ``device`` is where
     statistics are gathered (default: the model's); ``memory_budget`` caps the bytes of carried
     activations kept on it (default: half the free memory), beyond which they go to temporary
     files. ``options`` are fields of :class:`PruneConfig`. The caller's model is not changed.
@@ -167,7 +170,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     readers = [r for u in todo for r in u.readers]
     sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
     calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
-                              sampling, readers, store, first_in_channels(original))
+                              sampling, readers, store, first_in_channels(original), shard())
     prune_units(run, calibration, todo, widths, f"{cfg.method} {cfg.speedup or ''}x".strip() if progress else None)
     pruned = run.result(original)
 

@@ -62,19 +62,24 @@ class Moments:
             return
         x, y = x.float(), y.float()
         self.count += len(x)
-        self.sum_x += x.sum(0, dtype=torch.float64)
-        self.sum_y += y.sum(0, dtype=torch.float64)
-        self.yty += float(y.square().sum(dtype=torch.float64))
         if self._shift is None and len(x) < MIN_SHIFT_SAMPLES:  # too few to estimate a shift: exact float64
-            xd = x.double()
+            xd, yd = x.double(), y.double()
+            self.sum_x += xd.sum(0)
+            self.sum_y += yd.sum(0)
+            self.yty += float(yd.square().sum())
             self._xtx.addmm_(xd.T, xd)
-            self._xty.addmm_(xd.T, y.double())
+            self._xty.addmm_(xd.T, yd)
             return
         if self._shift is None:  # on a 1/16 grid: data exact in float32 (integers) stays exact
             self._shift = ((x.mean(0) * 16).round() / 16, (y.mean(0) * 16).round() / 16)
+        sx, sy = (s.double() for s in self._shift)
         x, y = x - self._shift[0], y - self._shift[1]
-        self._pending_sums[0].add_(x.sum(0, dtype=torch.float64))
-        self._pending_sums[1].add_(y.sum(0, dtype=torch.float64))
+        dx, dy = x.sum(0).double(), y.sum(0).double()  # float32 pairwise sums of the shifted samples
+        self.sum_x += dx + len(x) * sx
+        self.sum_y += dy + len(x) * sy
+        self.yty += float(y.square().sum()) + 2 * float(sy @ dy) + len(x) * float(sy @ sy)
+        self._pending_sums[0].add_(dx)
+        self._pending_sums[1].add_(dy)
         if self._pending is None:
             self._pending = (x.T @ x, x.T @ y)
         else:
@@ -126,6 +131,18 @@ class Moments:
         self.xtx += other.xtx.to(self.device)
         self.xty += other.xty.to(self.device)
         self.yty += other.yty
+        return self
+
+    def all_reduce(self) -> "Moments":
+        """Sum these moments over every process of the default torch.distributed group (in place):
+        they are sums, so each rank then holds the moments of all ranks' samples."""
+        import torch.distributed as dist
+
+        self.fold()
+        scalars = torch.tensor([float(self.count), self.yty], dtype=torch.float64, device=self.device)
+        for tensor in (self.sum_x, self.sum_y, self._xtx, self._xty, scalars):
+            dist.all_reduce(tensor)
+        self.count, self.yty = int(round(float(scalars[0]))), float(scalars[1])
         return self
 
     def to(self, device: torch.device | str) -> "Moments":
@@ -213,7 +230,7 @@ def sample_positions(image_ids: torch.Tensor, height: int, width: int, per_image
         flat = torch.arange(hw).repeat(batch, 1)
     else:
         codes = (key * 1_000_003 + image_ids.long())[:, None] * hw + torch.arange(hw)[None]
-        flat = _scramble(codes).argsort(1)[:, :take]
+        flat = _scramble(codes).topk(take, 1, largest=False, sorted=False).indices.sort(1).values
     image = torch.arange(batch).repeat_interleave(take)
     flat = flat.reshape(-1)
     return Positions(image, flat // width, flat % width)

