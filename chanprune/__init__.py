@@ -3,10 +3,10 @@
 from .io.checkpoint import load_model, save_model
 from .errors import ChanpruneError
 from .models import create_model
+from ._version import __version__
 from .config import PruneConfig
 from .pruner import prune
 from .report import LayerReport, PruneReport
 
-__all__ = ["ChanpruneError", "LayerReport", "PruneConfig", "PruneReport", "create_model", "load_model", "prune",
+__all__ = ["__version__", "ChanpruneError", "LayerReport", "PruneConfig", "PruneReport", "create_model", "load_model", "prune",
            "save_model"]
-__version__ = "0.1.0"

@@ -159,16 +159,29 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
+@click.option("--device", default=None, help="Where statistics are gathered: cpu, cuda, cuda:1 [default: the model's].")
+@click.option("--memory-budget", type=click.IntRange(min=0), default=None,
+              help="MiB of carried activations kept in memory; the rest go to temporary files [default: half the "
+                   "free memory].")
+@click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save each unit's result here; the same command run again after a kill continues from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
 def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
           residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
-          trust_checkpoint: bool, out: Path, report_path: Path) -> None:
-    """Prune a model to a speed-up and write the pruned model and a JSON report."""
+          trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
+          out: Path, report_path: Path) -> None:
+    """Prune a model to a speed-up and write the pruned model and a JSON report.
+
+    Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process reads its
+    share of the calibration batches, statistics are summed across processes, and rank 0 writes
+    the files."""
     from .config import PruneConfig
-    from .experiment import calibration_images, compare, load_model_spec, test_split
+    from .distributed import init_from_environment, writes_files
+    from .experiment import calibration_images, compare, load_model_spec, probe_images, test_split
     from .io.checkpoint import save_model
+    from .io.provenance import input_shape
     from .pruner import prune as run_prune
 
     if speedup is None and widths_file is None:
@@ -184,10 +197,15 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
     loaded = load_model_spec(model_spec, trust_checkpoint)
     config.check_model(loaded.model)
     images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
-    pruned, report = run_prune(loaded.model, images, speedup, method, progress=sys.stderr.isatty(), **options)
-    report.config.update(model=model_spec, calib_data=calib_data, calib_images=len(images),
-                         input_size=list(images.shape[2:]), widths_file=str(widths_file) if widths_file else None)
-    measured = compare(loaded.model, pruned, test_split(loaded), images)
+    init_from_environment()
+    budget = memory_budget * 2**20 if memory_budget is not None else None
+    pruned, report = run_prune(loaded.model, images, speedup, method, progress=sys.stderr.isatty(), device=device,
+                               memory_budget=budget, checkpoint_dir=resume_dir, **options)
+    if not writes_files():
+        return
+    report.config.update(model=model_spec, calib_data=calib_data, calib_images=report.calibration_images,
+                         input_size=list(input_shape(pruned)[1:]), widths_file=str(widths_file) if widths_file else None)
+    measured = compare(loaded.model, pruned, test_split(loaded), probe_images(images))
     report.accuracy_before = measured["accuracy_before"]
     report.accuracy_after = measured["accuracy_after"]
     report.logit_rel_error = measured["logit_rel_error"]
@@ -200,8 +218,9 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
     acc = ""
     if report.accuracy_after is not None:
         acc = f"  accuracy {100 * report.accuracy_before:.2f}% -> {100 * report.accuracy_after:.2f}%"
+    resumed = f"  ({report.resumed_units} units resumed from {resume_dir})" if report.resumed_units else ""
     click.echo(f"speed-up {report.speedup_achieved:.2f}x  params {report.params_before:,} -> "
-               f"{report.params_after:,}{acc}  logit error {report.logit_rel_error:.4f}  -> {out}")
+               f"{report.params_after:,}{acc}  logit error {report.logit_rel_error:.4f}  -> {out}{resumed}")
 
 
 @main.command()

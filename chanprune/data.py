@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import ChanpruneError
 
@@ -64,13 +64,18 @@ def calibration_indices(n_total: int, n_images: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[:n_images].sort().values
 
 
+def check_input_size(input_size: tuple[int, int] | None) -> None:
+    """Raise unless ``input_size`` is None or two positive integers (H, W)."""
+    if input_size is not None and not (len(input_size) == 2 and min(input_size) >= 1):
+        raise ChanpruneError(f"--input-size must be two positive integers H W, got {tuple(input_size)}; "
+                             "give the height and width the model expects, e.g. --input-size 224 224")
+
+
 def load_calibration_file(path: str | Path, input_size: tuple[int, int] | None = None,
                           in_channels: int | None = None) -> torch.Tensor:
     """Calibration images from a folder of images or a ``.npy`` / ``.pt`` tensor of shape N,C,H,W."""
     path = Path(path)
-    if input_size is not None and not (len(input_size) == 2 and min(input_size) >= 1):
-        raise ChanpruneError(f"--input-size must be two positive integers H W, got {tuple(input_size)}; "
-                             "give the height and width the model expects, e.g. --input-size 224 224")
+    check_input_size(input_size)
     if not path.exists():
         raise ChanpruneError(f"calibration data {str(path)!r} does not exist; pass a folder of "
                              "images or a .npy/.pt tensor of shape (N, C, H, W)")
@@ -102,25 +107,54 @@ def load_calibration_file(path: str | Path, input_size: tuple[int, int] | None =
 
 def _load_image_folder(folder: Path, input_size: tuple[int, int] | None,
                        in_channels: int | None) -> torch.Tensor:
-    """Every image under ``folder`` (sorted), scaled to [0, 1]; all must have one size unless resized.
+    """Every image under ``folder`` (sorted), scaled to [0, 1], as one tensor; all must have one
+    size unless resized."""
+    return torch.cat(list(image_folder_loader(folder, input_size, in_channels)))
 
-    ``rglob`` does not descend into symlinked folders, so a link loop (``loop -> .``) is not
-    followed; a link named like an image that cannot be opened is refused by name.
-    """
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted. ``rglob`` does not descend into symlinked folders,
+    so a link loop (``loop -> .``) is not followed; a link named like an image that cannot be
+    opened is refused by name when it is read."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ChanpruneError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}; put images "
                              "with one of these suffixes in it, or pass a .npy/.pt tensor of shape (N, C, H, W)")
-    mode = "L" if in_channels == 1 else "RGB"
-    tensors = [_read_image(file, mode, input_size) for file in files]
-    first = {}
-    for file, tensor in zip(files, tensors):
-        first.setdefault(tuple(tensor.shape[1:]), file)
-    if len(first) > 1:
-        (a, size_a), (b, size_b) = [(file.name, size) for size, file in first.items()][:2]
-        raise ChanpruneError(f"images in {str(folder)!r} differ in size: {a} is {size_a[0]}x{size_a[1]}, {b} is "
-                             f"{size_b[0]}x{size_b[1]}; pass --input-size H W to resize them")
-    return torch.stack(tensors)
+    return files
+
+
+class ImageFiles(Dataset):
+    """Images read from files one at a time (a calibration folder is never held in memory whole).
+    Every image must have the size of the first one (after ``input_size`` resizing, if given)."""
+
+    def __init__(self, folder: Path, files: list[Path], in_channels: int | None, input_size: tuple[int, int] | None):
+        self.folder, self.files, self.input_size = folder, files, input_size
+        self.mode = "L" if in_channels == 1 else "RGB"
+        self.size = tuple(_read_image(files[0], self.mode, input_size).shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = _read_image(self.files[index], self.mode, self.input_size)
+        if tuple(image.shape[1:]) != self.size:
+            a, b = self.files[0].name, self.files[index].name
+            raise ChanpruneError(f"images in {str(self.folder)!r} differ in size: {a} is {self.size[0]}x{self.size[1]}, "
+                                 f"{b} is {image.shape[1]}x{image.shape[2]}; pass --input-size H W to resize them")
+        return image
+
+
+def image_folder_loader(folder: str | Path, input_size: tuple[int, int] | None, in_channels: int | None,
+                        n_images: int | None = None, seed: int = 0, batch_size: int = 64) -> DataLoader:
+    """Batches of the images under ``folder``, read as they are needed; with ``n_images`` a seeded
+    sample of that many files (in folder order)."""
+    folder = Path(folder)
+    check_input_size(input_size)
+    files = image_files(folder)
+    if n_images is not None and n_images < len(files):
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n_images].sort().values
+        files = [files[i] for i in chosen.tolist()]
+    return DataLoader(ImageFiles(folder, files, in_channels, input_size), batch_size=batch_size)
 
 
 def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> torch.Tensor:

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .io.checkpoint import load_model, load_pickled_module
 from .io.provenance import Provenance, attach, input_shape, provenance
 from .io.references import ArchRef, build_constructor, parse_constructor
-from .data import Split, calibration_subset, load_calibration_file, mnist_split
+from .data import Split, calibration_subset, image_folder_loader, iterate_batches, load_calibration_file, mnist_split
 from .errors import ChanpruneError
 from .evaluate import accuracy, logit_rel_error, predict
 from .models import BUNDLED, BundledModel, create_model
@@ -94,13 +95,16 @@ def load_model_spec(spec: str, trust_checkpoint: bool = False,
 
 
 def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: int | None, seed: int,
-                       input_size: tuple[int, int] | None) -> torch.Tensor:
-    """Calibration images: from ``calib_data`` if given, else the bundled model's train split."""
+                       input_size: tuple[int, int] | None) -> torch.Tensor | DataLoader:
+    """Calibration images: from ``calib_data`` if given (a folder is streamed, file by file, as a
+    DataLoader), else the bundled model's train split."""
     if n_images is not None and n_images < 1:
         raise ChanpruneError(f"--calib-images must be at least 1, got {n_images}; give the number of images to "
                              "calibrate on (500 for bundled models)")
     if calib_data is not None:
         in_chans = loaded.entry.in_chans if loaded.entry else _recorded_channels(loaded.model)
+        if Path(calib_data).is_dir():
+            return image_folder_loader(calib_data, input_size, in_chans, n_images, seed)
         images = load_calibration_file(calib_data, input_size, in_chans)
         if n_images is not None and n_images < len(images):
             g = torch.Generator().manual_seed(seed)
@@ -115,6 +119,19 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
         raise ChanpruneError("this model has no bundled data set; pass --calib-data (a folder of images or a "
                              ".npy/.pt tensor of shape N,C,H,W)")
     return calibration_subset(mnist_split("train"), n_images or 500, seed)
+
+
+def probe_images(data: torch.Tensor | DataLoader, limit: int = 256) -> torch.Tensor:
+    """Up to ``limit`` calibration images as one tensor (to compare logits of user models)."""
+    if isinstance(data, torch.Tensor):
+        return data[:limit]
+    batches, count = [], 0
+    for batch in iterate_batches(data, limit):
+        batches.append(batch[: limit - count])
+        count += len(batches[-1])
+        if count >= limit:
+            break
+    return torch.cat(batches)
 
 
 def _recorded_channels(model: nn.Module) -> int | None:

@@ -16,6 +16,7 @@ import fnmatch
 import itertools
 import math
 import time
+from pathlib import Path
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,8 @@ from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
 from .config import AUTO_RIDGES, PruneConfig
 from .data import iterate_batches, validate_images
 from .engine.calibration import Calibration, Sampling
+from .engine.resume import ResumeDir, UnitRecord, model_fingerprint
+from ._version import __version__
 from .distributed import shard
 from .engine.store import BatchStore, available_memory, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
@@ -39,7 +42,7 @@ from .report import LayerReport, PruneReport
 from .selection import STRATEGIES, ReaderProblem, SelectionProblem
 from .solvers import block_indices, heldout_least_squares, least_squares, relative_error
 from .stats import Moments, reader_dim
-from .surgery import Plan, folded_weight, replay, write_folded
+from .surgery import Plan, PlanOp, folded_weight, replay, write_folded
 
 def first_in_channels(model: nn.Module) -> int | None:
     """Input channels of the first conv (the image channels the model expects)."""
@@ -112,7 +115,7 @@ def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flo
 
 def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method: str = "lasso", *,
           progress: bool = True, device: str | torch.device | None = None, memory_budget: int | None = None,
-          **options: Any) -> tuple[nn.Module, PruneReport]:
+          checkpoint_dir: str | Path | None = None, **options: Any) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` to ``speedup`` x fewer FLOPs; returns (pruned copy, report).
 
     ``calib_data`` is a tensor (N, C, H, W) or an iterable of batches (a DataLoader yielding
@@ -121,7 +124,9 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     over ranks, so every rank returns the same pruned model. ``device`` is where
     statistics are gathered (default: the model's); ``memory_budget`` caps the bytes of carried
     activations kept on it (default: half the free memory), beyond which they go to temporary
-    files. ``options`` are fields of :class:`PruneConfig`. The caller's model is not changed.
+    files. With ``checkpoint_dir`` each unit's result is saved as it is done, and a run killed and
+    started again with the same model, data and options picks up where it stopped, ending with
+    the same bytes. ``options`` are fields of :class:`PruneConfig`. The caller's model is not changed.
     """
     start = time.perf_counter()
     cfg = PruneConfig(speedup=speedup, method=method, **options)
@@ -138,7 +143,7 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
         next((p.device for p in model.parameters()), torch.device("cpu"))
     budget = memory_budget if memory_budget is not None else default_budget(device)
     with evaluating(model) as original, BatchStore(budget, device) as store:
-        return _prune(original, first, itertools.chain([first], stream), cfg, store, progress, start)
+        return _prune(original, first, itertools.chain([first], stream), cfg, store, progress, start, checkpoint_dir)
 
 
 @contextlib.contextmanager
@@ -155,7 +160,8 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Tensor], cfg: PruneConfig,
-           store: BatchStore, progress: bool, start: float) -> tuple[nn.Module, PruneReport]:
+           store: BatchStore, progress: bool, start: float,
+           checkpoint_dir: str | Path | None) -> tuple[nn.Module, PruneReport]:
     device = store.device
     graph = build_graph(original, first[:1].to(_model_device(original)))
     input_shape = (1, *first.shape[1:])
@@ -171,7 +177,14 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
     calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
                               sampling, readers, store, first_in_channels(original), shard())
-    prune_units(run, calibration, todo, widths, f"{cfg.method} {cfg.speedup or ''}x".strip() if progress else None)
+    resume = None
+    if checkpoint_dir is not None:
+        rank, world = shard()
+        fingerprint = {"model": model_fingerprint(original), "data": calibration.fingerprint, "options": cfg.to_dict(),
+                       "widths": {u.name: widths[u.name] for u in todo}, "version": __version__}
+        resume = ResumeDir(Path(checkpoint_dir) / f"rank-{rank}" if world > 1 else checkpoint_dir, fingerprint)
+    resumed = prune_units(run, calibration, todo, widths,
+                          f"{cfg.method} {cfg.speedup or ''}x".strip() if progress else None, resume)
     pruned = run.result(original)
 
     sparse = [name for name, e in run.errors.items() if e["samples"] < 3 * e["inputs"]]
@@ -187,6 +200,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         seconds=0.0, config=cfg.to_dict(),
         layers=layer_reports(original, pruned, run.errors) + unit_reports(graph, todo, run))
     report.calibration_images = calibration.images
+    report.resumed_units = resumed
     report.peak_activation_bytes = store.peak_bytes
     report.spilled_bytes = store.spilled_bytes
     report.seconds = time.perf_counter() - start
@@ -194,17 +208,32 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
 
 
 def prune_units(run: "PruneRun", calibration: Calibration, units: list[Unit], widths: dict[str, int],
-                progress: str | None = None) -> None:
+                progress: str | None = None, resume: ResumeDir | None = None) -> int:
     """Prune ``units`` in execution order: moments from the carried activations, selection and
-    reconstruction, then the carried values lose the dropped channels and move to the next unit."""
+    reconstruction, then the carried values lose the dropped channels and move to the next unit.
+
+    With ``resume``, each unit's result is saved as it is done, and units saved by an earlier run
+    are replayed (same operations in the same order, without moments or solvers), so the result
+    is byte-identical to an uninterrupted run. Returns the number of units replayed."""
+    records = resume.records() if resume is not None else []
     for i, unit in enumerate(tqdm(units, desc=progress, disable=progress is None, leave=False)):
-        moments = calibration.moments(unit.readers, run.kept_outputs, run.cfg.residual_correction)
         widths_before = dict(run.widths)
-        keep = run.prune_unit(unit, widths[unit.name], {k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in moments.items()})
+        if i < len(records):
+            calibration.skip(unit.readers)
+            keep = run.replay_readers(unit, records[i])
+        else:
+            moments = calibration.moments(unit.readers, run.kept_outputs, run.cfg.residual_correction)
+            start = len(run.plan.ops)
+            keep = run.select_and_reconstruct(unit, widths[unit.name],
+                                              {k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in moments.items()})
+            if resume is not None:
+                resume.save(run.unit_record(i, unit, keep, run.plan.ops[start:]))
+        run.shrink(unit, keep)
         if unit.reader is None:
             calibration.drop_channels(unit.group.name, keep, widths_before)
         if i + 1 < len(units):
             calibration.advance(calibration.reader_position(units[i + 1].readers))
+    return min(len(records), len(units))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -256,6 +285,14 @@ class PruneRun:
         ``moments`` (fitted, held-out) of each reader must match the working model as it is now.
         Returns the kept channel indices.
         """
+        keep = self.select_and_reconstruct(unit, n_keep, moments)
+        self.shrink(unit, keep)
+        return keep
+
+    def select_and_reconstruct(self, unit: Unit, n_keep: int,
+                               moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
+        """Choose the kept channels of ``unit`` and refit its readers (their input channels shrink);
+        the writers and followers keep every channel until :meth:`shrink`."""
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
@@ -267,6 +304,12 @@ class PruneRun:
             raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
         for rp in full:
             self.reconstruct(rp, group, keep, select=unit.reader is not None)
+        return keep
+
+    def shrink(self, unit: Unit, keep: torch.Tensor) -> None:
+        """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
+        (after its readers were reconstructed)."""
+        group = unit.group
         if unit.reader is None:
             for name in group.writers:
                 self.plan.keep_outputs(self.work, name, keep)
@@ -274,9 +317,34 @@ class PruneRun:
                 self.kept_outputs[name] = previous[keep]
             for name in group.followers:
                 self.plan.keep_channels(self.work, name, self.layer_index(name, group, keep))
-            self.widths[group.name] = n_keep
+            self.widths[group.name] = len(keep)
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
-        return keep
+
+    def unit_record(self, index: int, unit: Unit, keep: torch.Tensor, ops: list[PlanOp]) -> UnitRecord:
+        """What :meth:`select_and_reconstruct` just did to ``unit``'s readers, for a resumed run."""
+        tensors = {}
+        for r in unit.readers:
+            for name in (r.name, r.bn):
+                if name:
+                    tensors.update({f"{name}.{k}": v.clone() for k, v in self.work.get_submodule(name).state_dict().items()})
+        return UnitRecord(index, unit.name, tuple(keep.tolist()), tuple(ops), tensors,
+                          {r.name: self.errors[r.name] for r in unit.readers if r.name in self.errors},
+                          self.generator.get_state())
+
+    def replay_readers(self, unit: Unit, record: UnitRecord) -> torch.Tensor:
+        """Redo a recorded :meth:`select_and_reconstruct`: the same operations and tensors."""
+        if record.unit != unit.name:
+            raise ChanpruneError(f"resume record {record.index} is for {record.unit!r}, not {unit.name!r}; the saved "
+                                 "run pruned other layers: use another --resume-dir")
+        for op in record.ops:
+            self.plan.apply(self.work, op)
+        with torch.no_grad():
+            state = self.work.state_dict(keep_vars=True)
+            for name, value in record.tensors.items():
+                state[name].copy_(value)
+        self.errors.update(record.errors)
+        self.generator.set_state(record.generator)
+        return torch.tensor(record.keep, dtype=torch.long)
 
     def reconstruct(self, rp: ReaderProblem, group: ChannelGroup, keep: torch.Tensor, select: bool) -> None:
         """Least squares of one reader (its whole input) on the kept input channels, written into

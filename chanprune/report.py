@@ -43,6 +43,7 @@ class PruneReport:
     calibration_images: int | None = None
     peak_activation_bytes: int | None = None  # carried activations held in memory at once
     spilled_bytes: int | None = None  # carried activations written to temporary files
+    resumed_units: int = 0  # units replayed from a checkpoint folder instead of solved again
 
     @property
     def speedup_achieved(self) -> float:

@@ -131,9 +131,7 @@ class Calibration:
         """Moments (fitted, held-out) of ``readers``: inputs from the working model as pruned so far,
         targets from the original. With ``residual_correction`` a reader that feeds a residual add
         targets Y2 + Y1 - Y1' (its original output, the original shortcut, the current shortcut)."""
-        nodes = [self.original.index[r.output_node] for r in readers]
-        nodes += [self.original.index[r.shortcut] for r in readers if r.shortcut]
-        self.record_targets(max(nodes) + 1)
+        self.targets_of(readers)
         want = {r.input_node for r in readers}
         want |= {r.shortcut for r in readers if residual_correction and r.shortcut}
         layers = {r.name: self.work.gm.get_submodule(r.name) for r in readers}
@@ -160,14 +158,31 @@ class Calibration:
             for fit, heldout in result.values():
                 fit.all_reduce()
                 heldout.all_reduce()
+        self.release(readers)
+        return result
+
+    def targets_of(self, readers: list[Reader]) -> None:
+        """Make sure the original model has passed (and recorded the targets of) ``readers``."""
+        nodes = [self.original.index[r.output_node] for r in readers]
+        nodes += [self.original.index[r.shortcut] for r in readers if r.shortcut]
+        self.record_targets(max(nodes) + 1)
+
+    def release(self, readers: list[Reader]) -> None:
+        """A unit of ``readers`` is done: forget targets and positions no later unit needs."""
         self.pending.subtract(r.name for r in readers)
         self.pending = +self.pending  # a reader of two units (a concatenation) keeps its targets for the second
         self._positions = {key: pos for key, pos in self._positions.items() if key[0] in self.pending}
         for batch in range(len(self.sizes)):
             targets = self.store.get(batch, _TARGETS)
             left = {k: v for k, v in targets.items() if k.partition(":")[2] in self.pending}
-            self.store.put(batch, _TARGETS, left)
-        return result
+            if left.keys() != targets.keys():
+                self.store.put(batch, _TARGETS, left)
+
+    def skip(self, readers: list[Reader]) -> None:
+        """Pass a unit whose result is already known (a resumed run) exactly as :meth:`moments` would,
+        without gathering its moments."""
+        self.targets_of(readers)
+        self.release(readers)
 
     def drop_channels(self, group: str, keep: torch.Tensor, widths: dict[str, int]) -> None:
         """The working model's kept values lose the channels of ``group`` not in ``keep``;
