@@ -25,7 +25,8 @@ from .graph import build_graph
 from .config import PruneConfig
 from .engine.calibration import Sampling, unpruned_moments
 from .engine.store import BatchStore, default_budget
-from .pruner import PruneRun, first_in_channels
+from .engine.run import PruneRun
+from .units import first_in_channels
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
 

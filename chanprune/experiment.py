@@ -17,7 +17,7 @@ from .data import Split, calibration_subset, image_folder_loader, iterate_batche
 from .errors import ChanpruneError
 from .evaluate import accuracy, logit_rel_error, predict
 from .models import BUNDLED, BundledModel, create_model
-from .pruner import first_in_channels
+from .units import first_in_channels
 
 
 @dataclass

@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from .allocation import Unit
 from .files import write_text_atomic
+from .layers import SelectedConv2d
 
 
 @dataclass
@@ -57,3 +62,37 @@ class PruneReport:
     def save_json(self, path: str | Path) -> None:
         """Write the report atomically (no partial file on failure)."""
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
+
+
+def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict[str, Any]]) -> list[LayerReport]:
+    """One entry per Conv2d / Linear whose shape changed, with the errors of its reconstruction."""
+    reports = []
+    for name, before in original.named_modules():
+        if not isinstance(before, (nn.Conv2d, nn.Linear)):
+            continue
+        after = pruned.get_submodule(name)
+        shape_before, shape_after = tuple(before.weight.shape[:2]), tuple(after.weight.shape[:2])
+        if shape_before == shape_after and name not in errors:
+            continue
+        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(after, SelectedConv2d) \
+            else "conv"
+        err = errors.get(name, {})
+        reports.append(LayerReport(
+            name=name, kind=kind,
+            in_channels_before=_in_channels(before), in_channels_after=_in_channels(after),
+            out_channels_before=shape_before[0], out_channels_after=shape_after[0],
+            kept_indices=err.get("kept_indices"), rel_error=err.get("rel_error"),
+            rel_error_heldout=err.get("rel_error_heldout"), rel_error_before=err.get("rel_error_before")))
+    return reports
+
+
+def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor]) -> list[LayerReport]:
+    """One entry per pruned residual trunk: the channels every writer and reader of it lost."""
+    return [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
+                        in_channels_after=len(kept[u.name]), out_channels_before=u.channels,
+                        out_channels_after=len(kept[u.name]), kept_indices=kept[u.name].tolist())
+            for u in units if u.kind == "trunk"]
+
+
+def _in_channels(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features

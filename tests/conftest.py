@@ -20,7 +20,8 @@ from chanprune.graph import build_graph
 from chanprune.config import PruneConfig
 from chanprune.engine.calibration import Calibration, Sampling
 from chanprune.engine.store import BatchStore
-from chanprune.pruner import PruneRun, prune_units, pruning_units
+from chanprune.engine.run import PruneRun, prune_units
+from chanprune.units import pruning_units
 
 IMAGE_SHAPE = (3, 8, 8)
 

@@ -17,7 +17,8 @@ from chanprune.engine.calibration import Calibration, Sampling
 from chanprune.engine.frontier import Frontier, without_inplace
 from chanprune.engine.store import BatchStore
 from chanprune.graph import build_graph
-from chanprune.pruner import PruneRun, pruning_units, resolve_widths
+from chanprune.engine.run import PruneRun
+from chanprune.units import pruning_units, resolve_widths
 from chanprune.allocation import FlopModel
 from chanprune.flops import flop_breakdown
 from chanprune.stats import Moments

@@ -49,7 +49,7 @@ from chanprune.experiment import constructor_model, load_model_spec
 from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef
-from chanprune.pruner import pruning_units
+from chanprune.units import pruning_units
 
 from conftest import make_tiny, random_images, randomise
 

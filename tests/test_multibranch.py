@@ -120,7 +120,7 @@ def quiet_prune(model, x, speedup, **options):
 def full_widths(model: nn.Module, x: torch.Tensor, **options) -> dict[str, int]:
     """Every unit of a run at its full width."""
     from chanprune.config import PruneConfig
-    from chanprune.pruner import pruning_units
+    from chanprune.units import pruning_units
 
     graph = build_graph(model, x[:1], warn=False)
     return {u.name: u.channels for u in pruning_units(graph, PruneConfig(**options))}

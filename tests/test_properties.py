@@ -48,7 +48,7 @@ from chanprune.config import PruneConfig
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
-from chanprune.pruner import pruning_units
+from chanprune.units import pruning_units
 
 from conftest import randomise
 

@@ -14,7 +14,8 @@ from chanprune.errors import ChanpruneError
 from chanprune.flops import count_flops, count_params
 from chanprune.models import create_model
 from chanprune.graph import build_graph
-from chanprune.pruner import first_in_channels, prune
+from chanprune.pruner import prune
+from chanprune.units import first_in_channels
 from chanprune.selection import STRATEGIES
 from chanprune.surgery import Plan
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from chanprune.graph import build_graph
-from chanprune.pruner import prune, reader_problem
+from chanprune.engine.run import reader_problem
+from chanprune.pruner import prune
 from chanprune.selection import STRATEGIES, ReaderProblem, SelectionProblem
 from chanprune.engine.calibration import Sampling, unpruned_moments
 from chanprune.engine.store import BatchStore

@@ -1,0 +1,217 @@
+"""The state of one pruning run and its loop over units.
+
+:class:`PruneRun` holds the traced working copy, the current widths, the kept channels and the
+surgery plan; :func:`prune_units` walks the units in execution order (moments from the carried
+activations, selection, reconstruction, shrinking, then the carried values move on) and can save
+and replay each unit's decisions for a resumed run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ..allocation import Unit
+from ..config import AUTO_RIDGES, PruneConfig
+from ..errors import ChanpruneError
+from ..graph import ChannelGraph, ChannelGroup, Reader
+from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
+from ..solvers import block_indices, heldout_least_squares, least_squares, relative_error
+from ..stats import Moments
+from ..surgery import Plan, PlanOp, folded_weight, replay, write_folded
+from .calibration import Calibration
+from .resume import ResumeDir, UnitRecord
+
+def prune_units(run: "PruneRun", calibration: Calibration, units: list[Unit], widths: dict[str, int],
+                progress: str | None = None, resume: ResumeDir | None = None) -> int:
+    """Prune ``units`` in execution order: moments from the carried activations, selection and
+    reconstruction, then the carried values lose the dropped channels and move to the next unit.
+
+    With ``resume``, each unit's result is saved as it is done, and units saved by an earlier run
+    are replayed (same operations in the same order, without moments or solvers), so the result
+    is byte-identical to an uninterrupted run. Returns the number of units replayed."""
+    records = resume.records() if resume is not None else []
+    for i, unit in enumerate(tqdm(units, desc=progress, disable=progress is None, leave=False)):
+        widths_before = dict(run.widths)
+        if i < len(records):
+            calibration.skip(unit.readers)
+            keep = run.replay_readers(unit, records[i])
+        else:
+            moments = calibration.moments(unit.readers, run.kept_outputs, run.cfg.residual_correction)
+            start = len(run.plan.ops)
+            keep = run.select_and_reconstruct(unit, widths[unit.name],
+                                              {k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in moments.items()})
+            if resume is not None:
+                resume.save(run.unit_record(i, unit, keep, run.plan.ops[start:]))
+        run.shrink(unit, keep)
+        if unit.reader is None:
+            calibration.drop_channels(unit.group.name, keep, widths_before)
+        if i + 1 < len(units):
+            calibration.advance(calibration.reader_position(units[i + 1].readers))
+    return min(len(records), len(units))
+
+
+class PruneRun:
+    """The state of one pruning run: the traced working copy, current widths, the surgery plan."""
+
+    def __init__(self, graph: ChannelGraph, cfg: PruneConfig, plan: Plan | None = None,
+                 device: torch.device | str = "cpu"):
+        self.graph, self.cfg = graph, cfg
+        self.work: fx.GraphModule = copy.deepcopy(graph.gm).to(device)
+        self.plan = plan or Plan()
+        self.first_op = len(self.plan.ops)
+        self.widths = {g.name: g.channels for g in graph.groups}
+        self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
+        self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
+        self.errors: dict[str, dict[str, Any]] = {}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
+        """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis."""
+        layout = self.graph.layouts[layer]
+        at = layout.index(group.name)
+        return sum(self.widths[g] for g in layout[:at]), self.widths[group.name], sum(self.widths[g] for g in layout)
+
+    def layer_index(self, layer: str, group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+        """Channels of ``layer``'s axis left when ``group`` keeps ``keep`` (others stay whole)."""
+        offset, size, total = self.channel_span(layer, group)
+        return torch.cat([torch.arange(offset), offset + keep, torch.arange(offset + size, total)])
+
+    def restricted(self, problem: ReaderProblem, group: ChannelGroup) -> ReaderProblem:
+        """A reader's problem restricted to ``group``'s channels; the contribution of its other
+        input channels (a concatenation) is moved into the target."""
+        offset, size, total = self.channel_span(problem.reader.name, group)
+        if size == total:
+            return problem
+        k, fit, heldout = problem.k, problem.fit, problem.heldout
+        cols = block_indices(offset + torch.arange(size), k)
+        other = block_indices(torch.cat([torch.arange(offset), torch.arange(offset + size, total)]), k)
+        return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
+                             fit.residual(cols, other, problem.weight[:, other]),
+                             heldout.residual(cols, other, problem.weight[:, other]), k)
+
+    def prune_unit(self, unit: Unit, n_keep: int, moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
+        """Select ``n_keep`` channels for ``unit``, reconstruct its readers, shrink every member.
+
+        ``moments`` (fitted, held-out) of each reader must match the working model as it is now.
+        Returns the kept channel indices.
+        """
+        keep = self.select_and_reconstruct(unit, n_keep, moments)
+        self.shrink(unit, keep)
+        return keep
+
+    def select_and_reconstruct(self, unit: Unit, n_keep: int,
+                               moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
+        """Choose the kept channels of ``unit`` and refit its readers (their input channels shrink);
+        the writers and followers keep every channel until :meth:`shrink`."""
+        group, cfg = unit.group, self.cfg
+        full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
+        problems = [self.restricted(rp, group) for rp in full]
+        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().reshape(self.widths[group.name], -1)
+                                   for w in group.writers], 1)
+        problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
+        keep = STRATEGIES[cfg.method](problem)
+        if len(keep) != n_keep:
+            raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
+        for rp in full:
+            self.reconstruct(rp, group, keep, select=unit.reader is not None)
+        return keep
+
+    def shrink(self, unit: Unit, keep: torch.Tensor) -> None:
+        """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
+        (after its readers were reconstructed)."""
+        group = unit.group
+        if unit.reader is None:
+            for name in group.writers:
+                self.plan.keep_outputs(self.work, name, keep)
+                previous = self.kept_outputs.get(name, torch.arange(group.channels))
+                self.kept_outputs[name] = previous[keep]
+            for name in group.followers:
+                self.plan.keep_channels(self.work, name, self.layer_index(name, group, keep))
+            self.widths[group.name] = len(keep)
+        self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
+
+    def unit_record(self, index: int, unit: Unit, keep: torch.Tensor, ops: list[PlanOp]) -> UnitRecord:
+        """What :meth:`select_and_reconstruct` just did to ``unit``'s readers, for a resumed run."""
+        tensors = {}
+        for r in unit.readers:
+            for name in (r.name, r.bn):
+                if name:
+                    tensors.update({f"{name}.{k}": v.clone() for k, v in self.work.get_submodule(name).state_dict().items()})
+        return UnitRecord(index, unit.name, tuple(keep.tolist()), tuple(ops), tensors,
+                          {r.name: self.errors[r.name] for r in unit.readers if r.name in self.errors},
+                          self.generator.get_state())
+
+    def replay_readers(self, unit: Unit, record: UnitRecord) -> torch.Tensor:
+        """Redo a recorded :meth:`select_and_reconstruct`: the same operations and tensors."""
+        if record.unit != unit.name:
+            raise ChanpruneError(f"resume record {record.index} is for {record.unit!r}, not {unit.name!r}; the saved "
+                                 "run pruned other layers: use another --resume-dir")
+        for op in record.ops:
+            self.plan.apply(self.work, op)
+        with torch.no_grad():
+            state = self.work.state_dict(keep_vars=True)
+            for name, value in record.tensors.items():
+                state[name].copy_(value)
+        self.errors.update(record.errors)
+        self.generator.set_state(record.generator)
+        return torch.tensor(record.keep, dtype=torch.long)
+
+    def reconstruct(self, rp: ReaderProblem, group: ChannelGroup, keep: torch.Tensor, select: bool) -> None:
+        """Least squares of one reader (its whole input) on the kept input channels, written into
+        the working model."""
+        name, k, fit, heldout = rp.reader.name, rp.k, rp.fit, rp.heldout
+        index = self.layer_index(name, group, keep)
+        cols = block_indices(index, k)
+        # every solve and error below reads only the kept columns: restrict the moments once
+        fit, heldout, all_kept = fit.restrict(cols), heldout.restrict(cols), torch.arange(len(index))
+        w_kept, b_kept = rp.weight[:, cols], rp.bias
+        before = relative_error(fit, all_kept, k, w_kept, b_kept)
+        ridge = self.cfg.ridge
+        if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
+            w_kept, b_kept, ridge = heldout_least_squares(fit, heldout, all_kept, k, AUTO_RIDGES,
+                                                          (w_kept, b_kept))
+        elif self.cfg.reconstruct:
+            ridge = 1e-6 if ridge == "auto" else ridge
+            w_kept, b_kept = least_squares(fit, all_kept, k, ridge)
+        if select:
+            self.plan.select_inputs(self.work, name, index)
+        else:
+            self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
+        if self.cfg.reconstruct:
+            bn = self.work.get_submodule(rp.reader.bn) if rp.reader.bn else None
+            if write_folded(self.work.get_submodule(name), bn, w_kept, b_kept):
+                self.plan.add_bias(name)
+        self.errors[name] = {
+            "kept_indices": keep.tolist(), "rel_error_before": before, "samples": fit.count, "inputs": len(cols),
+            "rel_error": relative_error(fit, all_kept, k, w_kept, b_kept),
+            "rel_error_heldout": relative_error(heldout, all_kept, k, w_kept, b_kept), "ridge": ridge,
+        }
+
+    def result(self, original: nn.Module) -> nn.Module:
+        """The user's model class with this run's surgery replayed and the working weights loaded."""
+        pruned = replay(copy.deepcopy(original), self.plan.ops[self.first_op:])
+        # copied tensor by tensor: a model's own _load_from_state_dict (torchvision's MNASNet
+        # rebuilds its stem for old checkpoint versions) must not see the traced copy's state
+        target = pruned.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, value in self.work.state_dict(keep_vars=True).items():
+                if name not in target:
+                    raise AssertionError(f"traced copy has a tensor the model lacks: {name}")
+                target[name].copy_(value)
+        return pruned
+
+
+def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
+    """A reader's folded and original weights with its moments, as the selection strategies see it."""
+    layer = model.get_submodule(reader.name)
+    bn = model.get_submodule(reader.bn) if reader.bn else None
+    weight, bias = folded_weight(layer, bn)
+    k = reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
+    raw = layer.weight.detach().double().reshape(len(weight), -1)
+    return ReaderProblem(reader, weight, bias, raw, fit, heldout, k)

@@ -1,0 +1,85 @@
+"""What a run may prune and how wide: pruning units in execution order, the memory guard on their
+statistics, and the kept width of each unit from a speed-up target or explicit widths."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+
+import torch
+from torch import nn
+
+from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
+from .config import PruneConfig
+from .engine.store import available_memory
+from .errors import ChanpruneError
+from .graph import ChannelGraph
+from .stats import reader_dim
+
+def first_in_channels(model: nn.Module) -> int | None:
+    """Input channels of the first conv (the image channels the model expects)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def _excluded(names: list[str], exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in exclude)
+
+
+def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
+    """What this run may prune, in execution order.
+
+    Prunable groups become units, except residual trunks under ``trunk="keep"``. With
+    feature-map sampling, each conv reading a group that stays whole (a kept trunk, or channels
+    blocked by an op chanprune cannot prune through) becomes a select unit of its own.
+    """
+    units: list[Unit] = []
+    for g in graph.groups:
+        if not g.readers:
+            continue
+        whole = not g.prunable or (g.residual and cfg.trunk == "keep") or _excluded(g.members, cfg.exclude)
+        if not whole:
+            units.append(Unit(g))
+        elif cfg.feature_map_sampling:
+            units += [Unit(g, r) for r in g.readers
+                      if r.kind == "conv" and len(graph.layouts[r.name]) == 1 and not _excluded([r.name], cfg.exclude)]
+    return sorted(units, key=lambda u: min(graph.order[r.name] for r in u.readers))
+
+
+def statistics_bytes(model: nn.Module, unit: Unit) -> int:
+    """Memory the moments of a unit's readers take while it is pruned (G, B and solver copies)."""
+    need = 0
+    for r in unit.readers:
+        dim = reader_dim(model, r)
+        n_out = model.get_submodule(r.name).weight.shape[0]
+        need += 8 * (6 * dim * dim + 2 * dim * n_out)
+    return need
+
+
+def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Units whose statistics fit in the free memory; the others stay whole, with a warning."""
+    available = available_memory(torch.device("cpu"))
+    if available is None:
+        return units
+    too_big = [u for u in units if statistics_bytes(model, u) > 0.8 * available]
+    if too_big:
+        warnings.warn(f"statistics of {', '.join(u.readers[0].name for u in too_big)} would need more than the "
+                      f"{available / 2**30:.1f} GiB free, so their input channels stay whole", stacklevel=3)
+    return [u for u in units if u not in too_big]
+
+
+def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel) -> dict[str, int]:
+    """Kept channels per unit from explicit widths or from the speed-up target and preset."""
+    if cfg.widths is not None:
+        widths = check_widths(cfg.widths, graph, units)
+        if cfg.speedup is not None:
+            got = flop_model.total / flop_model.flops(widths)
+            if abs(got / cfg.speedup - 1) > 0.02:
+                raise ChanpruneError(f"the widths file gives a {got:.2f}x speed-up, not {cfg.speedup:g}x; "
+                                     "drop --speedup or change the widths")
+        return widths
+    if not units:
+        raise ChanpruneError("no layer of this model can be pruned (see the warnings above)")
+    return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation], cfg.round_to)
