@@ -241,10 +241,16 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions) -> torch.Tens
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    x = nn.functional.pad(x, _conv_padding(conv))
-    rows = pos.row[:, None] * sh + torch.arange(kh)[None] * dh  # (P, kh)
-    cols = pos.col[:, None] * sw + torch.arange(kw)[None] * dw  # (P, kw)
-    patches = x[pos.image[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, c)
+    left, _, top, _ = _conv_padding(conv)
+    device = x.device
+    # positions in the unpadded input; those in the zero padding read a clamped pixel, then zeroed
+    # (no padded copy of the whole map is made)
+    rows = (pos.row[:, None] * sh + torch.arange(kh)[None] * dh - top).to(device)  # (P, kh)
+    cols = (pos.col[:, None] * sw + torch.arange(kw)[None] * dw - left).to(device)  # (P, kw)
+    inside = ((rows >= 0) & (rows < x.shape[2]))[:, :, None] & ((cols >= 0) & (cols < x.shape[3]))[:, None, :]
+    image = pos.image.to(device)[:, None, None]
+    patches = x[image, :, rows.clamp(0, x.shape[2] - 1)[:, :, None], cols.clamp(0, x.shape[3] - 1)[:, None, :]]
+    patches = patches * inside[..., None]  # (P, kh, kw, c)
     return patches.permute(0, 3, 1, 2).reshape(len(pos.image), -1)
 
 

@@ -200,3 +200,21 @@ def test_streamed_data_is_read_once():
         pruned, report = prune(model, Loader(), 1.5, samples_per_image=4, progress=False)
     assert reads == [0, 16, 32] and report.calibration_images == 48
     assert outputs(pruned, x).shape == (48, 5)
+
+
+def test_units_whose_statistics_do_not_fit_stay_whole_with_a_warning(monkeypatch):
+    import chanprune.units as units_module
+
+    model = make_tiny(0)
+    x = random_images(40)
+    graph = build_graph(model, x[:1])
+    units = pruning_units(graph, PruneConfig(speedup=1.5))
+    sizes = {u.name: units_module.statistics_bytes(model, u) for u in units}
+    biggest = max(sizes, key=sizes.get)
+    # free memory such that only the biggest unit's statistics exceed 80% of it
+    free = int(max(v for k, v in sizes.items() if k != biggest) / 0.8) + 1
+    assert sizes[biggest] > 0.8 * free
+    monkeypatch.setattr(units_module, "available_memory", lambda device: free)
+    with pytest.warns(UserWarning, match=f"statistics of .* would need more than .* stay whole"):
+        kept = units_module.units_that_fit(model, units)
+    assert [u.name for u in kept] == [u.name for u in units if u.name != biggest]
