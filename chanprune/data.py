@@ -14,8 +14,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from .distributed import shard
 from .errors import ChanpruneError
 
 SPLIT_SEED = 20170704
@@ -257,18 +258,14 @@ def iterate_batches(data: torch.Tensor | DataLoader | Iterable, batch_size: int)
         yield _image_batch(batch[0] if isinstance(batch, (tuple, list)) else batch, index)
 
 
-def materialise(data: torch.Tensor | DataLoader | Iterable) -> torch.Tensor:
-    """All images of ``data`` as one CPU tensor (calibration sets are modest by design)."""
-    if isinstance(data, torch.Tensor):
-        return data.detach().float().cpu()
-    batches = [b.detach().float().cpu() for b in iterate_batches(data, 0)]
-    if not batches:
-        raise ChanpruneError("calibration data is empty; give at least one image")
-    return torch.cat(batches)
-
-
 def labelled_loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over (image, label) pairs of a split."""
+    """A DataLoader over (image, label) pairs of a split. Under torch.distributed each rank gets
+    its share through a DistributedSampler and ``batch_size / world size`` images per step, so the
+    ranks together take the same steps as one process."""
+    dataset = TensorDataset(split.images, split.labels)
+    rank, world = shard()
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=max(1, batch_size // world), sampler=sampler)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size,
-                      shuffle=shuffle, generator=g)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .data import Split, labelled_loader
+from .distributed import shard
 from .evaluate import accuracy
 
 
@@ -104,14 +106,18 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
         return 0.5 * config.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     step, loss_value = 0, float("nan")
+    # several processes (torchrun): gradients averaged by DDP, each rank on its share of the data
+    net = nn.parallel.DistributedDataParallel(model) if shard()[1] > 1 else model
     bar = tqdm(range(config.epochs), desc="train", disable=not progress or config.epochs == 0)
-    for _ in bar:
+    for epoch in bar:
         model.train()
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             images = random_shift(images, config.shift, generator)
-            logits = model(images)
+            logits = net(images)
             loss = nn.functional.cross_entropy(logits, labels)
             if config.distill > 0:
                 with torch.no_grad():

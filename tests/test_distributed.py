@@ -51,3 +51,33 @@ def test_two_gloo_processes_give_the_model_of_one(tmp_path):
             torch.testing.assert_close(result["state"][name], value, rtol=0, atol=1e-6, msg=name)
     for name in single.state_dict():  # and the ranks agree with each other exactly
         assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
+
+
+def _finetune_rank(rank: int, world: int, port: int, out: str) -> None:
+    from chanprune.data import Split
+    from chanprune.finetune import finetune
+    from chanprune.train import TrainConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_tiny(0)
+        g = torch.Generator().manual_seed(0)
+        split = Split(random_images(64), torch.randint(0, 5, (64,), generator=g))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        finetune(model, split, split, TrainConfig(epochs=2, lr=0.05, batch_size=16, shift=0), progress=False)
+        torch.save({"before": before, "after": model.state_dict()}, f"{out}/ft{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finetuning_under_ddp_keeps_the_ranks_in_step(tmp_path):
+    mp.spawn(_finetune_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"ft{r}.pt", weights_only=True) for r in range(2))
+    changed = [k for k in a["after"] if a["after"][k].is_floating_point()
+               and not torch.equal(a["after"][k], a["before"][k])]
+    assert "conv1.weight" in changed and "fc2.weight" in changed  # it trained
+    for name, value in a["after"].items():
+        if value.is_floating_point() and "running" not in name:  # DDP keeps replicas identical
+            torch.testing.assert_close(value, b["after"][name], rtol=0, atol=1e-6, msg=name)
