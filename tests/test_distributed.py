@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import torch
@@ -16,16 +14,14 @@ from chanprune.io.provenance import provenance
 from conftest import make_tiny, random_images
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _join(rank: int, world: int, out: str, name: str) -> None:
+    """Join a gloo group through a file in the test's folder (no TCP port to collide on)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/{name}.store", rank=rank, world_size=world)
+
+
+def _rank(rank: int, world: int, out: str) -> None:
+    _join(rank, world, out, "prune")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -41,7 +37,7 @@ def test_two_gloo_processes_give_the_model_of_one(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         single, _ = prune(make_tiny(0), random_images(96), 1.6, samples_per_image=4, batch_size=16, progress=False)
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected_plan = [op.to_json() for op in provenance(single).plan]
     for result in results:
@@ -53,14 +49,12 @@ def test_two_gloo_processes_give_the_model_of_one(tmp_path):
         assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
 
 
-def _finetune_rank(rank: int, world: int, port: int, out: str) -> None:
+def _finetune_rank(rank: int, world: int, out: str) -> None:
     from chanprune.data import Split
     from chanprune.finetune import finetune
     from chanprune.train import TrainConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, out, "finetune")
     try:
         model = make_tiny(0)
         g = torch.Generator().manual_seed(0)
@@ -73,7 +67,7 @@ def _finetune_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_finetuning_under_ddp_keeps_the_ranks_in_step(tmp_path):
-    mp.spawn(_finetune_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_finetune_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"ft{r}.pt", weights_only=True) for r in range(2))
     changed = [k for k in a["after"] if a["after"][k].is_floating_point()
                and not torch.equal(a["after"][k], a["before"][k])]
