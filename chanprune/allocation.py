@@ -4,12 +4,17 @@ FLOPs of a dense conv or linear are bilinear in its kept input and output fracti
 conv's are linear in its channels), so the model's FLOPs for any widths follow from one
 flop-counter pass. A preset gives each pruning unit a relative weight w_u; kept fraction =
 min(1, α·w_u), and α is solved by bisection so that the whole model's FLOPs ratio meets the
-target. Units with no weight stay whole.
+target. Units with no weight stay whole. Where whole channels (or ``round_to`` blocks) are too
+coarse for any common α to land within the tolerance, the widths whose largest relative
+deviation from the exact common fraction is smallest are found by branch and bound (FLOPs grow
+with every width, which bounds each branch), and the rounding residue is then spread over the
+units it changes least.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -108,20 +113,28 @@ def resnet_paper_preset(unit: Unit, graph: ChannelGraph) -> float | None:
     Sensitive blocks are the last stage and the blocks next to a change of spatial size (the
     first block of a stage that downsamples and the last block before it). Inside a bottleneck
     block the kept inputs of branch2a : 2b : 2c are 2 : 4 : 3. Trunks pruned jointly count as
-    sensitive; shortcut projections keep their inputs. Layers are found by torchvision-style
-    names (``layerS.B.convK``); other layers stay whole.
+    sensitive; shortcut projections keep their inputs. A unit read by several layers keeps what
+    the most demanding one asks for (whole if a projection reads it), whichever runs first.
+    Layers are found by torchvision-style names (``layerS.B.convK``); other layers stay whole.
     """
     blocks: dict[int, int] = {}
     for name in graph.layer_kinds:
         if m := _RESNET_LAYER.match(name):
             blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    match = _RESNET_LAYER.match(unit.readers[0].name)
-    if match is None or not blocks:
+    matches = [_RESNET_LAYER.match(r.name) for r in unit.readers]
+    if not blocks or not any(matches):
         return None
-    stage, block, layer = int(match.group(1)), int(match.group(2)), match.group(3)
     if unit.kind == "trunk":
         return 0.7
-    if layer.startswith("downsample") or layer not in _BRANCH_WEIGHT:
+    weights = [_branch_weight(m, graph, blocks) if m else None for m in matches]
+    return None if None in weights else max(weights)
+
+
+def _branch_weight(match: re.Match, graph: ChannelGraph, blocks: dict[int, int]) -> float | None:
+    """resnet-paper weight of the inputs of one block layer (``match`` of its name); None for a
+    shortcut projection or a layer outside the branch."""
+    stage, block, layer = int(match.group(1)), int(match.group(2)), match.group(3)
+    if layer not in _BRANCH_WEIGHT:
         return None
     bottleneck = any(n.endswith(f"layer{stage}.{block}.conv3") for n in graph.layer_kinds)
     sensitive = stage == max(blocks) or (block == 0 and stage > min(blocks)) or \
@@ -133,18 +146,15 @@ PRESETS: dict[str, Preset] = {"uniform": uniform_preset, "vgg-paper": vgg_paper_
                               "resnet-paper": resnet_paper_preset}
 
 
-def rounded(width: float, channels: int, round_to: int) -> int:
-    """``width`` rounded to a multiple of ``round_to`` in [round_to, channels]; a unit narrower
-    than ``round_to``, or rounded up to its full width, keeps all its channels."""
-    if channels <= round_to:
-        return channels
-    return max(round_to, min(channels, round_to * round(width / round_to)))
-
-
 def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
              preset: Preset = uniform_preset, round_to: int = 1) -> dict[str, int]:
-    """Kept channels per group so that FLOPs(original) / FLOPs(pruned) is within 2% of ``speedup``.
+    """Kept channels per unit so that FLOPs(original) / FLOPs(pruned) is within 2% of ``speedup``.
 
+    Every unit keeps min(1, α·w_u) of its channels, rounded, with one common factor α. When
+    rounding makes every α miss the target (small models, or coarse ``round_to`` blocks, where
+    one step is a large share of the FLOPs), the widths are those that meet it while deviating
+    least from the unrounded common fraction, then moved one step at a time towards the target
+    within that deviation.
     With ``round_to`` > 1 every width is a multiple of it (or the unit's full width): vectorised
     CPU kernels (oneDNN, ONNX Runtime) work on blocks of 8 or 16 channels, and a remainder costs
     nearly a whole block.
@@ -156,56 +166,181 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     weights = {u.name: w for u in units if (w := preset(u, flop_model.graph)) is not None}
     if not weights:
         raise ChanpruneError("the allocation preset prunes no layer of this model; use --allocation uniform")
-    target = flop_model.total / speedup
-    by_name = {u.name: u for u in units}
-
-    def widths_at(alpha: float) -> dict[str, int]:
-        return {name: rounded(min(1.0, alpha * w) * by_name[name].channels, by_name[name].channels, round_to)
-                for name, w in weights.items()}
-
-    lo, hi = 0.0, 1.0 / min(weights.values())
-    smallest = flop_model.flops(widths_at(0.0))
-    if smallest > target * (1 + TOLERANCE):
+    choices = {u.name: _choices(u.channels, round_to) for u in units if u.name in weights}
+    smallest = flop_model.flops({name: widths[0] for name, widths in choices.items()})
+    if smallest > flop_model.total / speedup * (1 + TOLERANCE):
         most = flop_model.total / smallest
         rounding = f" with --round-to {round_to}" if round_to > 1 else ""
         raise ChanpruneError(
             f"speed-up {speedup:g}x is out of reach: the most this model can reach is {most:.2f}x{rounding} "
             f"(every prunable layer at its narrowest); ask for at most {most:.2f}x"
             f"{', lower --round-to' if round_to > 1 else ''} or let more layers be pruned (fewer --exclude)")
+    widths = _common_factor(flop_model, weights, choices, speedup, round_to)
+    if _error(flop_model, widths, speedup) <= TOLERANCE:
+        return widths
+    ideal = _ideal(flop_model, weights, choices, speedup)
+    limit, widths = _least_deviation(flop_model, choices, ideal, widths, speedup, round_to)
+    return _walk(flop_model, _within(choices, ideal, limit), ideal, widths, speedup)
+
+
+def rounded(width: float, channels: int, round_to: int) -> int:
+    """``width`` rounded to a multiple of ``round_to`` in [round_to, channels]; a unit narrower
+    than ``round_to``, or rounded up to its full width, keeps all its channels."""
+    if channels <= round_to:
+        return channels
+    return max(round_to, min(channels, round_to * round(width / round_to)))
+
+
+def _choices(channels: int, round_to: int) -> list[int]:
+    """The widths a unit may keep, narrowest first: multiples of ``round_to``, or all channels."""
+    return sorted({*range(round_to, channels + 1, round_to), channels})
+
+
+def _error(flop_model: FlopModel, widths: dict[str, float], speedup: float) -> float:
+    """Relative miss of the speed-up ``widths`` give: |achieved / speedup - 1|."""
+    return abs(flop_model.total / flop_model.flops(widths) / speedup - 1)
+
+
+def _bisect(flops_at: Callable[[float], float], target: float, hi: float) -> tuple[float, float]:
+    """Bracket [lo, hi] of the common factor at which ``flops_at`` (growing with it) crosses ``target``."""
+    lo = 0.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if flop_model.flops(widths_at(mid)) > target:
+        if flops_at(mid) > target:
             hi = mid
         else:
             lo = mid
-    best = min((widths_at(lo), widths_at(hi)), key=lambda w: abs(flop_model.flops(w) - target))
-    if abs(flop_model.total / flop_model.flops(best) / speedup - 1) > TOLERANCE:
-        best = _refine(flop_model, best, {n: u.channels for n, u in by_name.items()}, target, round_to)
-    achieved = flop_model.total / flop_model.flops(best)
-    if abs(achieved / speedup - 1) > TOLERANCE:
+    return lo, hi
+
+
+def _common_factor(flop_model: FlopModel, weights: dict[str, float], choices: dict[str, list[int]],
+                   speedup: float, round_to: int) -> dict[str, int]:
+    """Rounded widths min(1, α·w_u)·channels with the one α that comes closest to the target."""
+    def widths_at(alpha: float) -> dict[str, int]:
+        return {name: rounded(min(1.0, alpha * w) * choices[name][-1], choices[name][-1], round_to)
+                for name, w in weights.items()}
+
+    target = flop_model.total / speedup
+    bracket = _bisect(lambda a: flop_model.flops(widths_at(a)), target, 1.0 / min(weights.values()))
+    return min(map(widths_at, bracket), key=lambda w: abs(flop_model.flops(w) - target))
+
+
+def _ideal(flop_model: FlopModel, weights: dict[str, float], choices: dict[str, list[int]],
+           speedup: float) -> dict[str, float]:
+    """Unrounded widths min(1, α·w_u)·channels, each held within the widths its unit can keep,
+    with the α that meets the target exactly: what the rounded widths should stay close to."""
+    def widths_at(alpha: float) -> dict[str, float]:
+        return {name: min(max(min(1.0, alpha * w) * choices[name][-1], choices[name][0]), choices[name][-1])
+                for name, w in weights.items()}
+
+    lo, hi = _bisect(lambda a: flop_model.flops(widths_at(a)), flop_model.total / speedup, 1.0 / min(weights.values()))
+    return widths_at(0.5 * (lo + hi))
+
+
+def _deviation(width: float, ideal: float) -> float:
+    """Relative deviation |ln(width / ideal)|: keeping 1 of an ideal 6 channels is a far larger
+    change than keeping 60 of an ideal 65."""
+    return abs(math.log(width / ideal))
+
+
+def _within(choices: dict[str, list[int]], ideal: dict[str, float], limit: float) -> dict[str, list[int]]:
+    """Each unit's widths that deviate at most ``limit`` from its ideal, the closest first."""
+    return {name: sorted((w for w in widths if _deviation(w, ideal[name]) <= limit),
+                         key=lambda w: _deviation(w, ideal[name]))
+            for name, widths in choices.items()}
+
+
+def _least_deviation(flop_model: FlopModel, choices: dict[str, list[int]], ideal: dict[str, float],
+                     rounded_widths: dict[str, int], speedup: float, round_to: int) -> tuple[float, dict[str, int]]:
+    """The smallest deviation limit, no smaller than that of ``rounded_widths`` (the common factor's,
+    which rounding already costs), at which some widths meet the target, and such widths
+    (bisection over the deviations that occur); a refusal naming the closest reachable speed-up
+    when no choice of widths meets it."""
+    floor = max(_deviation(w, ideal[name]) for name, w in rounded_widths.items())
+    limits = sorted({d for name, widths in choices.items() for w in widths
+                     if (d := _deviation(w, ideal[name])) >= floor} | {floor})
+    best = _nearest(flop_model, _within(choices, ideal, limits[-1]), speedup, TOLERANCE)
+    if not best:
+        closest = _nearest(flop_model, _within(choices, ideal, limits[-1]), speedup)
         raise ChanpruneError(f"cannot meet speed-up {speedup:g}x within 2% with these layers "
-                             f"(closest {achieved:.3f}x); adjust --speedup, --exclude"
-                             f"{' or lower --round-to' if round_to > 1 else ''}")
-    return best
+                             f"(closest {flop_model.total / flop_model.flops(closest):.3f}x); adjust --speedup, "
+                             f"--exclude{' or lower --round-to' if round_to > 1 else ''}")
+    lo, hi = 0, len(limits) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = _nearest(flop_model, _within(choices, ideal, limits[mid]), speedup, TOLERANCE)
+        if found:
+            best, hi = found, mid
+        else:
+            lo = mid + 1
+    return limits[hi], best
 
 
-def _refine(flop_model: FlopModel, widths: dict[str, int], channels: dict[str, int], target: float,
-            round_to: int = 1) -> dict[str, int]:
-    """Step single units by one channel (or one block of ``round_to``) towards the target while
-    that helps (narrow layers round coarsely, so a common factor alone can miss it)."""
+def _walk(flop_model: FlopModel, boxes: dict[str, list[int]], ideal: dict[str, float], widths: dict[str, int],
+          speedup: float) -> dict[str, int]:
+    """From ``widths``, move one unit by one step of its box at a time, each time the move that
+    brings the speed-up closer with the smallest deviation from the ideal, until none does: the
+    rounding residue is spread over the units it changes least."""
     widths = dict(widths)
-    gap = abs(flop_model.flops(widths) - target)
-    for _ in range(4 * len(widths) + 16):
-        step = -1 if flop_model.flops(widths) > target else 1
-        trials = [{**widths, n: moved} for n, w in widths.items()
-                  if (moved := rounded(w + step * round_to, channels[n], round_to)) != w]
-        if not trials:
-            break
-        trial = min(trials, key=lambda w: abs(flop_model.flops(w) - target))
-        if abs(flop_model.flops(trial) - target) >= gap:
-            break
-        widths, gap = trial, abs(flop_model.flops(trial) - target)
-    return widths
+    error = _error(flop_model, widths, speedup)
+    while True:
+        closer = [(_deviation(width, ideal[name]), moved, name, width) for name, width in _steps(boxes, widths)
+                  if (moved := _error(flop_model, {**widths, name: width}, speedup)) < error]
+        if not closer:
+            return widths
+        _, error, name, width = min(closer)
+        widths[name] = width
+
+
+def _steps(boxes: dict[str, list[int]], widths: dict[str, int]) -> list[tuple[str, int]]:
+    """(unit, width) one step narrower or wider than ``widths`` inside each unit's box."""
+    steps = []
+    for name, box in boxes.items():
+        ordered = sorted(box)
+        i = ordered.index(widths[name])
+        steps += [(name, ordered[j]) for j in (i - 1, i + 1) if 0 <= j < len(ordered)]
+    return steps
+
+
+def _nearest(flop_model: FlopModel, boxes: dict[str, list[int]], speedup: float,
+             cutoff: float = math.inf) -> dict[str, int]:
+    """The widths from ``boxes`` (each unit's allowed widths, preferred first) whose speed-up is
+    nearest ``speedup``, or {} when none is within ``cutoff`` of it (relative error); the first one
+    found within the tolerance ends the search, so without one the answer is exact.
+
+    Depth-first branch and bound, the units with the coarsest steps first. FLOPs grow with every
+    width, so the completions of a partial choice lie between those with the remaining units at
+    their narrowest and at their widest; a branch whose range misses ``cutoff`` or cannot beat the
+    best so far is cut.
+    """
+    narrowest = {name: min(widths) for name, widths in boxes.items()}
+    widest = {name: max(widths) for name, widths in boxes.items()}
+    full = flop_model.flops(widest)
+    step = {name: (full - flop_model.flops({**widest, name: narrowest[name]})) / max(1, len(boxes[name]) - 1)
+            for name in boxes}
+    order = sorted(boxes, key=step.__getitem__, reverse=True)
+    target = flop_model.total / speedup
+    best: tuple[dict[str, int], float] = ({}, math.inf)
+
+    def visit(depth: int, chosen: dict[str, int]) -> None:
+        nonlocal best
+        name = order[depth]
+        for width in boxes[name]:
+            chosen[name] = width
+            low, high = flop_model.flops({**narrowest, **chosen}), flop_model.flops({**widest, **chosen})
+            bound = abs(target / min(max(target, low), high) - 1)
+            if bound > cutoff or bound >= best[1]:
+                continue
+            if depth + 1 == len(order):
+                best = (dict(chosen), bound)
+            else:
+                visit(depth + 1, chosen)
+            if best[1] <= TOLERANCE:
+                return
+        del chosen[name]
+
+    visit(0, {})
+    return best[0]
 
 
 def check_widths(widths: dict[str, int], graph: ChannelGraph, units: list[Unit]) -> dict[str, int]:

@@ -421,11 +421,7 @@ class _Builder:
         if target is torch.permute and main is not None:
             return self.permute(node, main, node.args[1])
         if target is nn.functional.pad and main is not None:
-            pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-            if main.axis == 1 and len(pad) <= 4 and main.flat_size is None:
-                return main
-            self.block(main, f"{node.name} pads the channel axis")
-            return None
+            return self.pad(node, main)
         if target is operator.getitem:
             return self.getitem(node, main)
         if target is getattr:
@@ -515,6 +511,18 @@ class _Builder:
             return None
         ndim = len(dims)
         return _Tag(tag.segments, [d % ndim for d in dims].index(tag.axis))
+
+    def pad(self, node: fx.Node, tag: _Tag) -> _Tag | None:
+        """``F.pad`` pads the last len(pad) // 2 axes, last axis first: the channels pass through
+        unless the channel axis's pair is non-zero, whatever the rank (on an (N, C) tensor it is
+        the first pair)."""
+        pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+        ndim = len(node.args[0].meta["tensor_meta"].shape)
+        pair = pad[2 * (ndim - 1 - tag.axis):][:2]
+        if any(p != 0 for p in pair):
+            self.block(tag, f"{node.name} pads the channel axis")
+            return None
+        return tag
 
     def getitem(self, node: fx.Node, tag: _Tag | None) -> _Tag | None:
         index = node.args[1]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 
 import pytest
 import torch
 
-from chanprune.allocation import PRESETS, FlopModel, Unit, allocate, check_widths
+from chanprune.allocation import PRESETS, TOLERANCE, FlopModel, Unit, allocate, check_widths
 from chanprune.errors import ChanpruneError
 from chanprune.flops import count_flops, flop_breakdown
 from chanprune.graph import build_graph
@@ -15,7 +17,7 @@ from chanprune.models import create_model
 from chanprune.pruner import prune
 from chanprune.surgery import Plan
 
-from conftest import make_tiny, random_images
+from conftest import IMAGE_SHAPE, make_tiny, random_images
 
 SHAPE = (1, 1, 32, 32)
 
@@ -163,3 +165,38 @@ def test_round_to_is_validated_and_can_make_a_target_unreachable(vgg):
         allocate(flop_model, graph.prunable(), 2.0, round_to=0)
     with pytest.raises(ChanpruneError, match="--round-to"):
         allocate(flop_model, graph.prunable(), 1000.0, round_to=32)
+
+
+@pytest.mark.parametrize("subset, round_to", [((0,), 1), ((1,), 4), ((0, 1), 1), ((1, 3), 1), ((1, 3), 4),
+                                              ((0, 1, 2, 3), 4)])
+def test_small_model_meets_every_reachable_target_and_names_the_closest_otherwise(subset, round_to):
+    """TinyCNN's groups have 8-24 channels, so one channel (or block) is a large share of the FLOPs
+    and no common fraction meets many targets. Checked against every width choice: allocate()
+    meets a target whenever some widths do, keeps multiples of round_to, and otherwise names the
+    truly closest speed-up."""
+    model = make_tiny(0)
+    shape = (1, *IMAGE_SHAPE)
+    graph = build_graph(model, torch.zeros(shape))
+    total, per_layer = flop_breakdown(model, shape)
+    flop_model = FlopModel(graph, total, per_layer)
+    groups = [graph.prunable()[i] for i in subset]
+    lattices = [sorted({*range(round_to, g.channels + 1, round_to), g.channels}) for g in groups]
+    reachable = {total / flop_model.flops(dict(zip([g.name for g in groups], w)))
+                 for w in itertools.product(*lattices)}
+    outcomes = set()
+    for speedup in (1.05 + 0.1 * k for k in range(30)):
+        closest = min(reachable, key=lambda r: abs(r / speedup - 1))
+        if max(reachable) < speedup / (1 + TOLERANCE):
+            with pytest.raises(ChanpruneError, match="out of reach"):
+                allocate(flop_model, groups, speedup, round_to=round_to)
+            outcomes.add("out of reach")
+        elif abs(closest / speedup - 1) <= TOLERANCE:
+            widths = allocate(flop_model, groups, speedup, round_to=round_to)
+            assert abs(total / flop_model.flops(widths) / speedup - 1) <= TOLERANCE, speedup
+            assert all(widths[g.name] in lattice for g, lattice in zip(groups, lattices)), (speedup, widths)
+            outcomes.add("met")
+        else:
+            with pytest.raises(ChanpruneError, match=re.escape(f"(closest {closest:.3f}x)")):
+                allocate(flop_model, groups, speedup, round_to=round_to)
+            outcomes.add("refused")
+    assert {"met", "refused"} <= outcomes
