@@ -407,12 +407,10 @@ def test_error_of_greedy_subset_equals_explicit_lstsq(brute_force):
 
 
 def test_moments_from_update_give_the_solvers_the_same_answers(brute_force):
-    """Integer data keep every float32 product exact, so moments gathered by update() must give
-    the explicit moments' selections and (to round-off) their solutions."""
-    # BUG (stats.py, working tree): Moments.update() now sums X^T X and X^T Y into float32 buffers
-    # that reach the float64 totals only in fold(), and centred() / mean / xtx do not fold. Fewer
-    # than FOLD_EVERY samples leave xtx and xty at zero, so least_squares, backward_elimination and
-    # squared_error silently work on a wrong (indefinite) Gram matrix.
+    """Integer data keep every float32 product exact (the shift is on a 1/16 grid), so moments
+    gathered by update() must give the explicit moments' selections and solutions. Reading xtx,
+    xty or the centred moments folds the float32 partial sums first; before that fix, fewer than
+    FOLD_EVERY samples left them at zero and the solvers worked on an indefinite Gram matrix."""
     for (seed, c, k), (x, y, m, errors, chosen) in brute_force.items():
         acc = accumulated(x, y)
         xtx, xty, yty = acc.centred()
