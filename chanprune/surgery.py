@@ -150,7 +150,7 @@ def folded_weight(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor,
     """Weights (n, c*k) and bias (n,) of layer followed by ``bn``, as one affine map, in float64."""
     w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
     b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    scale, shift = bn_affine(bn, w.shape[0])
+    scale, shift = (t.to(w.device) for t in bn_affine(bn, w.shape[0]))
     return w * scale[:, None], b * scale + shift
 
 
@@ -160,7 +160,8 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
     The BN shift absorbs the new bias when there is a BN; otherwise the layer gets one. Returns
     True when a bias parameter had to be added to ``layer``.
     """
-    scale, _ = bn_affine(bn, weight.shape[0])
+    weight, bias = weight.to(layer.weight.device), bias.to(layer.weight.device)
+    scale = bn_affine(bn, weight.shape[0])[0].to(weight.device)
     safe = torch.where(scale != 0, scale, torch.ones_like(scale))
     raw = torch.where((scale != 0)[:, None], weight / safe[:, None], torch.zeros_like(weight))
     layer.weight.data.copy_(raw.reshape(layer.weight.shape).to(layer.weight.dtype))
@@ -173,7 +174,7 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
         if layer.bias is None:
             with_bias(layer)
             added = True
-        _, shift = bn_affine(bn, weight.shape[0])
+        shift = bn_affine(bn, weight.shape[0])[1].to(weight.device)
         layer.bias.data.copy_(((bias - shift) / safe).to(layer.bias.dtype))
     return added
 

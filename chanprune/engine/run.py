@@ -112,7 +112,7 @@ class PruneRun:
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
-        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().reshape(self.widths[group.name], -1)
+        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
                                    for w in group.writers], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
         keep = STRATEGIES[cfg.method](problem)
@@ -208,10 +208,11 @@ class PruneRun:
 
 
 def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
-    """A reader's folded and original weights with its moments, as the selection strategies see it."""
+    """A reader's folded and original weights with its moments, as the selection strategies see it
+    (on the CPU in float64, where the solvers run, whatever the model's device)."""
     layer = model.get_submodule(reader.name)
     bn = model.get_submodule(reader.bn) if reader.bn else None
-    weight, bias = folded_weight(layer, bn)
+    weight, bias = (t.cpu() for t in folded_weight(layer, bn))
     k = reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
-    raw = layer.weight.detach().double().reshape(len(weight), -1)
+    raw = layer.weight.detach().double().cpu().reshape(len(weight), -1)
     return ReaderProblem(reader, weight, bias, raw, fit, heldout, k)
