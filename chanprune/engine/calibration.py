@@ -119,7 +119,7 @@ class Calibration:
         def keep(batch: int, node: str, value: torch.Tensor) -> None:
             for role, r in by_node.get(node, ()):
                 rows.setdefault(batch, {})[f"{role}:{r.name}"] = \
-                    sample_output(value, r.layout, self.positions(r, batch)).float().clone()
+                    sample_output(value, r.layout, self.positions(r, batch)).float()  # a copy (fancy indexing)
 
         self.original.advance(position, keep)
         for batch, new in rows.items():
