@@ -55,12 +55,18 @@ def lasso_select(q_mat: torch.Tensor, q_vec: torch.Tensor, n_keep: int,
     gram = q_mat[idx][:, idx].numpy()
     xy = q_vec[idx].numpy()
     gram = gram + np.eye(len(idx)) * 1e-10 * max(np.trace(gram) / len(idx), 1e-300)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        _, _, coefs = lars_path_gram(Xy=xy, Gram=gram, n_samples=1, method="lasso",
-                                     max_iter=8 * len(idx) + 50)
-    counts = (coefs != 0).sum(0)
-    hits = np.flatnonzero(counts == n_keep)
+    # the path is the same however far it is followed: stop soon after n_keep channels can be
+    # active (each knot adds or drops one), and go further only when drops held it back
+    limit, max_iter = 8 * len(idx) + 50, n_keep + max(10, n_keep // 8)
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            _, _, coefs = lars_path_gram(Xy=xy, Gram=gram, n_samples=1, method="lasso", max_iter=max_iter)
+        counts = (coefs != 0).sum(0)
+        hits = np.flatnonzero(counts == n_keep)
+        if len(hits) or max_iter >= limit or coefs.shape[1] <= max_iter:  # found, or the whole path was seen
+            break
+        max_iter = min(2 * max_iter, limit)
     if len(hits):
         chosen = np.flatnonzero(coefs[:, hits[0]])
     else:  # the path ended early (degenerate data): rank by |β| at the richest knot, then by |q|

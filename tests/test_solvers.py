@@ -281,3 +281,19 @@ def test_reconstruction_never_raises_the_fitted_error(seed):
         after = relative_error(m, keep, K, w_ls, b_ls)
         assert after <= before
         assert after < 0.9 * before  # and here it helps a lot: the original weights ignore the offset
+
+
+@pytest.mark.parametrize("c, n_keep", [(60, 1), (60, 30), (60, 59), (200, 100), (200, 170)])
+def test_lasso_select_stops_early_on_the_same_path(c, n_keep):
+    """Following the LASSO path only until n_keep channels are active picks what the whole path does."""
+    import numpy as np
+    from sklearn.linear_model import lars_path_gram
+
+    g = torch.Generator().manual_seed(c + n_keep)
+    z = torch.randn(4 * c, c, generator=g, dtype=torch.float64) @ torch.randn(c, c, generator=g, dtype=torch.float64)
+    q_mat, q_vec = z.T @ z, z.T @ torch.randn(4 * c, generator=g, dtype=torch.float64)
+    keep = lasso_select(q_mat, q_vec, n_keep)
+    gram = q_mat.numpy() + np.eye(c) * 1e-10 * np.trace(q_mat.numpy()) / c
+    _, _, coefs = lars_path_gram(Xy=q_vec.numpy(), Gram=gram, n_samples=1, method="lasso", max_iter=8 * c + 50)
+    first = np.flatnonzero((coefs != 0).sum(0) == n_keep)[0]
+    assert keep.tolist() == np.flatnonzero(coefs[:, first]).tolist()
