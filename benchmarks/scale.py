@@ -307,6 +307,7 @@ def _rank_prune(rank: int, world: int, folder: str, model: str, images: int, see
 
     from chanprune import create_model, prune
     from chanprune.data import calibration_subset, mnist_split
+    from chanprune.io.provenance import provenance
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
@@ -319,7 +320,8 @@ def _rank_prune(rank: int, world: int, folder: str, model: str, images: int, see
             pruned, _ = prune(create_model(model), x, SPEEDUP, progress=False)
             seconds = time.perf_counter() - start
         if rank == 0:
-            torch.save({"state": pruned.state_dict(), "seconds": seconds}, f"{folder}/rank0.pt")
+            plan = [op.to_json() for op in provenance(pruned).plan]
+            torch.save({"state": pruned.state_dict(), "seconds": seconds, "plan": plan}, f"{folder}/rank0.pt")
     finally:
         dist.destroy_process_group()
 
@@ -345,6 +347,7 @@ class RanksItem:
 
         from chanprune import create_model, prune
         from chanprune.data import calibration_subset, mnist_split
+        from chanprune.io.provenance import provenance
 
         x = calibration_subset(mnist_split("train"), self.images, self.seed)
         with warnings.catch_warnings(), timed() as single:
@@ -354,11 +357,12 @@ class RanksItem:
             mp.spawn(_rank_prune, args=(self.ranks, folder, self.model, self.images, self.seed), nprocs=self.ranks)
             several = torch.load(f"{folder}/rank0.pt", weights_only=True)
         state = one.state_dict()
-        same_shapes = all(state[k].shape == v.shape for k, v in several["state"].items())
-        diff = max(float((state[k].double() - v.double()).abs().max()) for k, v in several["state"].items()
-                   if v.is_floating_point()) if same_shapes else float("nan")
+        same = several["plan"] == [op.to_json() for op in provenance(one).plan]
+        diff = max(float((state[k].double() - v.double()).norm() / state[k].double().norm().clamp_min(1e-12))
+                   for k, v in several["state"].items() if v.is_floating_point() and v.ndim > 1) \
+            if same else float("nan")
         return {"single_s": single.wall, "ranks_s": several["seconds"], "ranks": self.ranks,
-                "same_channels": same_shapes, "max_weight_diff": diff}
+                "same_channels": same, "max_weight_diff": diff}
 
 
 # ---------------------------------------------------------------- running items in children
@@ -430,7 +434,7 @@ def run_section(section: str, items: list[Item], out_dir: Path, force: bool, thr
             continue
         print(f"{section}: {item.key} ...", flush=True)
         start = time.time()
-        entry = item.measure() if isinstance(item, RanksItem) else in_child(item, threads, timeout_s)
+        entry = in_child(item, threads, timeout_s)
         entry = {"item": asdict(item), **entry, "wall_s": time.time() - start, "code": code_state(),
                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"{section}: {item.key}: {entry['status']} in {entry['wall_s']:.0f} s "
@@ -528,7 +532,7 @@ def wide_table(entries: list[Entry]) -> str:
 
 def ranks_table(entries: list[Entry]) -> str:
     lines = ["| item | 1 process s (threads) | ranks | ranks s (1 thread each) | same kept channels | "
-             "largest weight difference | load | status |", "|---|---|---|---|---|---|---|---|"]
+             "largest relative weight difference (per tensor) | load | status |", "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         name = f"{e['item']['model']}, N={e['item']['images']}"
         if e["status"] != "ok":
