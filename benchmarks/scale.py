@@ -104,12 +104,20 @@ def forward_time(model: nn.Module, data: torch.Tensor | Iterable) -> Span:
     """One forward pass over every calibration image (eval mode, no grad), timed after one
     untimed warm-up batch."""
     model.eval()
-    batches = image_batches(data)
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in image_batches(data)]
     model(batches[0])
+    _synchronize(device)
     with timed() as span:
         for batch in batches:
             model(batch)
+        _synchronize(device)
     return span
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def photo_crops(count: int, size: int, seed: int) -> torch.Tensor:
@@ -183,10 +191,11 @@ class ModelItem:
     seed: int = 0
     bn_images: int = 256  # photo crops that re-estimate BatchNorm (torchvision models only)
     memory_budget: int | None = None  # None: chanprune's default (half the free memory)
+    device: str = "cpu"  # where the model runs and statistics are gathered
 
     @property
     def key(self) -> str:
-        return f"{self.model} N={self.images}"
+        return f"{self.model} N={self.images}" + (f" on {self.device}" if self.device != "cpu" else "")
 
     def measure(self) -> Entry:
         if self.model.startswith("torchvision:"):
@@ -205,7 +214,9 @@ class ModelItem:
 
             model = create_model(self.model)
             images = calibration_subset(mnist_split("train"), self.images, self.seed)
-        return {"input": "x".join(map(str, images.shape[1:])), **prune_and_time(model, images, self.memory_budget)}
+        model.to(self.device)
+        return {"input": "x".join(map(str, images.shape[1:])), "device": self.device,
+                **prune_and_time(model, images, self.memory_budget)}
 
 
 @dataclass(frozen=True)
@@ -594,7 +605,7 @@ def write_report(out_dir: Path) -> Path:
 def section_items(section: str, args: argparse.Namespace) -> list[Item]:
     if section == "models":
         return [ModelItem(m, args.vision_images if m.startswith("torchvision:") else args.bundled_images,
-                          seed=args.seed, bn_images=args.vision_images)
+                          seed=args.seed, bn_images=args.vision_images, device=args.device)
                 for m in args.models.split(",")]
     if section == "n_scaling":
         return [ScalingItem(int(n), args.scaling_budget_mib * MIB, seed=args.seed)
@@ -617,6 +628,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per item")
     parser.add_argument("--timeout-min", type=float, default=40, help="an item is stopped after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="models section: cpu or cuda (the GPU machine)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     return parser.parse_args(argv)
 
