@@ -16,6 +16,7 @@ from .errors import ChanpruneError
 from .graph import ChannelGraph
 from .stats import reader_dim
 
+
 def first_in_channels(model: nn.Module) -> int | None:
     """Input channels of the first conv (the image channels the model expects)."""
     for m in model.modules():

@@ -218,3 +218,15 @@ def test_units_whose_statistics_do_not_fit_stay_whole_with_a_warning(monkeypatch
     with pytest.warns(UserWarning, match=f"statistics of .* would need more than .* stay whole"):
         kept = units_module.units_that_fit(model, units)
     assert [u.name for u in kept] == [u.name for u in units if u.name != biggest]
+
+
+def test_store_spills_values_that_share_memory_and_reads_them_back():
+    """A value and a view of it may both be live at a frontier; safetensors refuses shared memory."""
+    value = torch.arange(24.0).reshape(2, 3, 4)
+    with BatchStore(0, torch.device("cpu")) as store:
+        store.put(0, "work", {"x": value, "flat": value.view(2, -1), "shape": 7})
+        assert store.spilled_bytes > 0 and not store.memory
+        back = store.get(0, "work")
+        assert torch.equal(back["x"], value) and torch.equal(back["flat"], value.view(2, -1)) and back["shape"] == 7
+        store.put(0, "work", {})
+        assert store.get(0, "work") == {}

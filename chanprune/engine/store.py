@@ -56,7 +56,8 @@ class BatchStore:
             self.held += size
             self.peak_bytes = max(self.peak_bytes, self.held)
             return
-        tensors = {k: v.detach().contiguous().cpu() for k, v in values.items() if isinstance(v, torch.Tensor)}
+        # cloned: safetensors refuses tensors that share memory (a value and a view of it may both be live)
+        tensors = {k: v.detach().cpu().clone() for k, v in values.items() if isinstance(v, torch.Tensor)}
         others = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
         path = self.folder / f"{batch}-{slot}.safetensors"
         save_file(tensors, str(path))
