@@ -215,7 +215,7 @@ def test_units_whose_statistics_do_not_fit_stay_whole_with_a_warning(monkeypatch
     free = int(max(v for k, v in sizes.items() if k != biggest) / 0.8) + 1
     assert sizes[biggest] > 0.8 * free
     monkeypatch.setattr(units_module, "available_memory", lambda device: free)
-    with pytest.warns(UserWarning, match=f"statistics of .* would need more than .* stay whole"):
+    with pytest.warns(UserWarning, match="statistics of .* would need more than .* stay whole"):
         kept = units_module.units_that_fit(model, units)
     assert [u.name for u in kept] == [u.name for u in units if u.name != biggest]
 
