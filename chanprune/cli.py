@@ -174,9 +174,8 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
 
-    Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process reads its
-    share of the calibration batches, statistics are summed across processes, and rank 0 writes
-    the files."""
+    Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process keeps every
+    K-th calibration batch, statistics are summed across processes, and rank 0 writes the files."""
     from .config import PruneConfig
     from .distributed import init_from_environment, writes_files
     from .experiment import calibration_images, compare, load_model_spec, probe_images, test_split
