@@ -11,18 +11,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .evaluate import evaluating, model_device
+
 
 @torch.no_grad()
 def flop_breakdown(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
     """Total FLOPs at batch 1 and the FLOPs of every Conv2d / Linear by qualified name."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = torch.zeros((1, *input_shape[1:]), device=device)
-    with FlopCounterMode(display=False) as counter:
+    example = torch.zeros((1, *input_shape[1:]), device=model_device(model))
+    with evaluating(model), FlopCounterMode(display=False) as counter:
         model(example)
-    for module, mode in modes:
-        module.training = mode
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
     per_layer = {}

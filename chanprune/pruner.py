@@ -6,7 +6,6 @@ replayed on it, plus a report. The caller's model is left exactly as it was.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import time
@@ -28,6 +27,7 @@ from .engine.resume import ResumeDir, model_fingerprint
 from .engine.run import PruneRun, prune_units
 from .engine.store import BatchStore, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
+from .evaluate import evaluating, model_device
 from .flops import count_flops, count_params, flop_breakdown
 from .graph import build_graph
 from .io.provenance import attach, provenance_or_class
@@ -61,31 +61,17 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
         raise ChanpruneError("calibration data is empty or yields no image tensors; give a tensor (N, C, H, W) "
                              "or an iterable of such batches")
     validate_images(first, first_in_channels(model))
-    device = torch.device(device) if device is not None else \
-        next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else model_device(model)
     budget = memory_budget if memory_budget is not None else default_budget(device)
     with evaluating(model) as original, BatchStore(budget, device) as store:
         return _prune(original, first, itertools.chain([first], stream), cfg, store, progress, start, checkpoint_dir)
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the duration, each module's own training flag restored afterwards,
-    so that pruning never changes the caller's model."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Tensor], cfg: PruneConfig,
            store: BatchStore, progress: bool, start: float,
            checkpoint_dir: str | Path | None) -> tuple[nn.Module, PruneReport]:
     device = store.device
-    graph = build_graph(original, first[:1].to(_model_device(original)))
+    graph = build_graph(original, first[:1].to(model_device(original)))
     input_shape = (1, *first.shape[1:])
     flops_before, per_layer = flop_breakdown(original, input_shape)
     flop_model = FlopModel(graph, flops_before, per_layer)
@@ -98,7 +84,8 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     readers = [r for u in todo for r in u.readers]
     sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
     calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
-                              sampling, readers, store, first_in_channels(original), shard())
+                              sampling, readers, store, first_in_channels(original), shard(),
+                              hash_data=checkpoint_dir is not None)
     resume = None
     if checkpoint_dir is not None:
         rank, world = shard()
@@ -127,7 +114,3 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     report.spilled_bytes = store.spilled_bytes
     report.seconds = time.perf_counter() - start
     return pruned, report
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -46,12 +46,13 @@ class Calibration:
     changes; ``readers`` are all readers whose targets will be asked for. With ``shard = (rank,
     world)`` this process keeps every ``world``-th batch; moments are then summed over all ranks
     (torch.distributed), so every rank sees the same statistics and makes the same decisions.
-    ``fingerprint`` is a hash of the images this process read (to check a resumed run's data).
+    With ``hash_data``, ``fingerprint`` is a hash of the images this process read (a resumed run
+    checks that its data did not change); else None, and nothing is hashed.
     """
 
     def __init__(self, graph: ChannelGraph, work: fx.GraphModule, original: fx.GraphModule, data: Iterable,
                  batch_size: int, sampling: Sampling, readers: list[Reader], store: BatchStore,
-                 in_channels: int | None, shard: tuple[int, int] = (0, 1)):
+                 in_channels: int | None, shard: tuple[int, int] = (0, 1), hash_data: bool = False):
         self.graph, self.sampling, self.store = graph, sampling, store
         self.device = store.device
         self.reader_index = {r.name: i for i, r in enumerate(graph_readers(graph))}
@@ -67,12 +68,13 @@ class Calibration:
         self.shard = shard
         self.work = Frontier(work, store, "work", 0)
         self.original = Frontier(original, store, "original", 0)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hash_data else None
         for b, batch in enumerate(iterate_batches(data, batch_size)):
             batch = validate_batch(batch, in_channels, first_shape)
             first_shape = first_shape or tuple(batch.shape[1:])
             if b % shard[1] == shard[0]:
-                digest.update(batch.cpu().numpy().tobytes())
+                if digest is not None:
+                    digest.update(batch.cpu().numpy().tobytes())
                 batch = batch.to(self.device)
                 self.work.start(len(self.sizes), batch)
                 self.original.start(len(self.sizes), batch)
@@ -84,7 +86,7 @@ class Calibration:
         if not self.sizes:
             raise ChanpruneError(f"rank {shard[0]} of {shard[1]} got no calibration batch; use more images or a "
                                  "smaller batch size, so that every rank gets at least one")
-        self.fingerprint = digest.hexdigest()
+        self.fingerprint = digest.hexdigest() if digest is not None else None
         self.work.batches = self.original.batches = len(self.sizes)
         self.images = count
 
