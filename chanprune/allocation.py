@@ -17,6 +17,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Callable
 
 from .errors import ChanpruneError
@@ -64,19 +65,37 @@ class FlopModel:
 
     def flops(self, widths: dict[str, int]) -> float:
         """Estimated FLOPs when unit u keeps ``widths[u]`` channels (others stay whole)."""
-        frac = {g.name: widths.get(g.name, g.channels) / g.channels for g in self.graph.groups}
+        return self.total - sum(self.per_layer.values()) + sum(self.layer_flops(widths, self.per_layer).values())
+
+    def layer_flops(self, widths: dict[str, int], layers: Iterable[str]) -> dict[str, float]:
+        """Estimated FLOPs of each of ``layers`` (pruned-aware layers) at ``widths``."""
         channels = {g.name: g.channels for g in self.graph.groups}
-        frac_out = {w: frac[g.name] for g in self.graph.groups for w in g.writers}
-        scaled = 0.0
-        for name, f in self.per_layer.items():
+        writer_group = self._writer_group()
+        out = {}
+        for name in layers:
             layout = self.graph.layouts.get(name)
             frac_in = 1.0
             if f"select:{name}" in widths:
                 frac_in = widths[f"select:{name}"] / channels[layout[0]]
             elif layout:
-                frac_in = sum(frac[g] * channels[g] for g in layout) / sum(channels[g] for g in layout)
-            scaled += f * frac_in * (1.0 if name in self.graph.depthwise else frac_out.get(name, 1.0))
-        return self.total - sum(self.per_layer.values()) + scaled
+                frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
+            frac_out = 1.0
+            if name not in self.graph.depthwise and name in writer_group:
+                group = writer_group[name]
+                frac_out = widths.get(group, channels[group]) / channels[group]
+            out[name] = self.per_layer[name] * frac_in * frac_out
+        return out
+
+    def _writer_group(self) -> dict[str, str]:
+        if not hasattr(self, "_writers"):
+            self._writers = {w: g.name for g in self.graph.groups for w in g.writers}
+        return self._writers
+
+    def touched(self, unit: str, narrowest: int) -> list[str]:
+        """The layers whose FLOPs change when ``unit`` narrows (to ``narrowest`` channels)."""
+        full = self.layer_flops({}, self.per_layer)
+        narrow = self.layer_flops({unit: narrowest}, self.per_layer)
+        return [name for name in self.per_layer if narrow[name] != full[name]]
 
 
 Preset = Callable[[Unit, ChannelGraph], "float | None"]
@@ -166,7 +185,18 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     weights = {u.name: w for u in units if (w := preset(u, flop_model.graph)) is not None}
     if not weights:
         raise ChanpruneError("the allocation preset prunes no layer of this model; use --allocation uniform")
-    choices = {u.name: _choices(u.channels, round_to) for u in units if u.name in weights}
+    choices = {u.name: choices_of(u.channels, round_to) for u in units if u.name in weights}
+    check_reachable(flop_model, choices, speedup, round_to)
+    widths = _common_factor(flop_model, weights, choices, speedup, round_to)
+    if _error(flop_model, widths, speedup) <= TOLERANCE:
+        return widths
+    ideal = _ideal(flop_model, weights, choices, speedup)
+    limit, widths = _least_deviation(flop_model, choices, ideal, widths, speedup, round_to)
+    return _walk(flop_model, _within(choices, ideal, limit), ideal, widths, speedup)
+
+
+def check_reachable(flop_model: FlopModel, choices: dict[str, list[int]], speedup: float, round_to: int) -> None:
+    """Refuse a speed-up that even every unit at its narrowest choice cannot reach."""
     smallest = flop_model.flops({name: widths[0] for name, widths in choices.items()})
     if smallest > flop_model.total / speedup * (1 + TOLERANCE):
         most = flop_model.total / smallest
@@ -175,12 +205,6 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
             f"speed-up {speedup:g}x is out of reach: the most this model can reach is {most:.2f}x{rounding} "
             f"(every prunable layer at its narrowest); ask for at most {most:.2f}x"
             f"{', lower --round-to' if round_to > 1 else ''} or let more layers be pruned (fewer --exclude)")
-    widths = _common_factor(flop_model, weights, choices, speedup, round_to)
-    if _error(flop_model, widths, speedup) <= TOLERANCE:
-        return widths
-    ideal = _ideal(flop_model, weights, choices, speedup)
-    limit, widths = _least_deviation(flop_model, choices, ideal, widths, speedup, round_to)
-    return _walk(flop_model, _within(choices, ideal, limit), ideal, widths, speedup)
 
 
 def rounded(width: float, channels: int, round_to: int) -> int:
@@ -191,7 +215,7 @@ def rounded(width: float, channels: int, round_to: int) -> int:
     return max(round_to, min(channels, round_to * round(width / round_to)))
 
 
-def _choices(channels: int, round_to: int) -> list[int]:
+def choices_of(channels: int, round_to: int) -> list[int]:
     """The widths a unit may keep, narrowest first: multiples of ``round_to``, or all channels."""
     return sorted({*range(round_to, channels + 1, round_to), channels})
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from .allocators import ALLOCATIONS
+from .config import GLOBAL_WEIGHTS, TRUNK_MODES
 from .errors import ChanpruneError
+from .selection import STRATEGIES
 
 
 class _Group(click.Group):
@@ -132,13 +135,15 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @main.command()
 @click.option("--model", "model_spec", required=True, help="Bundled name (e.g. vgg16-mnist) or checkpoint path.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs(original) / FLOPs(pruned).")
-@click.option("--method", type=click.Choice(["lasso", "greedy", "max_response", "input_l1", "first_k", "random"]),
-              default="lasso", show_default=True)
+@click.option("--method", type=click.Choice(list(STRATEGIES)), default="lasso", show_default=True)
 @click.option("--lasso-rounds", type=int, default=1, show_default=True,
               help="LASSO steps with least-squares refits between them (the paper's alternating form).")
-@click.option("--allocation", type=click.Choice(["uniform", "vgg-paper", "resnet-paper"]), default="uniform",
-              show_default=True)
-@click.option("--trunk", type=click.Choice(["keep", "joint"]), default="keep", show_default=True,
+@click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default="uniform", show_default=True,
+              help="; ".join(f"{name}: {a.summary}" for name, a in ALLOCATIONS.items()) + ".")
+@click.option("--global-weight", type=click.Choice(GLOBAL_WEIGHTS), default="energy", show_default=True,
+              help="--allocation global: compare layers by error relative to their output energy, or also "
+                   "weighted by the measured sensitivity of the model's output.")
+@click.option("--trunk", type=click.Choice(TRUNK_MODES), default="keep", show_default=True,
               help="Channels tied by residual adds: keep them whole (paper) or prune them jointly.")
 @click.option("--residual-correction/--no-residual-correction", default=True, show_default=True,
               help="The last layer of a residual branch also makes up for its shortcut's error.")
@@ -167,7 +172,8 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="Save each unit's result here; the same command run again after a kill continues from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
-def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str, trunk: str,
+def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str,
+          global_weight: str, trunk: str,
           residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
           trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
@@ -187,7 +193,7 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
         raise ChanpruneError("give --speedup S or --widths FILE")
     _check_outputs(out, report_path)
     widths = _read_widths(widths_file) if widths_file is not None else None
-    options = dict(allocation=allocation, widths=widths, exclude=exclude, samples_per_image=samples_per_image,
+    options = dict(allocation=allocation, global_weight=global_weight, widths=widths, exclude=exclude, samples_per_image=samples_per_image,
                    seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
                    trunk=trunk, residual_correction=residual_correction,
                    feature_map_sampling=feature_map_sampling, round_to=round_to)

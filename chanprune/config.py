@@ -10,11 +10,12 @@ from typing import Any
 
 from torch import nn
 
-from .allocation import PRESETS
+from .allocators import ALLOCATIONS
 from .errors import ChanpruneError
 from .selection import STRATEGIES
 
 TRUNK_MODES = ("keep", "joint")
+GLOBAL_WEIGHTS = ("energy", "sensitivity")
 AUTO_RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # relative to trace(G)/dim
 
 
@@ -32,6 +33,7 @@ class PruneConfig:
     speedup: float | None = 4.0
     method: str = "lasso"
     allocation: str = "uniform"
+    global_weight: str = "energy"  # allocation="global": "energy" or "sensitivity" (see engine.curves)
     widths: dict[str, int] | None = None
     exclude: tuple[str, ...] = ()
     samples_per_image: int = 10
@@ -50,8 +52,10 @@ class PruneConfig:
         """Raise on any option that cannot work, before the model or the data are touched."""
         if self.method not in STRATEGIES:
             raise ChanpruneError(f"unknown method {self.method!r}; use one of {', '.join(STRATEGIES)}")
-        if self.allocation not in PRESETS:
-            raise ChanpruneError(f"unknown allocation {self.allocation!r}; use one of {', '.join(PRESETS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ChanpruneError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if self.global_weight not in GLOBAL_WEIGHTS:
+            raise ChanpruneError(f"unknown global weight {self.global_weight!r}; use one of {', '.join(GLOBAL_WEIGHTS)}")
         if self.trunk not in TRUNK_MODES:
             raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
         if self.speedup is None and self.widths is None:

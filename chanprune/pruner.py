@@ -18,17 +18,19 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .allocation import FlopModel
+from .allocation import FlopModel, Unit, choices_of
 from .config import PruneConfig
 from .data import iterate_batches, validate_images
 from .distributed import shard
 from .engine.calibration import Calibration, Sampling
+from .engine.curves import error_curves
 from .engine.resume import ResumeDir, model_fingerprint
 from .engine.run import PruneRun, prune_units
 from .engine.store import BatchStore, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
 from .evaluate import evaluating, model_device
 from .flops import count_flops, count_params, flop_breakdown
+from .global_allocation import ErrorCurve
 from .graph import build_graph
 from .io.provenance import attach, provenance_or_class
 from .report import PruneReport, layer_reports, unit_reports
@@ -76,16 +78,31 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     flops_before, per_layer = flop_breakdown(original, input_shape)
     flop_model = FlopModel(graph, flops_before, per_layer)
     units = units_that_fit(original, pruning_units(graph, cfg))
-    widths = resolve_widths(cfg, graph, units, flop_model)
-    todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
-
     record = provenance_or_class(original)
     run = PruneRun(graph, cfg, Plan(list(record.plan)), device)
-    readers = [r for u in todo for r in u.readers]
     sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
-    calibration = Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
-                              sampling, readers, store, first_in_channels(original), shard(),
-                              hash_data=checkpoint_dir is not None)
+
+    def calibrate(for_units: list[Unit]) -> Calibration:
+        """Read the data once; the readers of ``for_units`` may ask for targets."""
+        return Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
+                           sampling, [r for u in for_units for r in u.readers], store, first_in_channels(original),
+                           shard(), hash_data=checkpoint_dir is not None)
+
+    calibration: Calibration | None = None
+
+    def curves() -> dict[str, ErrorCurve]:
+        nonlocal calibration
+        calibration = calibrate(units)
+        narrowest = {u.name: choices_of(u.channels, cfg.round_to)[0] for u in units}
+        return error_curves(calibration, run, units, narrowest, cfg.global_weight, progress)
+
+    widths = resolve_widths(cfg, graph, units, flop_model, curves)
+    todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
+    if calibration is None:
+        calibration = calibrate(todo)
+    else:
+        pruned_names = {u.name for u in todo}
+        calibration.release([r for u in units if u.name not in pruned_names for r in u.readers])
     resume = None
     if checkpoint_dir is not None:
         rank, world = shard()

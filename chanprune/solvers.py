@@ -8,6 +8,7 @@ channel i owns columns i*k .. i*k+k-1.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -169,12 +170,40 @@ def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: 
     the cheapest ``step_fraction`` of the remaining channels, then downdates H and W exactly.
     ``problems`` holds (moments, weight) per reader; costs are summed weighted by 1/||Y||^2.
     """
-    states = []
+    alive = None
+    for alive, _ in _eliminate(problems, k, n_keep, ridge, step_fraction):
+        pass
+    return alive
+
+
+def elimination_path(problems: list[tuple[Moments, float]], k: int, n_min: int, ridge: float = 1e-6,
+                     step_fraction: float = 0.05) -> tuple[list[int], list[float]]:
+    """The error curve of :func:`backward_elimination` from all channels down to ``n_min``:
+    (kept counts, descending; weighted least-squares error at each), in one pass.
+
+    The error at each count is exact for the channels elimination keeps there (the full fit's
+    error plus the exact increase of each joint removal), so the curve is what greedy selection
+    would leave at that width on these moments.
+    """
+    counts, errors = [], []
+    for alive, error in _eliminate(problems, k, n_min, ridge, step_fraction):
+        counts.append(len(alive))
+        errors.append(error)
+    return counts, errors
+
+
+def _eliminate(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge: float,
+               step_fraction: float) -> Iterator[tuple[torch.Tensor, float]]:
+    """(kept channels, weighted LS error) after each step of backward elimination, the full set first."""
+    states, error = [], 0.0
     for moments, scale in problems:
-        xtx, xty, _ = moments.centred()
+        xtx, xty, yty = moments.centred()
         h = torch.cholesky_inverse(ridged_cholesky(xtx, ridge))
-        states.append([h, h @ xty, scale])
+        w = h @ xty
+        states.append([h, w, scale])
+        error += scale * max(yty - float((w * xty).sum()), 0.0)
     alive = torch.arange(states[0][0].shape[0] // k)
+    yield alive, error
     while len(alive) > n_keep:
         cost = torch.zeros(len(alive), dtype=torch.float64)
         for h, w, scale in states:
@@ -187,10 +216,12 @@ def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: 
         mask[drop] = False
         rest, gone = block_indices(torch.nonzero(mask).flatten(), k), block_indices(drop, k)
         for state in states:
-            h, w, _ = state
+            h, w, scale = state
             h_rg = h[rest][:, gone]
             chol = ridged_cholesky(h[gone][:, gone], 1e-12)
+            w_gone = torch.cholesky_solve(w[gone], chol)
+            error += scale * float((w[gone] * w_gone).sum())
             state[0] = h[rest][:, rest] - h_rg @ torch.cholesky_solve(h_rg.T, chol)
-            state[1] = w[rest] - h_rg @ torch.cholesky_solve(w[gone], chol)
+            state[1] = w[rest] - h_rg @ w_gone
         alive = alive[mask]
-    return alive
+        yield alive, error

@@ -9,7 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from .allocation import PRESETS, FlopModel, Unit, allocate, check_widths
+from .allocation import FlopModel, Unit, check_widths
+from .allocators import ALLOCATIONS, Curves
 from .config import PruneConfig
 from .engine.store import available_memory
 from .errors import ChanpruneError
@@ -71,8 +72,10 @@ def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
     return [u for u in units if u not in too_big]
 
 
-def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel) -> dict[str, int]:
-    """Kept channels per unit from explicit widths or from the speed-up target and preset."""
+def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel,
+                   curves: Curves) -> dict[str, int]:
+    """Kept channels per unit from explicit widths or from the speed-up target and allocation
+    (``curves()`` measures the original model's error curves, for an allocation that asks)."""
     if cfg.widths is not None:
         widths = check_widths(cfg.widths, graph, units)
         if cfg.speedup is not None:
@@ -83,4 +86,4 @@ def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flo
         return widths
     if not units:
         raise ChanpruneError("no layer of this model can be pruned (see the warnings above)")
-    return allocate(flop_model, units, cfg.speedup, PRESETS[cfg.allocation], cfg.round_to)
+    return ALLOCATIONS[cfg.allocation].decide(flop_model, units, cfg.speedup, cfg.round_to, curves)

@@ -58,7 +58,7 @@ def test_carried_moments_equal_moments_recomputed_from_the_input(model, x, optio
     graph = build_graph(model, x[:1])
     flops, per_layer = flop_breakdown(model, (1, *x.shape[1:]))
     units = pruning_units(graph, cfg)
-    widths = resolve_widths(cfg, graph, units, FlopModel(graph, flops, per_layer))
+    widths = resolve_widths(cfg, graph, units, FlopModel(graph, flops, per_layer), dict)
     todo = [u for u in units if widths[u.name] < u.channels]
     assert len(todo) >= 2
     sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)

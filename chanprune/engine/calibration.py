@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,9 +137,7 @@ class Calibration:
         want = {r.input_node for r in readers}
         want |= {r.shortcut for r in readers if residual_correction and r.shortcut}
         layers = {r.name: self.work.gm.get_submodule(r.name) for r in readers}
-        result = {r.name: tuple(Moments(reader_dim(self.work.gm, r), layers[r.name].weight.shape[0],
-                                        device=self.device) for _ in range(2)) for r in readers}
-        every = self.sampling.heldout_every
+        result = self._new_moments(self.work.gm, readers)
         for batch, values in self.work.look_ahead(want):
             targets = self.store.get(batch, _TARGETS)
             for r in readers:
@@ -152,16 +150,87 @@ class Calibration:
                     y = y[:, kept_outputs[r.name].to(y.device)]
                 if residual_correction and r.shortcut:
                     y = y - sample_output(values[r.shortcut], r.layout, pos).float()
-                held = ((pos.image.to(x.device) + self.offsets[batch]) % every) == every - 1
-                fit, heldout = result[r.name]
-                fit.update(x[~held], y[~held])
-                heldout.update(x[held], y[held])
+                self._update(result[r.name], batch, pos, x, y)
+        self.release(readers)
+        return self._reduced(result)
+
+    def _new_moments(self, gm: fx.GraphModule, readers: list[Reader]) -> dict[str, tuple[Moments, Moments]]:
+        """Empty (fitted, held-out) moments for each of ``readers`` of ``gm``."""
+        return {r.name: tuple(Moments(reader_dim(gm, r), gm.get_submodule(r.name).weight.shape[0],
+                                      device=self.device) for _ in range(2)) for r in readers}
+
+    def _update(self, pair: tuple[Moments, Moments], batch: int, pos: Positions, x: torch.Tensor,
+                y: torch.Tensor) -> None:
+        """Add the samples of ``batch`` to the fitted or the held-out moments, by image."""
+        every = self.sampling.heldout_every
+        held = ((pos.image.to(x.device) + self.offsets[batch]) % every) == every - 1
+        pair[0].update(x[~held], y[~held])
+        pair[1].update(x[held], y[held])
+
+    def _reduced(self, result: dict[str, tuple[Moments, Moments]]) -> dict[str, tuple[Moments, Moments]]:
+        """``result`` summed over every rank (each holds its own batches' sums)."""
         if self.shard[1] > 1:
             for fit, heldout in result.values():
                 fit.all_reduce()
                 heldout.all_reduce()
-        self.release(readers)
         return result
+
+    @torch.no_grad()
+    def unpruned(self, reader_sets: list[list[Reader]], noise: float | None = None) -> Iterator["Unpruned"]:
+        """Statistics of each set of readers (in execution order) with inputs and targets both from
+        the original model, set by set, at the positions the run itself will sample.
+
+        A third frontier over the original model runs once through the network from the stored
+        inputs; it must start before the run moves (so a data-driven allocation can look at
+        every unit first) and is dropped from the store when the iteration ends. With ``noise``
+        ε, each set's output sensitivity is measured on this process's first batch (averaged
+        over ranks): the relative squared change of the model's output when every reader's
+        output gets Gaussian noise of relative energy ε², per ε² and per reader.
+        """
+        if self.work.position != self.work.start_position or self.original.position != self.original.start_position:
+            raise RuntimeError("unpruned statistics must be gathered before any unit moves the frontiers")
+        probe = Frontier(self.original.gm, self.store, "probe", self.work.batches)
+        for batch in range(self.work.batches):
+            self.store.put(batch, probe.slot, self.store.get(batch, self.work.slot))
+        clean = _tensors(probe.output(0)) if noise is not None else None
+        try:
+            for i, readers in enumerate(reader_sets):
+                want = {r.input_node for r in readers} | {r.output_node for r in readers}
+                result = self._new_moments(probe.gm, readers)
+                for batch, values in probe.look_ahead(want):
+                    for r in readers:
+                        pos = self.positions(r, batch)
+                        x = reader_samples(probe.gm.get_submodule(r.name), r, values[r.input_node], pos)
+                        self._update(result[r.name], batch, pos, x,
+                                     sample_output(values[r.output_node], r.layout, pos).float())
+                sensitivity = None
+                if clean is not None:
+                    sensitivity = self._sensitivity(probe, readers, clean, noise, i)
+                yield Unpruned(self._reduced(result), sensitivity)
+                if i + 1 < len(reader_sets):
+                    probe.advance(min(probe.index[_call_node(probe.gm, r.name)] for r in reader_sets[i + 1]))
+        finally:
+            for batch in range(self.work.batches):
+                self.store.drop(batch, probe.slot)
+
+    def _sensitivity(self, probe: Frontier, readers: list[Reader], clean: torch.Tensor, noise: float,
+                     index: int) -> float:
+        """Relative squared output change per unit of relative squared error at each reader's output."""
+        generator = torch.Generator().manual_seed(self.sampling.seed * 65_537 + index)
+
+        def perturb(value: torch.Tensor) -> torch.Tensor:
+            axes = [d for d in range(value.dim()) if d != 1]
+            rms = value.float().square().mean(axes, keepdim=True).sqrt()
+            z = torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
+            return value + noise * rms.to(value.dtype) * z
+
+        noisy = _tensors(probe.output(0, {r.output_node: perturb for r in readers}))
+        sums = torch.tensor([float((noisy - clean).square().sum()),
+                             float((clean - clean.mean(0)).square().sum()) * noise**2 * len(readers)],
+                            dtype=torch.float64)
+        if self.shard[1] > 1:
+            torch.distributed.all_reduce(sums)
+        return float(sums[0] / sums[1].clamp_min(1e-300))
 
     def targets_of(self, readers: list[Reader]) -> None:
         """Make sure the original model has passed (and recorded the targets of) ``readers``."""
@@ -204,6 +273,28 @@ class Calibration:
 
     def reader_position(self, readers: list[Reader]) -> int:
         return min(self.work.index[_call_node(self.work.gm, r.name)] for r in readers)
+
+
+@dataclass
+class Unpruned:
+    """Statistics of one set of readers on the original model: (fitted, held-out) moments per
+    reader, and the output sensitivity when it was asked for."""
+
+    moments: dict[str, tuple[Moments, Moments]]
+    sensitivity: float | None = None
+
+
+def _tensors(output: object) -> torch.Tensor:
+    """Every tensor in a model output (a tensor, or tuples, lists and dicts of them), as one
+    (batch, features) float matrix."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().float().reshape(len(output), -1)
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return torch.cat([_tensors(o) for o in output], 1)
+    raise ChanpruneError(f"the model returns a {type(output).__name__}; allocation='global' needs tensors "
+                         "(or tuples, lists and dicts of them) to measure output sensitivity")
 
 
 def validate_batch(batch: torch.Tensor, in_channels: int | None, shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -251,9 +342,5 @@ def unpruned_moments(graph: ChannelGraph, data: Iterable, batch_size: int, sampl
     calibration = Calibration(graph, copy.deepcopy(graph.gm).to(store.device),
                               copy.deepcopy(graph.gm).to(store.device), data, batch_size, sampling, readers, store,
                               in_channels)
-    result = []
-    for i, rs in enumerate(reader_sets):
-        result.append({k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in calibration.moments(rs, {}, False).items()})
-        if i + 1 < len(reader_sets):
-            calibration.advance(calibration.reader_position(reader_sets[i + 1]))
-    return result
+    return [{k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in found.items()}
+            for found in (u.moments for u in calibration.unpruned(reader_sets))]

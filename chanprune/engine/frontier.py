@@ -54,7 +54,7 @@ class Frontier:
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
         self.last_use = {n.name: max((self.index.get(u.name, len(self.nodes)) for u in n.users), default=-1)
                          for n in self.nodes}
-        self.position = sum(1 for n in self.nodes if n.op == "placeholder")
+        self.start_position = self.position = sum(1 for n in self.nodes if n.op == "placeholder")
 
     def start(self, batch: int, inputs: torch.Tensor) -> None:
         """Hand the frontier the input of ``batch`` (before anything has run)."""
@@ -62,16 +62,28 @@ class Frontier:
         self.store.put(batch, self.slot, {placeholders[0].name: inputs})
 
     def _run(self, env: dict[str, Any], start: int, stop: int,
-             on_value: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+             on_value: Callable[[str, Any], None] | None = None,
+             change: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
         interpreter = fx.Interpreter(self.gm)
         nodes_env = {n: env[n.name] for n in self.nodes[:start] if n.name in env}
         interpreter.env = nodes_env
         for node in self.nodes[start:stop]:
             value = interpreter.run_node(node)
+            if change and node.name in change:
+                value = change[node.name](value)
             nodes_env[node] = value
             if on_value is not None:
                 on_value(node.name, value)
         return {n.name: v for n, v in nodes_env.items()}
+
+    @torch.no_grad()
+    def output(self, batch: int, change: dict[str, Callable[[Any], Any]] | None = None) -> Any:
+        """The model's output for ``batch``, run on from the frontier without moving it; the value
+        of each node named in ``change`` is replaced by ``change[node](value)`` on the way."""
+        env = self._run(self.store.get(batch, self.slot), self.position, len(self.nodes), change=change)
+        interpreter = fx.Interpreter(self.gm)
+        interpreter.env = {n: env[n.name] for n in self.nodes if n.name in env}
+        return interpreter.run_node(next(n for n in self.gm.graph.nodes if n.op == "output"))
 
     def _live(self, env: dict[str, Any], position: int) -> dict[str, Any]:
         return {k: v for k, v in env.items() if self.index[k] < position <= self.last_use[k]}

@@ -1,0 +1,47 @@
+"""Error curves of every pruning unit on the original model, for a data-driven allocation.
+
+Each unit's readers see inputs and targets of the unpruned model (one extra pass through it);
+greedy backward elimination on their moments gives the least-squares error at every width in
+one run, relative to each reader's target energy and summed over readers.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from ..allocation import Unit
+from ..global_allocation import ErrorCurve
+from ..solvers import elimination_path
+from .calibration import Calibration
+from .run import PruneRun, reader_problem
+
+
+SENSITIVITY_NOISE = 0.1  # relative rms of the noise that measures a unit's output sensitivity
+
+
+def error_curves(calibration: Calibration, run: PruneRun, units: list[Unit], narrowest: dict[str, int],
+                 weight: str = "energy", progress: bool = False) -> dict[str, ErrorCurve]:
+    """Curve of each unit from its full width down to ``narrowest[unit]`` channels.
+
+    ``weight`` makes units comparable: "energy" adds readers' errors relative to their target
+    energy; "sensitivity" also multiplies a unit's curve by how much the model's output moves
+    per unit of relative error at its readers (measured with noise, see
+    :meth:`Calibration.unpruned`). Readers that differ in features per channel (a 3x3 conv and a
+    1x1 projection on one trunk) are eliminated separately and their curves added, which
+    slightly favours such units.
+    """
+    curves: dict[str, ErrorCurve] = {}
+    noise = SENSITIVITY_NOISE if weight == "sensitivity" else None
+    found = calibration.unpruned([u.readers for u in units], noise)
+    for unit, stats in tqdm(zip(units, found), total=len(units), desc="error curves", disable=not progress,
+                            leave=False):
+        problems = [run.restricted(reader_problem(run.work, r, *(m.to("cpu") for m in stats.moments[r.name])),
+                                   unit.group) for r in unit.readers]
+        curve = None
+        for k in dict.fromkeys(rp.k for rp in problems):
+            pairs = [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problems if rp.k == k]
+            counts, errors = elimination_path(pairs, k, narrowest[unit.name])
+            part = ErrorCurve(tuple(reversed(counts)), tuple(reversed(errors)))
+            curve = part if curve is None else curve + part
+        curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
+    return curves
