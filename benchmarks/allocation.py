@@ -1,7 +1,7 @@
 """Width allocations side by side: uniform, the paper's presets and data-driven ``global`` widths.
 
-For each bundled model, speed-up and calibration seed, the same prune (500 MNIST training images,
-ridge auto) runs once per allocation arm; each pruned model is scored against the original on the
+For each bundled model, speed-up and calibration seed, the same prune (500 MNIST training images x
+10 positions, ridge auto) runs once per allocation arm; each pruned model is scored against the original on the
 validation split (logit error, accuracy), which is what defaults are chosen on, and on the test
 split (reported). ``global:energy`` and ``global:sensitivity`` are the two ways of making units
 comparable (``PruneConfig.global_weight``). No fine-tuning here (the results suite adds it).
@@ -53,7 +53,7 @@ def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned, report = prune(model, calib, speedup, method, ridge="auto", seed=seed, progress=False,
-                                   **options(arm, model_name))
+                                   samples_per_image=10, **options(arm, model_name))
     except ChanpruneError as err:
         return {"status": f"refused: {err}"}
     scores["seconds"] = time.perf_counter() - start
@@ -73,7 +73,7 @@ def report(results: dict[str, Any], models: list[str], speedups: list[float], se
              "Produced by `python -m benchmarks.allocation` "
              f"({platform.processor() or platform.machine()}, torch {torch.__version__}). Each cell: mean over "
              f"calibration seeds {', '.join(map(str, seeds))} of the validation value, test in brackets; "
-             "no fine-tuning; 500 calibration images, ridge auto, lasso selection. 'preset' is vgg-paper "
+             "no fine-tuning; 500 calibration images x 10 positions, ridge auto, lasso selection. 'preset' is vgg-paper "
              "for VGG-16 and resnet-paper for the others. Best validation logit error per row in bold.", ""]
     for metric, label in (("logit", "logit error vs. the original (lower is better)"),
                           ("acc", "accuracy % (higher is better)")):

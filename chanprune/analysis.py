@@ -32,7 +32,7 @@ FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "r
 
 
 def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedups: tuple[float, ...],
-                   methods: tuple[str, ...], samples_per_image: int = 10, seed: int = 0,
+                   methods: tuple[str, ...], samples_per_image: int | None = None, seed: int = 0,
                    progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
     """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
     graph = build_graph(model, images[:1])

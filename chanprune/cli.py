@@ -154,7 +154,9 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--exclude", multiple=True, help="Glob of layer names to leave unpruned (repeatable).")
 @click.option("--calib-data", default=None, help="Folder of images or .npy/.pt tensor (N, C, H, W).")
 @click.option("--calib-images", type=int, default=None, help="Number of calibration images [bundled: 500].")
-@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--samples-per-image", type=int, default=None,
+              help="Sampled positions per image and layer [default: per layer, enough for 10 fitted samples per "
+                   "input feature, at most the layer's whole output map].")
 @click.option("--input-size", type=int, nargs=2, default=None, help="H W to resize calibration images to.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-reconstruction", is_flag=True, help="Keep original weights of kept channels (ablation).")
@@ -174,7 +176,7 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
 def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str,
           global_weight: str, trunk: str,
-          residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int,
+          residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
           trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
           out: Path, report_path: Path) -> None:
@@ -332,7 +334,9 @@ def eval_(model_spec: str, trust_checkpoint: bool) -> None:
 @click.option("--speedups", default="2,3,4,5", show_default=True, help="Comma-separated speed-ups.")
 @click.option("--methods", default="lasso,max_response,first_k", show_default=True)
 @click.option("--calib-images", type=int, default=500, show_default=True)
-@click.option("--samples-per-image", type=int, default=10, show_default=True)
+@click.option("--samples-per-image", type=int, default=None,
+              help="Sampled positions per image and layer [default: per layer, enough for 10 fitted samples per "
+                   "input feature, at most the layer's whole output map].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ridge", default="1e-6", show_default=True, help="As in prune: a number or 'auto'.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analysis"),

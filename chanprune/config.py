@@ -36,7 +36,7 @@ class PruneConfig:
     global_weight: str = "energy"  # allocation="global": "energy" or "sensitivity" (see engine.curves)
     widths: dict[str, int] | None = None
     exclude: tuple[str, ...] = ()
-    samples_per_image: int = 10
+    samples_per_image: int | None = None  # None: per layer, enough for 10 fitted samples per input
     seed: int = 0
     reconstruct: bool = True
     ridge: float | str = 1e-6  # or "auto": chosen per layer on the held-out samples
@@ -71,9 +71,11 @@ class PruneConfig:
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
             raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}; use 1 (no rounding), "
                                  "8 or 16")
-        if self.samples_per_image < 1:
+        if self.samples_per_image is not None and (not isinstance(self.samples_per_image, int)
+                                                   or isinstance(self.samples_per_image, bool)
+                                                   or self.samples_per_image < 1):
             raise ChanpruneError(f"samples per image must be at least 1, got {self.samples_per_image}; "
-                                 "raise --samples-per-image (default 10)")
+                                 "raise --samples-per-image, or leave it out (each layer then takes what it needs)")
 
     def check_model(self, model: Any) -> None:
         """Raise unless ``model`` is an nn.Module and every exclude glob matches one of its layers:

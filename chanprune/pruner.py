@@ -31,7 +31,7 @@ from .errors import ChanpruneError, SparseSamplesWarning
 from .evaluate import evaluating, model_device
 from .flops import count_flops, count_params, flop_breakdown
 from .global_allocation import ErrorCurve
-from .graph import build_graph
+from .graph import Reader, build_graph
 from .io.provenance import attach, provenance_or_class
 from .report import PruneReport, layer_reports, unit_reports
 from .surgery import Plan
@@ -113,21 +113,33 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
                           f"{cfg.method} {cfg.speedup or ''}x".strip() if progress else None, resume)
     pruned = run.result(original)
 
-    sparse = [name for name, e in run.errors.items() if e["samples"] < 3 * e["inputs"]]
-    if sparse:
-        warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input "
-                      f"({', '.join(sparse)}); their held-out error may be much larger than the fitted "
-                      "one: use more calibration images or --samples-per-image, or ridge='auto' (--ridge auto)",
-                      SparseSamplesWarning, stacklevel=3)
+    positions = {r.name: calibration.per_image(r) for u in todo for r in u.readers}
+    _warn_sparse(run.errors, calibration, [r for u in todo for r in u.readers], cfg.samples_per_image)
     attach(pruned, record.with_plan(run.plan.ops, tuple(first.shape[1:])))
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, input_shape),
         params_before=count_params(original), params_after=count_params(pruned),
         seconds=0.0, config=cfg.to_dict(),
-        layers=layer_reports(original, pruned, run.errors) + unit_reports(todo, run.kept))
+        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept))
     report.calibration_images = calibration.images
     report.resumed_units = resumed
     report.peak_activation_bytes = store.peak_bytes
     report.spilled_bytes = store.spilled_bytes
     report.seconds = time.perf_counter() - start
     return pruned, report
+
+
+def _warn_sparse(errors: dict[str, dict[str, Any]], calibration: Calibration, readers: list[Reader],
+                 per_image: int | None) -> None:
+    """Warn about layers fitted on fewer than 3 samples per kept input, saying what would be enough."""
+    sparse = {r.name: r for r in readers if r.name in errors and errors[r.name]["samples"] < 3 * errors[r.name]["inputs"]}
+    if not sparse:
+        return
+    enough = max(calibration.images_needed(r) for r in sparse.values())
+    fix = (f"about {enough} calibration images would give each of them 10 samples per input"
+           if per_image is None else
+           "use more calibration images or more --samples-per-image (or leave it out: each layer then takes what it "
+           "needs)")
+    warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input ({', '.join(sparse)}); "
+                  f"their held-out error may be much larger than the fitted one: {fix}; ridge='auto' (--ridge auto) "
+                  "guards them meanwhile", SparseSamplesWarning, stacklevel=4)

@@ -29,6 +29,8 @@ class LayerReport:
     rel_error: float | None = None
     rel_error_heldout: float | None = None
     rel_error_before: float | None = None  # kept channels, original weights (no reconstruction)
+    samples: int | None = None  # fitted samples of its reconstruction
+    positions_per_image: int | None = None  # sampled output positions per calibration image
 
 
 @dataclass
@@ -64,8 +66,10 @@ class PruneReport:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
 
-def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict[str, Any]]) -> list[LayerReport]:
-    """One entry per Conv2d / Linear whose shape changed, with the errors of its reconstruction."""
+def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict[str, Any]],
+                  positions: dict[str, int] | None = None) -> list[LayerReport]:
+    """One entry per Conv2d / Linear whose shape changed, with the errors of its reconstruction and
+    the samples it was fitted on (``positions``: sampled positions per image, by layer)."""
     reports = []
     for name, before in original.named_modules():
         if not isinstance(before, (nn.Conv2d, nn.Linear)):
@@ -82,7 +86,8 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
             in_channels_before=_in_channels(before), in_channels_after=_in_channels(after),
             out_channels_before=shape_before[0], out_channels_after=shape_after[0],
             kept_indices=err.get("kept_indices"), rel_error=err.get("rel_error"),
-            rel_error_heldout=err.get("rel_error_heldout"), rel_error_before=err.get("rel_error_before")))
+            rel_error_heldout=err.get("rel_error_heldout"), rel_error_before=err.get("rel_error_before"),
+            samples=err.get("samples"), positions_per_image=(positions or {}).get(name)))
     return reports
 
 

@@ -276,8 +276,38 @@ def test_sparse_samples_threshold_is_three_fitted_samples_per_input(n_images, wa
     assert [layer.name for layer in report.layers if layer.rel_error is not None] == ["fc2"]
     sparse = [str(w.message) for w in caught if issubclass(w.category, SparseSamplesWarning)]
     assert sparse == (["1 layers were fitted on fewer than 3 samples per kept input (fc2); their held-out error "
-                       "may be much larger than the fitted one: use more calibration images or "
-                       "--samples-per-image, or ridge='auto' (--ridge auto)"] if warned else [])
+                       "may be much larger than the fitted one: use more calibration images or more "
+                       "--samples-per-image (or leave it out: each layer then takes what it needs); ridge='auto' "
+                       "(--ridge auto) guards them meanwhile"] if warned else [])
+
+
+def test_positions_per_image_by_default_give_ten_fitted_samples_per_input():
+    """Left unset, each layer samples ceil(10 * inputs / fitted images) positions per image, at
+    most its whole output map; the report says how many it took and on how many samples it fitted."""
+    model, images = make_tiny(0), random_images(40)
+    _, report, caught = prune_recording(model, images, 2.0)
+    fitted_images = 40 - 4  # every 10th image is held out
+    for layer in report.layers:
+        if layer.rel_error is None:
+            continue
+        module = model.get_submodule(layer.name)
+        if isinstance(module, torch.nn.Linear):
+            assert layer.positions_per_image == 1 and layer.samples == fitted_images
+            continue
+        dim = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        out_map = {"conv2": 8 * 8, "conv3": 4 * 4}[layer.name]
+        assert layer.positions_per_image == min(math.ceil(10 * dim / fitted_images), out_map), layer.name
+        assert layer.samples == fitted_images * layer.positions_per_image
+
+
+def test_default_sampling_warns_only_when_the_images_are_too_few_and_says_how_many():
+    """conv3's 4x4 map gives at most 16 positions per image; the Linear layers one per image."""
+    _, _, caught = prune_recording(make_tiny(0), random_images(8), 2.0)
+    sparse = [str(w.message) for w in caught if issubclass(w.category, SparseSamplesWarning)]
+    assert len(sparse) == 1
+    needed = int(re.search(r"about (\d+) calibration images", sparse[0]).group(1))
+    _, _, caught = prune_recording(make_tiny(0), random_images(needed), 2.0)
+    assert not [w for w in caught if issubclass(w.category, SparseSamplesWarning)]
 
 
 # ------------------------------------------------------------------------------------------------

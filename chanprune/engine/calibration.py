@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,12 +30,17 @@ from .store import BatchStore
 _TARGETS = "targets"
 
 
+SAMPLES_PER_INPUT = 10  # fitted samples per input feature that per_image=None aims at
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Where samples are taken: ``per_image`` positions per image, drawn from ``seed``; every
-    ``heldout_every``-th image is held out of the fit."""
+    ``heldout_every``-th image is held out of the fit. ``per_image=None`` lets every reader take
+    as many as it needs for :data:`SAMPLES_PER_INPUT` fitted samples per input feature, up to
+    its whole output map."""
 
-    per_image: int
+    per_image: int | None
     seed: int
     heldout_every: int
 
@@ -102,11 +108,39 @@ class Calibration:
         if reader.layout == "nc":
             empty = torch.zeros(0, dtype=torch.long)
             return Positions(torch.arange(size), empty, empty)
-        shape = self.graph.gm.graph.find_nodes(op="call_module", target=reader.name)[0].meta["tensor_meta"].shape
-        h, w = (shape[1], shape[2]) if reader.layout == "nhwc" else (shape[2], shape[3])
+        h, w = self._map_size(reader)
         key = self.sampling.seed * 65_537 + self.reader_index[reader.name]
         ids = torch.arange(self.offsets[batch], self.offsets[batch] + size)
-        return sample_positions(ids, h, w, self.sampling.per_image, key)
+        return sample_positions(ids, h, w, self.per_image(reader), key)
+
+    def _map_size(self, reader: Reader) -> tuple[int, int]:
+        shape = self.graph.gm.graph.find_nodes(op="call_module", target=reader.name)[0].meta["tensor_meta"].shape
+        return (shape[1], shape[2]) if reader.layout == "nhwc" else (shape[2], shape[3])
+
+    def per_image(self, reader: Reader) -> int:
+        """Positions per image ``reader`` samples: the fixed number, or enough for
+        SAMPLES_PER_INPUT fitted samples per input feature over all images, at most its map size
+        and as many as keep one batch's samples within a quarter of the memory budget (1 for a
+        Linear reader: one sample per image)."""
+        if reader.layout == "nc":
+            return 1
+        h, w = self._map_size(reader)
+        if self.sampling.per_image is not None:
+            return min(self.sampling.per_image, h * w)
+        every = self.sampling.heldout_every
+        fitted_images = max(1, self.images - self.images // every)
+        dim = reader_dim(self.graph.gm, reader)
+        need = math.ceil(SAMPLES_PER_INPUT * dim / fitted_images)
+        # one batch's sample matrix (float32) stays within a quarter of the memory budget
+        affordable = self.store.budget // (4 * 4 * max(self.sizes) * dim)
+        return max(1, min(need, h * w, affordable))
+
+    def images_needed(self, reader: Reader) -> int:
+        """Calibration images that would give SAMPLES_PER_INPUT fitted samples per input of ``reader``
+        at its positions per image."""
+        every = self.sampling.heldout_every
+        fitted = math.ceil(SAMPLES_PER_INPUT * reader_dim(self.graph.gm, reader) / self.per_image(reader))
+        return math.ceil(fitted * every / (every - 1)) if every > 1 else fitted
 
     def record_targets(self, position: int) -> None:
         """Move the original model's frontier to node ``position``, keeping every pending reader's
