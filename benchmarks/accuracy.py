@@ -103,9 +103,9 @@ class Job:
         row["ft_start"] = "bn" if row["bn"]["val_acc"] > row["as_is"]["val_acc"] else "as_is"
         tuned = reestimated if row["ft_start"] == "bn" else copy.deepcopy(net)
         epochs = self.budget.epochs_for(self.name)
-        finetune(tuned, self.train, self.val, replace(FINETUNE_DEFAULTS, epochs=epochs, lr=self.budget.ft_lr,
-                                                       seed=self.seed), progress=False)
-        row["ft"] = {**self.scores(tuned), "epochs": epochs}
+        chosen = finetune(tuned, self.train, self.val, replace(FINETUNE_DEFAULTS, epochs=epochs, lr=self.budget.ft_lr,
+                                                                seed=self.seed), progress=False)
+        row["ft"] = {**self.scores(tuned), "epochs": epochs, "lr": chosen["lr"], "best_epoch": chosen["best_epoch"]}
         self.rows.append(row)
         self.log(row)
         if self.models_dir is not None and family != "torch-pruning":

@@ -278,8 +278,9 @@ def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimi
     else:
         result = run_finetune(model, train_split, val_split, config, teacher)
     save_model(model, out)
+    chosen = f"  (lr {result['lr']:g}, best epoch {result['best_epoch']})" if "lr" in result else ""
     click.echo(f"val accuracy {100 * result['val_accuracy']:.2f}%  test accuracy "
-               f"{100 * accuracy(model, mnist_split('test')):.2f}%  -> {out}")
+               f"{100 * accuracy(model, mnist_split('test')):.2f}%{chosen}  -> {out}")
 
 
 @main.command()

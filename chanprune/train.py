@@ -6,6 +6,7 @@ Warm-up matters: plain lr 0.1 from step one stalls the BN-VGG for several epochs
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -80,11 +81,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig,
-          progress: bool = True, teacher: nn.Module | None = None) -> dict[str, float]:
+          progress: bool = True, teacher: nn.Module | None = None, keep_best: bool = False) -> dict[str, float]:
     """Train ``model`` in place; returns the final train loss and validation accuracy.
 
     With a ``teacher`` and ``config.distill`` > 0 the loss mixes cross-entropy on the labels with
-    the distillation loss towards the teacher's outputs on the same (shifted) images.
+    the distillation loss towards the teacher's outputs on the same (shifted) images. With
+    ``keep_best`` the model ends with the weights of its best validation epoch, epoch 0 (before
+    any step) included, so training never leaves it worse on validation than it started;
+    ``best_epoch`` says which.
     """
     config.validate()
     if config.distill > 0 and teacher is None:
@@ -108,6 +112,7 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
     step, loss_value = 0, float("nan")
     # several processes (torchrun): gradients averaged by DDP, each rank on its share of the data
     net = nn.parallel.DistributedDataParallel(model) if shard()[1] > 1 else model
+    best = (accuracy(model, val_split), 0, copy.deepcopy(model.state_dict())) if keep_best else None
     bar = tqdm(range(config.epochs), desc="train", disable=not progress or config.epochs == 0)
     for epoch in bar:
         model.train()
@@ -131,5 +136,10 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
             loss_value = float(loss.detach())
         val_acc = accuracy(model, val_split)
         bar.set_postfix(loss=f"{loss_value:.3f}", val_acc=f"{val_acc:.4f}")
+        if best is not None and val_acc > best[0]:
+            best = (val_acc, epoch + 1, copy.deepcopy(model.state_dict()))
     model.eval()
-    return {"train_loss": loss_value, "val_accuracy": accuracy(model, val_split)}
+    if best is None:
+        return {"train_loss": loss_value, "val_accuracy": accuracy(model, val_split)}
+    model.load_state_dict(best[2])
+    return {"train_loss": loss_value, "val_accuracy": best[0], "best_epoch": best[1]}

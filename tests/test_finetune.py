@@ -152,3 +152,33 @@ def test_finetune_starts_from_the_renormalised_function():
         assert torch.allclose(net.eval()(train_split.images), before, atol=1e-4)
     mean, _ = input_stats(net, 1, train_split.images)
     assert torch.allclose(net[1].running_mean.double(), mean, atol=1e-4)
+
+
+def test_finetuning_never_lowers_validation_accuracy():
+    """A learning rate that wrecks the model: every epoch is worse than epoch 0, so the model ends
+    computing what it computed before and says so."""
+    train_split, val_split = toy_split(400, 0), toy_split(100, 1)
+    model = make_tiny(0)
+    finetune(model, train_split, val_split, TrainConfig(epochs=3, lr=0.05, warmup_epochs=0, shift=0, batch_size=32),
+             progress=False, lr_grid=(1.0,))
+    before = accuracy(model, val_split)
+    with torch.no_grad():
+        outputs = model.eval()(val_split.images)
+    result = finetune(model, train_split, val_split, TrainConfig(epochs=2, lr=1e4, warmup_epochs=0, shift=0,
+                                                                 batch_size=32), progress=False)
+    assert result["best_epoch"] == 0 and result["val_accuracy"] == pytest.approx(before)
+    assert accuracy(model, val_split) == pytest.approx(before)
+    with torch.no_grad():  # the same function (BatchNorm was only renormalised)
+        assert torch.allclose(model.eval()(val_split.images), outputs, atol=1e-4)
+
+
+def test_finetune_chooses_the_learning_rate_on_validation():
+    train_split, val_split = toy_split(400, 0), toy_split(100, 1)
+    results = {}
+    for grid in ((1.0,), (1e-4, 1.0, 1e4)):
+        model = make_tiny(0)
+        results[grid] = finetune(model, train_split, val_split, TrainConfig(epochs=2, lr=0.05, warmup_epochs=0,
+                                                                           shift=0, batch_size=32),
+                                 progress=False, lr_grid=grid)
+    assert results[(1e-4, 1.0, 1e4)]["lr"] == pytest.approx(0.05)  # the tiny and the huge rate lose
+    assert results[(1e-4, 1.0, 1e4)]["val_accuracy"] == pytest.approx(results[(1.0,)]["val_accuracy"])
