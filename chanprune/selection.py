@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from .graph import ChannelGroup, Reader
-from .solvers import backward_elimination, block_indices, lasso_problem, lasso_select, least_squares
+from .solvers import (backward_elimination, block_indices, lasso_problem, lasso_select, least_squares,
+                      swap_search)
 from .stats import Moments
 
 
@@ -85,6 +86,18 @@ def select_greedy(problem: SelectionProblem) -> torch.Tensor:
     return backward_elimination(pairs, ks.pop(), problem.n_keep)
 
 
+def select_swap(problem: SelectionProblem) -> torch.Tensor:
+    """Beyond the paper: greedy elimination, then exchanges of kept and dropped channels while the
+    exact least-squares error of every reader (weighted by 1/||Y||²) falls (OSSCAR's local search)."""
+    ks = {rp.k for rp in problem.readers}
+    if len(ks) > 1:
+        return select_lasso(problem)
+    pairs = [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problem.readers]
+    k = ks.pop()
+    keep, _ = swap_search(pairs, k, backward_elimination(pairs, k, problem.n_keep))
+    return keep
+
+
 def select_max_response(problem: SelectionProblem) -> torch.Tensor:
     """Li et al. filter pruning: keep channels whose producing filters have the largest sum |w|."""
     scores = problem.writer_weight.abs().reshape(problem.group.channels, -1).sum(1)
@@ -111,6 +124,7 @@ def select_random(problem: SelectionProblem) -> torch.Tensor:
 STRATEGIES: dict[str, Strategy] = {
     "lasso": select_lasso,
     "greedy": select_greedy,
+    "swap": select_swap,
     "max_response": select_max_response,
     "input_l1": select_input_l1,
     "first_k": select_first_k,

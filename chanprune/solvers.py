@@ -225,3 +225,87 @@ def _eliminate(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge
             state[1] = w[rest] - h_rg @ w_gone
         alive = alive[mask]
         yield alive, error
+
+
+def swap_search(problems: list[tuple[Moments, float]], k: int, keep: torch.Tensor, ridge: float = 1e-6,
+                max_swaps: int | None = None, candidates: int = 16) -> tuple[torch.Tensor, int]:
+    """Improve a kept set by exchanging one kept and one dropped channel at a time while the
+    weighted least-squares error falls (the local search of OSSCAR, Meng et al. 2024); returns
+    the kept channels, sorted, and the number of exchanges made.
+
+    For a dropped channel j, with H = (G_SS)⁻¹ and W = H B_S, its Schur complement
+    S_j = G_jj - C_jᵀ H C_j and residual correlation r_j = B_j - C_jᵀ W give the exact error drop
+    of adding it, tr(r_jᵀ S_j⁻¹ r_j), and the blocks of H and W of the grown set follow by a rank-k
+    update, which gives the exact error rise of then removing each kept channel i (the block form
+    of Optimal Brain Surgeon). Each step makes the best exchange among the ``candidates`` dropped
+    channels with the largest drops (all of them when there are no more), so every exchange made
+    lowers the error. ``max_swaps`` defaults to the number of kept channels.
+    """
+    channels = problems[0][0].dim_x // k
+    kept = keep.sort().values
+    limit = len(kept) if max_swaps is None else max_swaps
+    swaps = 0
+    while swaps < limit and len(kept) < channels:
+        dropped = torch.from_numpy(np.setdiff1d(np.arange(channels), kept.numpy()))
+        gains = torch.zeros(len(dropped), dtype=torch.float64)
+        states = []
+        for moments, scale in problems:
+            state = _ExchangeState(moments, kept, k, ridge)
+            gains += scale * state.addition_gains(dropped)
+            states.append((state, scale))
+        chosen = dropped[gains.topk(min(candidates, len(dropped))).indices]
+        delta = torch.zeros(len(chosen), len(kept), dtype=torch.float64)
+        for state, scale in states:
+            delta += scale * state.exchange_deltas(chosen)
+        best = int(delta.argmin())
+        j, i = divmod(best, len(kept))
+        total = sum(scale * state.error for state, scale in states)
+        if float(delta.flatten()[best]) >= -1e-12 * max(total, 1e-300):
+            break
+        kept = torch.cat([kept[kept != kept[i]], chosen[j][None]]).sort().values
+        swaps += 1
+    return kept, swaps
+
+
+class _ExchangeState:
+    """Least squares of one reader on a kept set, for the exact effect of adding a dropped channel
+    and of then removing a kept one."""
+
+    def __init__(self, moments: Moments, kept: torch.Tensor, k: int, ridge: float):
+        xtx, xty, yty = moments.centred()
+        self.xtx, self.xty, self.k, self.kept = xtx, xty, k, kept
+        self.cols = block_indices(kept, k)
+        self.chol = ridged_cholesky(_block(xtx, self.cols), ridge)
+        self.w = torch.cholesky_solve(xty[self.cols], self.chol)  # (d_S, n)
+        self.error = max(yty - float((self.w * xty[self.cols]).sum()), 0.0)
+
+    def _added(self, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H C_j, S_j, r_j) of each dropped channel j: (d_S, J, k), (J, k, k), (J, k, n)."""
+        k, n_d = self.k, len(dropped)
+        d_cols = block_indices(dropped, k)
+        c = self.xtx[self.cols][:, d_cols]
+        hc = torch.cholesky_solve(c, self.chol)
+        schur = _diagonal_blocks(self.xtx[d_cols][:, d_cols], k) - torch.einsum(
+            "sjk,sjl->jkl", c.reshape(-1, n_d, k), hc.reshape(-1, n_d, k))
+        schur = schur + torch.eye(k, dtype=schur.dtype) * 1e-12 * schur.diagonal(dim1=1, dim2=2).abs().mean().clamp_min(1e-300)
+        r = (self.xty[d_cols] - c.T @ self.w).reshape(n_d, k, -1)
+        return hc.reshape(-1, n_d, k), schur, r
+
+    def addition_gains(self, dropped: torch.Tensor) -> torch.Tensor:
+        """Exact drop of the error when each of ``dropped`` joins the kept set."""
+        _, schur, r = self._added(dropped)
+        return (r * torch.linalg.solve(schur, r)).sum((1, 2))
+
+    def exchange_deltas(self, dropped: torch.Tensor) -> torch.Tensor:
+        """(J, |kept|): exact change of the error when dropped channel j joins and kept channel i leaves."""
+        k, n_s = self.k, len(self.kept)
+        hc, schur, r = self._added(dropped)
+        w_new = torch.linalg.solve(schur, r)  # (J, k, n): weights of the added channel
+        gains = (r * w_new).sum((1, 2))
+        h = torch.cholesky_inverse(self.chol)
+        hc_blocks = hc.reshape(n_s, k, len(dropped), k).permute(2, 0, 1, 3)  # (J, S, k, k)
+        solved = torch.linalg.solve(schur[:, None], hc_blocks.transpose(-1, -2))  # S_j⁻¹ (H C_j)_iᵀ
+        h_ii = _diagonal_blocks(h, k)[None] + hc_blocks @ solved  # blocks of the grown set's inverse
+        w_i = self.w.reshape(n_s, k, -1)[None] - hc_blocks @ w_new[:, None]  # (J, S, k, n)
+        rises = (w_i * torch.linalg.solve(h_ii, w_i)).sum((2, 3))
+        return rises - gains[:, None]
