@@ -120,7 +120,7 @@ class Job:
 
     def chanprune(self, arm: str, speedup: float, **options: Any) -> nn.Module:
         start = time.perf_counter()
-        net, _ = prune(self.model, self.images, speedup, seed=self.seed, ridge=self.budget.ridge,
+        net, _ = prune(self.model, self.images, speedup, recipe="paper", seed=self.seed, ridge=self.budget.ridge,
                        samples_per_image=self.budget.samples_per_image, progress=False, **options)
         self.record(arm, "chanprune", speedup, net, time.perf_counter() - start)
         return net

@@ -1,7 +1,8 @@
 """Width allocations side by side: uniform, the paper's presets and data-driven ``global`` widths.
 
-For each bundled model, speed-up and calibration seed, the same prune (500 MNIST training images x
-10 positions, ridge auto) runs once per allocation arm; each pruned model is scored against the original on the
+For each bundled model, speed-up and calibration seed, the same prune (500 MNIST training images,
+one recipe: ``--recipe paper`` is He et al.'s with ridge auto, ``--recipe default`` chanprune's
+default) runs once per allocation arm; each pruned model is scored against the original on the
 validation split (logit error, accuracy), which is what defaults are chosen on, and on the test
 split (reported). ``global:energy`` and ``global:sensitivity`` are the two ways of making units
 comparable (``PruneConfig.global_weight``). No fine-tuning here (the results suite adds it).
@@ -28,11 +29,13 @@ from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import ChanpruneError
 from chanprune.evaluate import accuracy, logit_rel_error, predict
 from chanprune.files import write_text_atomic
+from chanprune.recipes import RECIPES
 
 MODELS = ("vgg16-mnist", "resnet20-mnist", "resnet56-mnist", "resnet50-mnist", "xception50-mnist")
 PRESET = {"vgg16-mnist": "vgg-paper"}  # the others use resnet-paper
 ARMS = ("uniform", "preset", "global:energy", "global:sensitivity")
-OUT = Path(__file__).parent / "results" / "allocation"
+RESULTS = Path(__file__).parent / "results"
+RIDGE = {"paper": "auto"}  # the paper's fixed ridge fails on 500 images; every arm gets the same
 
 
 def options(arm: str, model: str) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def options(arm: str, model: str) -> dict[str, Any]:
     return {"allocation": allocation, **({"global_weight": weight} if weight else {})}
 
 
-def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, method: str) -> dict[str, Any]:
+def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, recipe: str) -> dict[str, Any]:
     """One prune, scored on validation and test."""
     model = create_model(model_name)
     calib = calibration_subset(mnist_split("train"), images, seed)
@@ -52,8 +55,8 @@ def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruned, report = prune(model, calib, speedup, method, ridge="auto", seed=seed, progress=False,
-                                   samples_per_image=10, **options(arm, model_name))
+            pruned, report = prune(model, calib, speedup, recipe=recipe, seed=seed, progress=False,
+                                   **({"ridge": RIDGE[recipe]} if recipe in RIDGE else {}), **options(arm, model_name))
     except ChanpruneError as err:
         return {"status": f"refused: {err}"}
     scores["seconds"] = time.perf_counter() - start
@@ -67,13 +70,14 @@ def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, 
 
 
 def report(results: dict[str, Any], models: list[str], speedups: list[float], seeds: list[int],
-           arms: list[str]) -> str:
+           arms: list[str], recipe: str) -> str:
     """Markdown tables: mean over seeds of validation logit error and accuracy, test in brackets."""
-    lines = ["# Width allocations", "",
-             "Produced by `python -m benchmarks.allocation` "
+    lines = [f"# Width allocations, {recipe} recipe", "",
+             f"Produced by `python -m benchmarks.allocation --recipe {recipe}` "
              f"({platform.processor() or platform.machine()}, torch {torch.__version__}). Each cell: mean over "
              f"calibration seeds {', '.join(map(str, seeds))} of the validation value, test in brackets; "
-             "no fine-tuning; 500 calibration images x 10 positions, ridge auto, lasso selection. 'preset' is vgg-paper "
+             f"no fine-tuning; 500 calibration images; the {recipe} recipe's options"
+             f"{' with ridge auto' if recipe in RIDGE else ''}. 'preset' is vgg-paper "
              "for VGG-16 and resnet-paper for the others. Best validation logit error per row in bold.", ""]
     for metric, label in (("logit", "logit error vs. the original (lower is better)"),
                           ("acc", "accuracy % (higher is better)")):
@@ -121,9 +125,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--method", default="lasso")
-    parser.add_argument("--out-dir", type=Path, default=OUT)
+    parser.add_argument("--recipe", choices=list(RECIPES), default="default")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/allocation-RECIPE")
     args = parser.parse_args()
+    args.out_dir = args.out_dir or RESULTS / f"allocation-{args.recipe}"
     models, arms = args.models.split(","), args.arms.split(",")
     speedups = [float(s) for s in args.speedups.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -136,14 +141,14 @@ def main() -> None:
                     k = key(model, s, seed, arm)
                     if k in results:
                         continue
-                    results[k] = run_item(model, s, seed, arm, args.images, args.method)
+                    results[k] = run_item(model, s, seed, arm, args.images, args.recipe)
                     print(k, json.dumps(results[k]), flush=True)
                     write_text_atomic(path, json.dumps(results, indent=1, sort_keys=True))
     # the report covers everything saved so far, not only this run's selection
     saved = [k.split("|") for k in results]
     write_text_atomic(args.out_dir / "report.md", report(
         results, _ordered([*models, *(m for m, *_ in saved)]), sorted({*speedups, *(float(s) for _, s, *_ in saved)}),
-        sorted({*seeds, *(int(s) for *_, s, _ in saved)}), _ordered([*arms, *(a for *_, a in saved)])))
+        sorted({*seeds, *(int(s) for *_, s, _ in saved)}), _ordered([*arms, *(a for *_, a in saved)]), args.recipe))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def run_one(spec: str, size: int, n_images: int, samples_per_image: int, speedup
             warnings.simplefilter("always")
             prune_start = time.perf_counter()
             try:
-                pruned, report = prune(model, images, speedup, method, progress=False,
+                pruned, report = prune(model, images, speedup, method, recipe="paper", progress=False,
                                        samples_per_image=samples_per_image, seed=seed, **options)
             finally:  # a refusal keeps the warnings that explain it (what stayed unpruned)
                 row["warnings"] = summarise_warnings([str(w.message) for w in caught])

@@ -98,7 +98,7 @@ def main() -> None:
     warnings.simplefilter("ignore", SparseSamplesWarning)
     model = create_model(args.model)
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
-    pruned = {f"{args.method} {s}x": prune(model, images, float(s), args.method, progress=False)[0]
+    pruned = {f"{args.method} {s}x": prune(model, images, float(s), args.method, recipe="paper", progress=False)[0]
               for s in args.speedups.split(",")}
     rows = compare(model, pruned, tuple(images.shape[1:]), args.repeats)
     text = f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs\n\n" + table(rows)

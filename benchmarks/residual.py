@@ -45,7 +45,7 @@ def run(model_name: str, variants: list[str], speedups: list[float], seeds: list
         images = calibration_subset(mnist_split("train"), calib_images, seed)
         for speedup in speedups:
             for variant in variants:
-                pruned, report = prune(model, images, speedup, method=method, seed=seed,
+                pruned, report = prune(model, images, speedup, method=method, recipe="paper", seed=seed,
                                        samples_per_image=samples_per_image, allocation=allocation,
                                        progress=False, **VARIANTS[variant])
                 rows.append({"model": model_name, "variant": variant, "speedup": speedup, "seed": seed,

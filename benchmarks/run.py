@@ -114,7 +114,7 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
         for s in speedups:
             pruned[f"{arm}-{s:g}x"] = load_model(out_dir / "models" / f"{name}-{arm}-{s:g}x.safetensors")
             pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(
-                original, images, s, ridge=size.budget.ridge, samples_per_image=size.budget.samples_per_image,
+                original, images, s, recipe="paper", ridge=size.budget.ridge, samples_per_image=size.budget.samples_per_image,
                 round_to=ROUND_TO, progress=False, **arm_options(arm))[0]
         print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
         rows = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)

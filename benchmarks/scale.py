@@ -9,7 +9,8 @@ Sections (results in ``benchmarks/results/scale/<section>.json``, tables in ``re
 
 - ``models``: for each model, in one process, the time of one forward pass of the N calibration
   images through the original model (batches of 64, after a warm-up batch; once before and once
-  after the prune) and of ``chanprune.prune(model, images, 2.0)``; their ratio is the target (<= 3).
+  after the prune) and of ``chanprune.prune(model, images, 2.0, recipe="paper")``; their ratio is the
+  target (<= 3).
   The torchvision models (224x224) are random-weight stand-ins whose BatchNorm statistics are
   re-estimated on random crops of scikit-learn's two sample photos; they are calibrated on other
   crops. The bundled MNIST models (32x32) use their own training images.
@@ -167,7 +168,7 @@ def prune_and_time(model: nn.Module, data: torch.Tensor | Iterable, memory_budge
     rss_before = peak_mib()
     with warnings.catch_warnings(record=True) as caught, timed() as pruning:
         warnings.simplefilter("always")
-        _, report = chanprune.prune(model, data, SPEEDUP, progress=False, memory_budget=memory_budget)
+        _, report = chanprune.prune(model, data, SPEEDUP, progress=False, memory_budget=memory_budget, recipe="paper")
     after = forward_time(model, data)
     forward, forward_cpu = (before.wall + after.wall) / 2, (before.cpu + after.cpu) / 2
     return {"forward_s": forward, "forward_before_s": before.wall, "forward_after_s": after.wall,
@@ -328,7 +329,7 @@ def _rank_prune(rank: int, world: int, folder: str, model: str, images: int, see
             warnings.simplefilter("ignore")
             dist.barrier()
             start = time.perf_counter()
-            pruned, _ = prune(create_model(model), x, SPEEDUP, progress=False)
+            pruned, _ = prune(create_model(model), x, SPEEDUP, progress=False, recipe="paper")
             seconds = time.perf_counter() - start
         if rank == 0:
             plan = [op.to_json() for op in provenance(pruned).plan]
@@ -363,7 +364,7 @@ class RanksItem:
         x = calibration_subset(mnist_split("train"), self.images, self.seed)
         with warnings.catch_warnings(), timed() as single:
             warnings.simplefilter("ignore")
-            one, _ = prune(create_model(self.model), x, SPEEDUP, progress=False)
+            one, _ = prune(create_model(self.model), x, SPEEDUP, progress=False, recipe="paper")
         with tempfile.TemporaryDirectory() as folder:
             mp.spawn(_rank_prune, args=(self.ranks, folder, self.model, self.images, self.seed), nprocs=self.ranks)
             several = torch.load(f"{folder}/rank0.pt", weights_only=True)
@@ -557,7 +558,7 @@ def ranks_table(entries: list[Entry]) -> str:
 NOTES = {
     "models": "One process per model: a forward pass of the N calibration images through the original "
               "model (batches of 64, eval, no grad, after a warm-up batch), `chanprune.prune(model, images, "
-              "2.0)` (lasso, default options and memory budget), then the forward pass again; 'forward s' is "
+              "2.0, recipe='paper')` (lasso, the paper's options, default memory budget), then the forward pass again; 'forward s' is "
               "the mean of the two. 'same, CPU time' is the ratio of process CPU seconds (all threads), which "
               "other load on the machine disturbs less than wall time. The torchvision models are random-weight "
               "stand-ins (nothing is downloaded) whose BatchNorm statistics were re-estimated on N random crops "

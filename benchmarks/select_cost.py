@@ -80,7 +80,7 @@ def main() -> None:
     shape = (entry.in_chans, *entry.input_size)
     model = create_model(args.model)
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
-    pruned, _ = prune(model, images, args.speedup, progress=False)
+    pruned, _ = prune(model, images, args.speedup, recipe="paper", progress=False)
     n_selects = sum(isinstance(m, SelectedConv2d) for m in pruned.modules())
     row = {"model": args.model, "speedup": args.speedup, "selects": n_selects, "threads": torch.get_num_threads()}
     for batch in (1, 32):

@@ -30,7 +30,7 @@ def main() -> None:
         model = create_model(name)
         reference = predict(model, test.images)
         for ridge in (1e-6, "auto"):
-            pruned, _ = prune(model, images, args.speedup, progress=False,
+            pruned, _ = prune(model, images, args.speedup, progress=False, recipe="paper",
                               samples_per_image=args.samples_per_image, ridge=ridge)
             print(f"| {name} | {ridge} | {100 * accuracy(pruned, test):.1f} | "
                   f"{logit_rel_error(predict(pruned, test.images), reference):.4g} |", flush=True)

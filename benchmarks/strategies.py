@@ -34,7 +34,7 @@ def run(methods: list[str], speedups: list[float], seeds: list[int], calib_image
         for speedup in speedups:
             for spec in methods:
                 method, _, rounds = spec.partition(":")
-                pruned, report = prune(model, images, speedup, method=method, seed=seed,
+                pruned, report = prune(model, images, speedup, method=method, recipe="paper", seed=seed,
                                        samples_per_image=samples_per_image, lasso_rounds=int(rounds or 1),
                                        progress=False)
                 rows.append({"method": spec, "speedup": speedup, "seed": seed,

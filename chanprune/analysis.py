@@ -32,7 +32,7 @@ FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "r
 
 
 def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedups: tuple[float, ...],
-                   methods: tuple[str, ...], samples_per_image: int | None = None, seed: int = 0,
+                   methods: tuple[str, ...], samples_per_image: int | str | None = None, seed: int = 0,
                    progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
     """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
     graph = build_graph(model, images[:1])
@@ -40,10 +40,11 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
     groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
     rows = []
-    sampling = Sampling(samples_per_image, seed, PruneConfig().heldout_every)
+    base = PruneConfig(samples_per_image=samples_per_image, seed=seed)
+    sampling = Sampling(base.positions_per_image, seed, base.heldout_every)
     with BatchStore(default_budget(torch.device("cpu")), torch.device("cpu")) as store:
         # inputs come from the unpruned model: shared by every job of a group
-        found = unpruned_moments(graph, images, PruneConfig().batch_size, sampling, [g.readers for g in groups],
+        found = unpruned_moments(graph, images, base.batch_size, sampling, [g.readers for g in groups],
                                  store, first_in_channels(model))
     moments = {g.name: m for g, m in zip(groups, found)}
     for group, method, speedup in tqdm(jobs, desc="analyze", disable=not progress):

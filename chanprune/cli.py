@@ -9,6 +9,7 @@ import click
 
 from .allocators import ALLOCATIONS
 from .config import GLOBAL_WEIGHTS, TRUNK_MODES
+from .recipes import RECIPES
 from .errors import ChanpruneError
 from .selection import STRATEGIES
 
@@ -75,13 +76,23 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ridge(text: str) -> float | str:
-    if text == "auto":
+def _ridge(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
         return text
     try:
         return float(text)
     except ValueError:
         raise ChanpruneError(f"--ridge must be a number or 'auto', got {text!r}") from None
+
+
+def _samples(text: str | None) -> int | str | None:
+    """--samples-per-image: a whole number, 'auto', or unset (the recipe decides)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ChanpruneError(f"--samples-per-image must be a whole number or 'auto', got {text!r}") from None
 
 
 def _read_widths(path: Path) -> dict[str, int]:
@@ -135,36 +146,46 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @main.command()
 @click.option("--model", "model_spec", required=True, help="Bundled name (e.g. vgg16-mnist) or checkpoint path.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs(original) / FLOPs(pruned).")
-@click.option("--method", type=click.Choice(list(STRATEGIES)), default="lasso", show_default=True)
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
+              help="Defaults for every option below left unset. " +
+                   "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()) + ".")
+@click.option("--method", type=click.Choice(list(STRATEGIES)), default=None,
+              help="Channel selection [default: the recipe's].")
 @click.option("--lasso-rounds", type=int, default=1, show_default=True,
               help="LASSO steps with least-squares refits between them (the paper's alternating form).")
-@click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default="uniform", show_default=True,
-              help="; ".join(f"{name}: {a.summary}" for name, a in ALLOCATIONS.items()) + ".")
+@click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
+              help="; ".join(f"{name}: {a.summary}" for name, a in ALLOCATIONS.items()) +
+                   " [default: the recipe's].")
 @click.option("--global-weight", type=click.Choice(GLOBAL_WEIGHTS), default="energy", show_default=True,
               help="--allocation global: compare layers by error relative to their output energy, or also "
                    "weighted by the measured sensitivity of the model's output.")
-@click.option("--trunk", type=click.Choice(TRUNK_MODES), default="keep", show_default=True,
-              help="Channels tied by residual adds: keep them whole (paper) or prune them jointly.")
-@click.option("--residual-correction/--no-residual-correction", default=True, show_default=True,
-              help="The last layer of a residual branch also makes up for its shortcut's error.")
-@click.option("--feature-map-sampling/--no-feature-map-sampling", default=True, show_default=True,
-              help="A conv reading channels that stay whole reads a chosen subset through a channel select.")
+@click.option("--trunk", type=click.Choice(TRUNK_MODES), default=None,
+              help="Channels tied by residual adds: keep them whole (paper) or prune them jointly [default: the "
+                   "recipe's].")
+@click.option("--residual-correction/--no-residual-correction", default=None,
+              help="The last layer of a residual branch also makes up for its shortcut's error [default: the "
+                   "recipe's].")
+@click.option("--feature-map-sampling/--no-feature-map-sampling", default=None,
+              help="A conv reading channels that stay whole reads a chosen subset through a channel select "
+                   "[default: the recipe's].")
 @click.option("--widths", "widths_file", type=click.Path(path_type=Path), default=None,
               help="JSON/YAML file: layer name -> kept input channels (instead of an allocation).")
 @click.option("--exclude", multiple=True, help="Glob of layer names to leave unpruned (repeatable).")
 @click.option("--calib-data", default=None, help="Folder of images or .npy/.pt tensor (N, C, H, W).")
 @click.option("--calib-images", type=int, default=None, help="Number of calibration images [bundled: 500].")
-@click.option("--samples-per-image", type=int, default=None,
-              help="Sampled positions per image and layer [default: per layer, enough for 10 fitted samples per "
-                   "input feature, at most the layer's whole output map].")
+@click.option("--samples-per-image", default=None,
+              help="Sampled positions per image and layer, or 'auto': per layer, enough for 10 fitted samples per "
+                   "input feature, at most the layer's whole output map [default: the recipe's].")
 @click.option("--input-size", type=int, nargs=2, default=None, help="H W to resize calibration images to.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-reconstruction", is_flag=True, help="Keep original weights of kept channels (ablation).")
-@click.option("--ridge", default="1e-6", show_default=True,
+@click.option("--ridge", default=None,
               help="Least-squares ridge relative to trace(XᵀX)/dim, or 'auto': per layer, the ridge (or the "
-                   "original weights) with the lowest error on the held-out calibration images.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels).")
+                   "original weights) with the lowest error on the held-out calibration images [default: the "
+                   "recipe's].")
+@click.option("--round-to", type=int, default=None,
+              help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels) "
+                   "[default: the recipe's].")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 @click.option("--device", default=None, help="Where statistics are gathered: cpu, cuda, cuda:1 [default: the model's].")
 @click.option("--memory-budget", type=click.IntRange(min=0), default=None,
@@ -174,10 +195,12 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="Save each unit's result here; the same command run again after a kill continues from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model (.safetensors).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
-def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int, allocation: str,
-          global_weight: str, trunk: str,
-          residual_correction: bool, feature_map_sampling: bool, widths_file: Path | None, exclude: tuple[str, ...], calib_data: str | None, calib_images: int | None, samples_per_image: int | None,
-          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str, round_to: int,
+def prune(model_spec: str, speedup: float | None, recipe: str, method: str | None, lasso_rounds: int,
+          allocation: str | None, global_weight: str, trunk: str | None, residual_correction: bool | None,
+          feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
+          calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
+          input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,
+          round_to: int | None,
           trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
@@ -195,8 +218,8 @@ def prune(model_spec: str, speedup: float | None, method: str, lasso_rounds: int
         raise ChanpruneError("give --speedup S or --widths FILE")
     _check_outputs(out, report_path)
     widths = _read_widths(widths_file) if widths_file is not None else None
-    options = dict(allocation=allocation, global_weight=global_weight, widths=widths, exclude=exclude, samples_per_image=samples_per_image,
-                   seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
+    options = dict(recipe=recipe, allocation=allocation, global_weight=global_weight, widths=widths, exclude=exclude,
+                   samples_per_image=_samples(samples_per_image), seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
                    trunk=trunk, residual_correction=residual_correction,
                    feature_map_sampling=feature_map_sampling, round_to=round_to)
     config = PruneConfig(speedup=speedup, method=method, **options)
@@ -335,14 +358,12 @@ def eval_(model_spec: str, trust_checkpoint: bool) -> None:
 @click.option("--speedups", default="2,3,4,5", show_default=True, help="Comma-separated speed-ups.")
 @click.option("--methods", default="lasso,max_response,first_k", show_default=True)
 @click.option("--calib-images", type=int, default=500, show_default=True)
-@click.option("--samples-per-image", type=int, default=None,
-              help="Sampled positions per image and layer [default: per layer, enough for 10 fitted samples per "
-                   "input feature, at most the layer's whole output map].")
+@click.option("--samples-per-image", default="auto", show_default=True, help="As in prune: a number or 'auto'.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ridge", default="1e-6", show_default=True, help="As in prune: a number or 'auto'.")
+@click.option("--ridge", default="auto", show_default=True, help="As in prune: a number or 'auto'.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analysis"),
               show_default=True)
-def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, samples_per_image: int,
+def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, samples_per_image: str,
             seed: int, ridge: str, out_dir: Path) -> None:
     """Single-layer analysis (the paper's Fig. 4): CSV, JSON and one PNG per layer."""
     from .analysis import analyze_layers, write_analysis
@@ -364,7 +385,7 @@ def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, sam
     if any(s < 1 for s in speedup_list):
         raise ChanpruneError("every speed-up must be >= 1")
     images = calibration_images(loaded, None, calib_images, seed, None)
-    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, samples_per_image, seed,
+    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, _samples(samples_per_image), seed,
                           ridge=_ridge(ridge))
     paths = write_analysis(rows, out_dir)
     click.echo(f"wrote {len(paths)} files to {out_dir}")
@@ -372,16 +393,16 @@ def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, sam
 
 @main.command()
 @click.option("--calib-images", type=int, default=1000, show_default=True)
-@click.option("--samples-per-image", type=int, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(calib_images: int, samples_per_image: int, seed: int) -> None:
-    """Prune the bundled VGG-16 at 2x, 4x, 5x with lasso and max_response; print one table."""
+def demo(calib_images: int, seed: int) -> None:
+    """Prune the bundled VGG-16 at 2x, 4x, 5x: the paper's recipe, chanprune's default and filter
+    pruning; print one table."""
     import time
 
     from .demo import format_table, run_demo
 
     start = time.perf_counter()
-    rows = run_demo(calib_images=calib_images, samples_per_image=samples_per_image, seed=seed)
+    rows = run_demo(calib_images=calib_images, seed=seed)
     click.echo(format_table(rows))
-    click.echo(f"({calib_images} calibration images x {samples_per_image} positions, seed {seed}, no fine-tuning, "
-               f"{time.perf_counter() - start:.0f} s)")
+    click.echo(f"({calib_images} calibration images, seed {seed}, no fine-tuning; latency on this CPU, "
+               f"{time.perf_counter() - start:.0f} s in all)")

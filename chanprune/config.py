@@ -12,6 +12,7 @@ from torch import nn
 
 from .allocators import ALLOCATIONS
 from .errors import ChanpruneError
+from .recipes import RECIPE_FIELDS, RECIPES
 from .selection import STRATEGIES
 
 TRUNK_MODES = ("keep", "joint")
@@ -31,22 +32,35 @@ class PruneConfig:
     """
 
     speedup: float | None = 4.0
-    method: str = "lasso"
-    allocation: str = "uniform"
+    recipe: str = "default"  # fills every option below that is left as None (see chanprune.recipes)
+    method: str | None = None
+    allocation: str | None = None
     global_weight: str = "energy"  # allocation="global": "energy" or "sensitivity" (see engine.curves)
     widths: dict[str, int] | None = None
     exclude: tuple[str, ...] = ()
-    samples_per_image: int | None = None  # None: per layer, enough for 10 fitted samples per input
+    samples_per_image: int | str | None = None  # "auto": per layer, enough for 10 fitted samples per input
     seed: int = 0
     reconstruct: bool = True
-    ridge: float | str = 1e-6  # or "auto": chosen per layer on the held-out samples
+    ridge: float | str | None = None  # a number, or "auto": chosen per layer on the held-out samples
     lasso_rounds: int = 1
     heldout_every: int = 10
     batch_size: int = 64
-    trunk: str = "keep"
-    residual_correction: bool = True
-    feature_map_sampling: bool = True
-    round_to: int = 1  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
+    trunk: str | None = None
+    residual_correction: bool | None = None
+    feature_map_sampling: bool | None = None
+    round_to: int | None = None  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ChanpruneError(f"unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
+        for name in RECIPE_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(RECIPES[self.recipe], name))
+
+    @property
+    def positions_per_image(self) -> int | None:
+        """Sampled positions per image, or None when each layer takes what it needs ("auto")."""
+        return None if self.samples_per_image == "auto" else self.samples_per_image
 
     def validate(self) -> None:
         """Raise on any option that cannot work, before the model or the data are touched."""
@@ -71,11 +85,11 @@ class PruneConfig:
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
             raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}; use 1 (no rounding), "
                                  "8 or 16")
-        if self.samples_per_image is not None and (not isinstance(self.samples_per_image, int)
-                                                   or isinstance(self.samples_per_image, bool)
-                                                   or self.samples_per_image < 1):
+        if self.samples_per_image != "auto" and (not isinstance(self.samples_per_image, int)
+                                                 or isinstance(self.samples_per_image, bool)
+                                                 or self.samples_per_image < 1):
             raise ChanpruneError(f"samples per image must be at least 1, got {self.samples_per_image}; "
-                                 "raise --samples-per-image, or leave it out (each layer then takes what it needs)")
+                                 "raise --samples-per-image, or use auto (each layer then takes what it needs)")
 
     def check_model(self, model: Any) -> None:
         """Raise unless ``model`` is an nn.Module and every exclude glob matches one of its layers:

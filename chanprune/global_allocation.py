@@ -101,6 +101,7 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
         flops -= saved
         for other in sharing[name]:
             push(other)
+    widths = _land(flop_model, choices, curves, widths, speedup)
     achieved = flop_model.total / flop_model.flops(widths)
     if abs(achieved / speedup - 1) > TOLERANCE:
         raise ChanpruneError(f"cannot meet speed-up {speedup:g}x within 2% with these layers (global allocation "
@@ -108,3 +109,31 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
                              f"{' or lower --round-to' if round_to > 1 else ''}")
     return widths
 
+
+
+def _land(flop_model: FlopModel, choices: dict[str, list[int]], curves: dict[str, ErrorCurve],
+          widths: dict[str, int], speedup: float) -> dict[str, int]:
+    """Where the descent stopped outside the 2% tolerance (every remaining step too coarse), move
+    one unit one step at a time, each time the move that brings the speed-up closer at the least
+    added error, until it is within the tolerance or no move brings it closer."""
+    widths = dict(widths)
+
+    def miss(w: dict[str, int]) -> float:
+        return abs(flop_model.total / flop_model.flops(w) / speedup - 1)
+
+    current = miss(widths)
+    while current > TOLERANCE:
+        moves = []
+        for name, options in choices.items():
+            i = options.index(widths[name])
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(options):
+                    moved = {**widths, name: options[j]}
+                    if (m := miss(moved)) < current:
+                        added = curves[name].at(options[j]) - curves[name].at(widths[name])
+                        moves.append((m > TOLERANCE, added, m, name, options[j]))
+        if not moves:
+            break
+        _, _, current, name, width = min(moves)
+        widths[name] = width
+    return widths

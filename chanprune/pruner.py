@@ -37,7 +37,7 @@ from .report import PruneReport, layer_reports, unit_reports
 from .surgery import Plan
 from .units import first_in_channels, pruning_units, resolve_widths, units_that_fit
 
-def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method: str = "lasso", *,
+def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method: str | None = None, *,
           progress: bool = True, device: str | torch.device | None = None, memory_budget: int | None = None,
           checkpoint_dir: str | Path | None = None, **options: Any) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` to ``speedup`` x fewer FLOPs; returns (pruned copy, report).
@@ -80,7 +80,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     units = units_that_fit(original, pruning_units(graph, cfg))
     record = provenance_or_class(original)
     run = PruneRun(graph, cfg, Plan(list(record.plan)), device)
-    sampling = Sampling(cfg.samples_per_image, cfg.seed, cfg.heldout_every)
+    sampling = Sampling(cfg.positions_per_image, cfg.seed, cfg.heldout_every)
 
     def calibrate(for_units: list[Unit]) -> Calibration:
         """Read the data once; the readers of ``for_units`` may ask for targets."""
@@ -114,7 +114,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     pruned = run.result(original)
 
     positions = {r.name: calibration.per_image(r) for u in todo for r in u.readers}
-    _warn_sparse(run.errors, calibration, [r for u in todo for r in u.readers], cfg.samples_per_image)
+    _warn_sparse(run.errors, calibration, [r for u in todo for r in u.readers], cfg.positions_per_image)
     attach(pruned, record.with_plan(run.plan.ops, tuple(first.shape[1:])))
     report = PruneReport(
         flops_before=flops_before, flops_after=count_flops(pruned, input_shape),

@@ -106,13 +106,14 @@ def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def prune_groups_directly(model: nn.Module, images: torch.Tensor, widths: dict[str, int],
-                          method: str = "lasso", samples_per_image: int = 10, **cfg_options):
+                          method: str = "lasso", samples_per_image: int = 10, recipe: str = "paper", **cfg_options):
     """The pruner's loop without its ``width < channels`` filter: every unit named in ``widths``
-    goes through ``PruneRun.prune_unit`` (so full widths exercise the reconstruction too)."""
+    goes through ``PruneRun.prune_unit`` (so full widths exercise the reconstruction too). The
+    paper's recipe by default: trunks kept, read through channel selects."""
     original = model.eval()
     graph = build_graph(original, images[:1])
     cfg = PruneConfig(speedup=None, widths=widths, method=method, samples_per_image=samples_per_image,
-                      **cfg_options)
+                      recipe=recipe, **cfg_options)
     run = PruneRun(graph, cfg)
     units = [u for u in pruning_units(graph, cfg) if u.name in widths]
     with BatchStore(2**30, torch.device("cpu")) as store:

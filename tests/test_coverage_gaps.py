@@ -184,7 +184,8 @@ def test_resnet_paper_prune_meets_speedup_and_allocated_widths(resnets):
     images = torch.randn(24, *RESNET_SHAPE[1:], generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SparseSamplesWarning)
-        pruned, report = prune(model, images, 2.0, allocation="resnet-paper", samples_per_image=4, progress=False)
+        pruned, report = prune(model, images, 2.0, allocation="resnet-paper", samples_per_image=4, progress=False,
+                               recipe="paper")
     assert abs(report.speedup_achieved / 2.0 - 1) <= 0.02
     assert report.flops_after == count_flops(pruned, RESNET_SHAPE)
     assert report.flops_after == pytest.approx(flop_model.flops(widths), rel=1e-9)

@@ -54,7 +54,7 @@ def test_carried_moments_equal_moments_recomputed_from_the_input(model, x, optio
     """After every unit, the next unit's moments from carried activations (sliced and advanced)
     equal those of the pruned working model run again from the input."""
     model.eval()
-    cfg = PruneConfig(speedup=1.6, samples_per_image=4, **options)
+    cfg = PruneConfig(speedup=1.6, samples_per_image=4, allocation="uniform", **options)
     graph = build_graph(model, x[:1])
     flops, per_layer = flop_breakdown(model, (1, *x.shape[1:]))
     units = pruning_units(graph, cfg)

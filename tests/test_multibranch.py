@@ -157,14 +157,15 @@ def test_residual_correction_lowers_the_block_output_error(seed):
     for correction in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            pruned, _ = prune(model, x, 2.0, progress=False, samples_per_image=64, residual_correction=correction)
+            pruned, _ = prune(model, x, 2.0, progress=False, samples_per_image=64, residual_correction=correction,
+                              recipe="paper")
         errors[correction] = rel_error(block_sum(pruned, x), block_sum(model, x))
     assert errors[True] < errors[False]
 
 
 def test_feature_map_sampling_with_every_channel_kept_leaves_outputs_unchanged():
     model, x = make(MiniResNet), images(60)
-    widths = {name: c for name, c in full_widths(model, x).items() if name.startswith("select:")}
+    widths = {name: c for name, c in full_widths(model, x, recipe="paper").items() if name.startswith("select:")}
     assert sorted(widths) == ["select:layer1.0.conv1", "select:layer1.1.conv1", "select:layer2.0.conv1",
                               "select:layer2.0.downsample.0", "select:layer2.1.conv1"]
     pruned, _, _, _ = prune_groups_directly(model, x, widths, samples_per_image=16)
@@ -175,7 +176,7 @@ def test_feature_map_sampling_with_every_channel_kept_leaves_outputs_unchanged()
 
 def test_feature_map_sampling_reads_subsets_and_survives_save_and_load(tmp_path):
     model, x = make(MiniResNet), images(60)
-    pruned, report = quiet_prune(model, x, 1.6)
+    pruned, report = quiet_prune(model, x, 1.6, recipe="paper")
     selects = [layer for layer in report.layers if layer.kind == "conv+select"]
     assert {layer.name for layer in selects} >= {"layer1.0.conv1", "layer1.1.conv1", "layer2.1.conv1"}
     conv = pruned.layer1[1].conv1
