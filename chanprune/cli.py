@@ -404,5 +404,5 @@ def demo(calib_images: int, seed: int) -> None:
     start = time.perf_counter()
     rows = run_demo(calib_images=calib_images, seed=seed)
     click.echo(format_table(rows))
-    click.echo(f"({calib_images} calibration images, seed {seed}, no fine-tuning; latency on this CPU, "
-               f"{time.perf_counter() - start:.0f} s in all)")
+    click.echo(f"({calib_images} calibration images, seed {seed}, no fine-tuning; latency on this CPU; sparse fits: "
+               f"layers fitted on fewer than 3 samples per kept input; {time.perf_counter() - start:.0f} s in all)")

@@ -138,8 +138,8 @@ def _warn_sparse(errors: dict[str, dict[str, Any]], calibration: Calibration, re
     enough = max(calibration.images_needed(r) for r in sparse.values())
     fix = (f"about {enough} calibration images would give each of them 10 samples per input"
            if per_image is None else
-           "use more calibration images or more --samples-per-image (or leave it out: each layer then takes what it "
-           "needs)")
+           "use more calibration images or more --samples-per-image (or --samples-per-image auto: each layer then "
+           "takes what it needs)")
     warnings.warn(f"{len(sparse)} layers were fitted on fewer than 3 samples per kept input ({', '.join(sparse)}); "
                   f"their held-out error may be much larger than the fitted one: {fix}; ridge='auto' (--ridge auto) "
                   "guards them meanwhile", SparseSamplesWarning, stacklevel=4)

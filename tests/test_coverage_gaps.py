@@ -278,8 +278,8 @@ def test_sparse_samples_threshold_is_three_fitted_samples_per_input(n_images, wa
     sparse = [str(w.message) for w in caught if issubclass(w.category, SparseSamplesWarning)]
     assert sparse == (["1 layers were fitted on fewer than 3 samples per kept input (fc2); their held-out error "
                        "may be much larger than the fitted one: use more calibration images or more "
-                       "--samples-per-image (or leave it out: each layer then takes what it needs); ridge='auto' "
-                       "(--ridge auto) guards them meanwhile"] if warned else [])
+                       "--samples-per-image (or --samples-per-image auto: each layer then takes what it needs); "
+                       "ridge='auto' (--ridge auto) guards them meanwhile"] if warned else [])
 
 
 def test_positions_per_image_by_default_give_ten_fitted_samples_per_input():
@@ -745,3 +745,14 @@ def test_uniform_allocation_keeps_one_common_fraction_on_a_small_model():
     lo = max((widths[u.name] - 1) / u.channels for u in units)
     hi = min((widths[u.name] + 1) / u.channels for u in units)
     assert lo <= hi, {u.name: f"{widths[u.name]}/{u.channels}" for u in units}
+
+
+def test_demo_counts_the_layers_the_sparse_samples_warning_names():
+    from chanprune.demo import sparse_layers
+
+    model = make_tiny(0)
+    pruned, report, caught = prune_recording(model, random_images(8), 2.0, samples_per_image=1)
+    message = str(next(w.message for w in caught if issubclass(w.category, SparseSamplesWarning)))
+    assert sparse_layers(pruned, report) == int(message.split()[0]) > 0
+    pruned, report, _ = prune_recording(model, random_images(400), 2.0, samples_per_image=10)
+    assert sparse_layers(pruned, report) == 0
