@@ -5,7 +5,8 @@ one recipe: ``--recipe paper`` is He et al.'s with ridge auto, ``--recipe defaul
 default) runs once per allocation arm; each pruned model is scored against the original on the
 validation split (logit error, accuracy), which is what defaults are chosen on, and on the test
 split (reported). ``global:energy`` and ``global:sensitivity`` are the two ways of making units
-comparable (``PruneConfig.global_weight``). No fine-tuning here (the results suite adds it).
+comparable (``PruneConfig.global_weight``); ``+r8`` / ``+rauto`` adds widths in blocks of 8 channels
+(``+rauto``: in units of 64 channels or more; the other arms keep any width). No fine-tuning here (the results suite adds it).
 
 Every finished item is saved at once, so a run that stops continues where it stopped; the report
 says how many items each table holds. Run: ``python -m benchmarks.allocation``.
@@ -39,11 +40,14 @@ RIDGE = {"paper": "auto"}  # the paper's fixed ridge fails on 500 images; every 
 
 
 def options(arm: str, model: str) -> dict[str, Any]:
-    """prune() options of one arm."""
+    """prune() options of one arm: an allocation (``global:WEIGHT`` for a global weighting), with
+    ``+rN`` / ``+rauto`` for ``round_to`` N or "auto" (every other arm keeps any width: round_to 1)."""
+    arm, _, rounding = arm.partition("+r")
+    round_to = {"round_to": 1 if not rounding else rounding if rounding == "auto" else int(rounding)}
     if arm == "preset":
-        return {"allocation": PRESET.get(model, "resnet-paper")}
+        return {"allocation": PRESET.get(model, "resnet-paper"), **round_to}
     allocation, _, weight = arm.partition(":")
-    return {"allocation": allocation, **({"global_weight": weight} if weight else {})}
+    return {"allocation": allocation, **({"global_weight": weight} if weight else {}), **round_to}
 
 
 def run_item(model_name: str, speedup: float, seed: int, arm: str, images: int, recipe: str) -> dict[str, Any]:

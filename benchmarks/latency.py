@@ -4,7 +4,8 @@ torch eager on the CPU at batch 1 and 32 (NCHW and channels_last), ONNX Runtime 
 batch 1 and 32, and torch eager on CUDA when a GPU is present: the median of repeated runs
 after warm-up, every engine at the process's thread count.
 
-    python -m benchmarks.latency --model vgg16-mnist --speedups 2,4,5 --method lasso
+    python -m benchmarks.latency --model vgg16-mnist --speedups 2,4,5 --recipe paper
+    python -m benchmarks.latency --recipe default --speedups 4 --round-to 1,8
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vgg16-mnist")
     parser.add_argument("--speedups", default="2,4,5")
-    parser.add_argument("--method", default="lasso")
+    parser.add_argument("--recipe", default="paper")
+    parser.add_argument("--method", default=None, help="default: the recipe's")
+    parser.add_argument("--round-to", default="1", help="comma-separated: one pruned model per value")
     parser.add_argument("--calib-images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
@@ -98,8 +101,10 @@ def main() -> None:
     warnings.simplefilter("ignore", SparseSamplesWarning)
     model = create_model(args.model)
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
-    pruned = {f"{args.method} {s}x": prune(model, images, float(s), args.method, recipe="paper", progress=False)[0]
-              for s in args.speedups.split(",")}
+    name = args.method or args.recipe
+    pruned = {f"{name} {s}x" + (f" round-to {r}" if r != "1" else ""):
+              prune(model, images, float(s), args.method, recipe=args.recipe, round_to=int(r), progress=False)[0]
+              for s in args.speedups.split(",") for r in args.round_to.split(",")}
     rows = compare(model, pruned, tuple(images.shape[1:]), args.repeats)
     text = f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs\n\n" + table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

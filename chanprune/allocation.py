@@ -166,7 +166,7 @@ PRESETS: dict[str, Preset] = {"uniform": uniform_preset, "vgg-paper": vgg_paper_
 
 
 def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
-             preset: Preset = uniform_preset, round_to: int = 1) -> dict[str, int]:
+             preset: Preset = uniform_preset, round_to: int | str = 1) -> dict[str, int]:
     """Kept channels per unit so that FLOPs(original) / FLOPs(pruned) is within 2% of ``speedup``.
 
     Every unit keeps min(1, α·w_u) of its channels, rounded, with one common factor α. When
@@ -176,12 +176,14 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     within that deviation.
     With ``round_to`` > 1 every width is a multiple of it (or the unit's full width): vectorised
     CPU kernels (oneDNN, ONNX Runtime) work on blocks of 8 or 16 channels, and a remainder costs
-    nearly a whole block.
+    nearly a whole block. ``"auto"`` rounds units of 64 channels or more to blocks of 8 and keeps
+    any width in narrower ones, where a block would be a large share of the unit.
     """
     if speedup < 1:
         raise ChanpruneError(f"speed-up must be at least 1, got {speedup}; ask for e.g. 2")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ChanpruneError(f"round_to must be a positive integer, got {round_to!r}; use 1 (no rounding), 8 or 16")
+    if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+        raise ChanpruneError(f"round_to must be a positive integer or 'auto', got {round_to!r}; use 1 (no rounding), "
+                             "8, 16 or auto")
     weights = {u.name: w for u in units if (w := preset(u, flop_model.graph)) is not None}
     if not weights:
         raise ChanpruneError("the allocation preset prunes no layer of this model; use --allocation uniform")
@@ -195,29 +197,43 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     return _walk(flop_model, _within(choices, ideal, limit), ideal, widths, speedup)
 
 
-def check_reachable(flop_model: FlopModel, choices: dict[str, list[int]], speedup: float, round_to: int) -> None:
+def check_reachable(flop_model: FlopModel, choices: dict[str, list[int]], speedup: float,
+                    round_to: int | str) -> None:
     """Refuse a speed-up that even every unit at its narrowest choice cannot reach."""
     smallest = flop_model.flops({name: widths[0] for name, widths in choices.items()})
     if smallest > flop_model.total / speedup * (1 + TOLERANCE):
         most = flop_model.total / smallest
-        rounding = f" with --round-to {round_to}" if round_to > 1 else ""
+        rounding = f" with --round-to {round_to}" if round_to != 1 else ""
         raise ChanpruneError(
             f"speed-up {speedup:g}x is out of reach: the most this model can reach is {most:.2f}x{rounding} "
             f"(every prunable layer at its narrowest); ask for at most {most:.2f}x"
-            f"{', lower --round-to' if round_to > 1 else ''} or let more layers be pruned (fewer --exclude)")
+            f"{', lower --round-to' if round_to != 1 else ''} or let more layers be pruned (fewer --exclude)")
 
 
-def rounded(width: float, channels: int, round_to: int) -> int:
-    """``width`` rounded to a multiple of ``round_to`` in [round_to, channels]; a unit narrower
-    than ``round_to``, or rounded up to its full width, keeps all its channels."""
-    if channels <= round_to:
+AUTO_BLOCK, AUTO_FROM = 8, 64  # round_to="auto": blocks of 8 channels in units of at least 64
+
+
+def block_size(channels: int, round_to: int | str) -> int:
+    """Channels per block of a unit with ``channels``: ``round_to``, or for "auto" 8 where the unit
+    has at least 64 channels (a vectorised kernel's block is then a small share of it) and 1 below."""
+    if round_to == "auto":
+        return AUTO_BLOCK if channels >= AUTO_FROM else 1
+    return round_to
+
+
+def rounded(width: float, channels: int, round_to: int | str) -> int:
+    """``width`` rounded to a multiple of the unit's block in [block, channels]; a unit narrower
+    than its block, or rounded up to its full width, keeps all its channels."""
+    block = block_size(channels, round_to)
+    if channels <= block:
         return channels
-    return max(round_to, min(channels, round_to * round(width / round_to)))
+    return max(block, min(channels, block * round(width / block)))
 
 
-def choices_of(channels: int, round_to: int) -> list[int]:
-    """The widths a unit may keep, narrowest first: multiples of ``round_to``, or all channels."""
-    return sorted({*range(round_to, channels + 1, round_to), channels})
+def choices_of(channels: int, round_to: int | str) -> list[int]:
+    """The widths a unit may keep, narrowest first: multiples of its block, or all channels."""
+    block = block_size(channels, round_to)
+    return sorted({*range(block, channels + 1, block), channels})
 
 
 def _error(flop_model: FlopModel, widths: dict[str, float], speedup: float) -> float:
@@ -238,7 +254,7 @@ def _bisect(flops_at: Callable[[float], float], target: float, hi: float) -> tup
 
 
 def _common_factor(flop_model: FlopModel, weights: dict[str, float], choices: dict[str, list[int]],
-                   speedup: float, round_to: int) -> dict[str, int]:
+                   speedup: float, round_to: int | str) -> dict[str, int]:
     """Rounded widths min(1, α·w_u)·channels with the one α that comes closest to the target."""
     def widths_at(alpha: float) -> dict[str, int]:
         return {name: rounded(min(1.0, alpha * w) * choices[name][-1], choices[name][-1], round_to)
@@ -275,7 +291,8 @@ def _within(choices: dict[str, list[int]], ideal: dict[str, float], limit: float
 
 
 def _least_deviation(flop_model: FlopModel, choices: dict[str, list[int]], ideal: dict[str, float],
-                     rounded_widths: dict[str, int], speedup: float, round_to: int) -> tuple[float, dict[str, int]]:
+                     rounded_widths: dict[str, int], speedup: float,
+                     round_to: int | str) -> tuple[float, dict[str, int]]:
     """The smallest deviation limit, no smaller than that of ``rounded_widths`` (the common factor's,
     which rounding already costs), at which some widths meet the target, and such widths
     (bisection over the deviations that occur); a refusal naming the closest reachable speed-up
@@ -288,7 +305,7 @@ def _least_deviation(flop_model: FlopModel, choices: dict[str, list[int]], ideal
         closest = _nearest(flop_model, _within(choices, ideal, limits[-1]), speedup)
         raise ChanpruneError(f"cannot meet speed-up {speedup:g}x within 2% with these layers "
                              f"(closest {flop_model.total / flop_model.flops(closest):.3f}x); adjust --speedup, "
-                             f"--exclude{' or lower --round-to' if round_to > 1 else ''}")
+                             f"--exclude{' or lower --round-to' if round_to != 1 else ''}")
     lo, hi = 0, len(limits) - 1
     while lo < hi:
         mid = (lo + hi) // 2

@@ -19,11 +19,11 @@ class Allocation:
     curves)`` calls ``curves()`` only if it needs statistics."""
 
     summary: str
-    decide: Callable[[FlopModel, list[Unit], float, int, Curves], dict[str, int]]
+    decide: Callable[[FlopModel, list[Unit], float, int | str, Curves], dict[str, int]]
 
 
-def _from_preset(preset: Preset) -> Callable[[FlopModel, list[Unit], float, int, Curves], dict[str, int]]:
-    def decide(flop_model: FlopModel, units: list[Unit], speedup: float, round_to: int,
+def _from_preset(preset: Preset) -> Callable[[FlopModel, list[Unit], float, int | str, Curves], dict[str, int]]:
+    def decide(flop_model: FlopModel, units: list[Unit], speedup: float, round_to: int | str,
                curves: Curves) -> dict[str, int]:
         return allocate(flop_model, units, speedup, preset, round_to)
     return decide

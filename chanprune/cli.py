@@ -95,6 +95,16 @@ def _samples(text: str | None) -> int | str | None:
         raise ChanpruneError(f"--samples-per-image must be a whole number or 'auto', got {text!r}") from None
 
 
+def _round_to(text: str | None) -> int | str | None:
+    """--round-to: a whole number, 'auto', or unset (the recipe decides)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ChanpruneError(f"--round-to must be a whole number or 'auto', got {text!r}") from None
+
+
 def _read_widths(path: Path) -> dict[str, int]:
     """The mapping layer name -> kept input channels of a JSON (``.json``) or YAML file."""
     import json
@@ -183,9 +193,9 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="Least-squares ridge relative to trace(XᵀX)/dim, or 'auto': per layer, the ridge (or the "
                    "original weights) with the lowest error on the held-out calibration images [default: the "
                    "recipe's].")
-@click.option("--round-to", type=int, default=None,
-              help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels) "
-                   "[default: the recipe's].")
+@click.option("--round-to", default=None,
+              help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels), or "
+                   "'auto': blocks of 8 in layers of 64 channels or more [default: the recipe's].")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
 @click.option("--device", default=None, help="Where statistics are gathered: cpu, cuda, cuda:1 [default: the model's].")
 @click.option("--memory-budget", type=click.IntRange(min=0), default=None,
@@ -200,7 +210,7 @@ def prune(model_spec: str, speedup: float | None, recipe: str, method: str | Non
           feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
           calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,
-          round_to: int | None,
+          round_to: str | None,
           trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
@@ -221,7 +231,7 @@ def prune(model_spec: str, speedup: float | None, recipe: str, method: str | Non
     options = dict(recipe=recipe, allocation=allocation, global_weight=global_weight, widths=widths, exclude=exclude,
                    samples_per_image=_samples(samples_per_image), seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
                    trunk=trunk, residual_correction=residual_correction,
-                   feature_map_sampling=feature_map_sampling, round_to=round_to)
+                   feature_map_sampling=feature_map_sampling, round_to=_round_to(round_to))
     config = PruneConfig(speedup=speedup, method=method, **options)
     config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint)

@@ -48,7 +48,7 @@ class PruneConfig:
     trunk: str | None = None
     residual_correction: bool | None = None
     feature_map_sampling: bool | None = None
-    round_to: int | None = None  # kept widths are multiples of this (8 or 16 suit vectorised CPU kernels)
+    round_to: int | str | None = None  # widths in blocks of this many channels (8 or 16 suit CPU kernels), or "auto"
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -82,9 +82,10 @@ class PruneConfig:
         if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
             raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}; "
                                  "use e.g. 1e-6 (the default) or 'auto'")
-        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or self.round_to < 1:
-            raise ChanpruneError(f"round_to must be a positive integer, got {self.round_to!r}; use 1 (no rounding), "
-                                 "8 or 16")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or isinstance(self.round_to, bool)
+                                        or self.round_to < 1):
+            raise ChanpruneError(f"round_to must be a positive integer or 'auto', got {self.round_to!r}; use 1 "
+                                 "(no rounding), 8, 16 or auto")
         if self.samples_per_image != "auto" and (not isinstance(self.samples_per_image, int)
                                                  or isinstance(self.samples_per_image, bool)
                                                  or self.samples_per_image < 1):

@@ -49,7 +49,7 @@ class ErrorCurve:
         return ErrorCurve(widths, tuple(self.at(w) + other.at(w) for w in widths))
 
 
-def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, round_to: int,
+def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, round_to: int | str,
                     measure: Callable[[], dict[str, ErrorCurve]]) -> dict[str, int]:
     """Kept channels per unit minimising the summed relative error of the curves ``measure()``
     returns (called once the target is known to be reachable) at ``speedup`` (within 2%), by
@@ -106,7 +106,7 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
     if abs(achieved / speedup - 1) > TOLERANCE:
         raise ChanpruneError(f"cannot meet speed-up {speedup:g}x within 2% with these layers (global allocation "
                              f"reached {achieved:.3f}x); adjust --speedup, --exclude"
-                             f"{' or lower --round-to' if round_to > 1 else ''}")
+                             f"{' or lower --round-to' if round_to != 1 else ''}")
     return widths
 
 

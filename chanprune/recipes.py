@@ -20,15 +20,16 @@ class Recipe:
     residual_correction: bool
     feature_map_sampling: bool
     samples_per_image: int | str
-    round_to: int
+    round_to: int | str
 
 
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
-        "chanprune's best measured: greedy selection, widths from data, ridge chosen on held-out samples, "
-        "residual trunks pruned jointly, enough samples for every layer",
+        "chanprune's best measured: greedy selection, widths from data in blocks of 8 channels (in layers of 64 "
+        "or more), ridge chosen "
+        "on held-out samples, residual trunks pruned jointly, enough samples for every layer",
         method="greedy", allocation="global", ridge="auto", trunk="joint", residual_correction=True,
-        feature_map_sampling=True, samples_per_image="auto", round_to=1),
+        feature_map_sampling=True, samples_per_image="auto", round_to="auto"),
     "paper": Recipe(
         "He et al. 2017 as published: LASSO selection, uniform widths, trunks kept whole with residual "
         "correction and feature-map sampling, 10 positions per image",

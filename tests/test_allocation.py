@@ -200,3 +200,19 @@ def test_small_model_meets_every_reachable_target_and_names_the_closest_otherwis
                 allocate(flop_model, groups, speedup, round_to=round_to)
             outcomes.add("refused")
     assert {"met", "refused"} <= outcomes
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "global"])
+def test_round_to_auto_rounds_only_units_of_64_channels_or_more(vgg, allocator):
+    from chanprune.allocators import ALLOCATIONS
+    from chanprune.global_allocation import ErrorCurve
+
+    model, graph, flop_model = vgg
+    found = units(graph)
+    curves = {u.name: ErrorCurve((1, u.channels), (float(u.channels), 0.0)) for u in found}
+    widths = ALLOCATIONS[allocator].decide(flop_model, found, 3.0, "auto", lambda: curves)
+    assert abs(flop_model.total / flop_model.flops(widths) / 3.0 - 1) <= TOLERANCE
+    wide = [u for u in found if u.channels >= 64]
+    assert wide and all(widths[u.name] % 8 == 0 or widths[u.name] == u.channels for u in wide)
+    narrow = [u for u in found if u.channels < 64]
+    assert any(widths[u.name] % 8 for u in narrow)  # any width where a block would be a large share

@@ -241,7 +241,7 @@ CASES = [
          lambda d: prune_tiny(speedup=1000.0), lambda d, o: tiny_args(d, o, speedup="1000")),
     Case("--round-to too large", r"out of reach: the most .* is 1\.00x with --round-to 64", r"lower --round-to",
          lambda d: prune_tiny(round_to=64), lambda d, o: tiny_args(d, o, "--round-to", "64")),
-    Case("--round-to 0", r"round_to must be a positive integer, got 0", r"1 \(no rounding\)",
+    Case("--round-to 0", r"round_to must be a positive integer or .auto., got 0", r"1 \(no rounding\)",
          lambda d: prune_tiny(round_to=0), lambda d, o: tiny_args(d, o, "--round-to", "0")),
     Case("--samples-per-image 0", r"samples per image must be at least 1, got 0", r"--samples-per-image",
          lambda d: prune(make_tiny(0), images(), 1.5, samples_per_image=0, progress=False),
