@@ -110,7 +110,6 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
     return widths
 
 
-
 def _land(flop_model: FlopModel, choices: dict[str, list[int]], curves: dict[str, ErrorCurve],
           widths: dict[str, int], speedup: float) -> dict[str, int]:
     """Where the descent stopped outside the 2% tolerance (every remaining step too coarse), move

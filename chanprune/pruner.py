@@ -50,7 +50,9 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     activations kept on it (default: half the free memory), beyond which they go to temporary
     files. With ``checkpoint_dir`` each unit's result is saved as it is done, and a run killed and
     started again with the same model, data and options picks up where it stopped, ending with
-    the same bytes. ``options`` are fields of :class:`PruneConfig`. The caller's model is not changed.
+    the same bytes. ``options`` are fields of :class:`PruneConfig`; ``recipe`` ("default":
+    chanprune's best measured, "paper": He et al.) fills ``method`` and every such option left
+    unset (:mod:`chanprune.recipes`). The caller's model is not changed.
     """
     start = time.perf_counter()
     cfg = PruneConfig(speedup=speedup, method=method, **options)
