@@ -36,8 +36,9 @@ from chanprune.models import create_model
 from chanprune.pruner import prune
 from chanprune.train import TrainConfig
 
-TABLE1_METHODS = ("lasso", "max_response", "first_k")
-RESIDUAL_ARMS = ("plain", "enhanced", "joint")
+DEFAULT_ARM = "default"  # chanprune's default recipe, next to the paper's rows
+TABLE1_METHODS = (DEFAULT_ARM, "lasso", "max_response", "first_k")
+RESIDUAL_ARMS = ("plain", "enhanced", "joint", DEFAULT_ARM)
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,18 @@ class Budget:
         return dict(self.ft_epochs).get(model, self.ft_epochs_default)
 
 
-def arm_options(arm: str) -> dict[str, Any]:
-    """The prune() options of a chanprune arm: a Table 1 method or a residual variant (lasso)."""
-    return {"method": "lasso", **VARIANTS[arm]} if arm in VARIANTS else {"method": arm}
+def arm_options(arm: str, budget: Budget) -> dict[str, Any]:
+    """The prune() options of a chanprune arm: the default recipe as it is, or the paper's recipe
+    with the budget's ridge and positions per image and a Table 1 method or a residual variant (lasso)."""
+    if arm == DEFAULT_ARM:
+        return {"recipe": "default"}
+    paper = {"recipe": "paper", "ridge": budget.ridge, "samples_per_image": budget.samples_per_image}
+    return {**paper, "method": "lasso", **VARIANTS[arm]} if arm in VARIANTS else {**paper, "method": arm}
 
 
 def chanprune_arm(residual: bool) -> str:
-    """The chanprune row that meets the peers: the paper's lasso, with joint trunks on residual nets."""
-    return "joint" if residual else "lasso"
+    """The chanprune row that meets the peers: the default recipe."""
+    return DEFAULT_ARM
 
 
 class Job:
@@ -120,8 +125,7 @@ class Job:
 
     def chanprune(self, arm: str, speedup: float, **options: Any) -> nn.Module:
         start = time.perf_counter()
-        net, _ = prune(self.model, self.images, speedup, recipe="paper", seed=self.seed, ridge=self.budget.ridge,
-                       samples_per_image=self.budget.samples_per_image, progress=False, **options)
+        net, _ = prune(self.model, self.images, speedup, seed=self.seed, progress=False, **options)
         self.record(arm, "chanprune", speedup, net, time.perf_counter() - start)
         return net
 
@@ -147,14 +151,14 @@ class Job:
         b = self.budget
         if self.residual:
             for speedup in sorted({*b.residual_speedups, *b.peer_speedups}):
-                arms = RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint",)
+                arms = RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint", DEFAULT_ARM)
                 for arm in arms:
-                    self.chanprune(arm, speedup, **arm_options(arm))
+                    self.chanprune(arm, speedup, **arm_options(arm, b))
         else:
             for speedup in sorted({*b.table1_speedups, *b.peer_speedups}):
-                methods = TABLE1_METHODS if speedup in b.table1_speedups else ("lasso",)
+                methods = TABLE1_METHODS if speedup in b.table1_speedups else ("lasso", DEFAULT_ARM)
                 for method in methods:
-                    net = self.chanprune(method, speedup, **arm_options(method))
+                    net = self.chanprune(method, speedup, **arm_options(method, b))
                     if method == "lasso" and speedup in b.table1_speedups:
                         self.scratch(speedup, net)
         for speedup in b.peer_speedups:

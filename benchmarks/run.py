@@ -102,7 +102,7 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
     for name in size.models:
         saved = sorted((out_dir / "models").glob(f"{name}-*.safetensors"))
         original = create_model(name)
-        arm = chanprune_arm(any(p.name.startswith(f"{name}-joint-") for p in saved))
+        arm = chanprune_arm(any(p.name.startswith(f"{name}-joint-") for p in saved))  # the default recipe
         chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
         speedups = sorted(float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")) for p in chosen)
         if not speedups:
@@ -114,8 +114,7 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
         for s in speedups:
             pruned[f"{arm}-{s:g}x"] = load_model(out_dir / "models" / f"{name}-{arm}-{s:g}x.safetensors")
             pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(
-                original, images, s, recipe="paper", ridge=size.budget.ridge, samples_per_image=size.budget.samples_per_image,
-                round_to=ROUND_TO, progress=False, **arm_options(arm))[0]
+                original, images, s, round_to=ROUND_TO, progress=False, **arm_options(arm, size.budget))[0]
         print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
         rows = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
         for row, net in zip(rows, [original, *pruned.values()]):
