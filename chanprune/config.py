@@ -81,7 +81,7 @@ class PruneConfig:
                                  "kept input channels, e.g. {'conv2': 4}")
         if not (self.ridge == "auto" or (isinstance(self.ridge, (int, float)) and self.ridge >= 0)):
             raise ChanpruneError(f"ridge must be a number >= 0 or 'auto', got {self.ridge!r}; "
-                                 "use e.g. 1e-6 (the default) or 'auto'")
+                                 "use e.g. 1e-6 or 'auto'")
         if self.round_to != "auto" and (not isinstance(self.round_to, int) or isinstance(self.round_to, bool)
                                         or self.round_to < 1):
             raise ChanpruneError(f"round_to must be a positive integer or 'auto', got {self.round_to!r}; use 1 "

@@ -246,6 +246,12 @@ CASES = [
     Case("--samples-per-image 0", r"samples per image must be at least 1, got 0", r"--samples-per-image",
          lambda d: prune(make_tiny(0), images(), 1.5, samples_per_image=0, progress=False),
          lambda d, o: tiny_args(d, o, "--samples-per-image", "0")),
+    Case("--ridge -1", r"ridge must be a number >= 0 or 'auto', got -1", r"use e\.g\. 1e-6 or 'auto'",
+         lambda d: prune_tiny(ridge=-1.0), lambda d, o: tiny_args(d, o, "--ridge", "-1")),
+    Case("--round-to abc", r"--round-to must be a whole number or 'auto', got 'abc'", r"",
+         cli=lambda d, o: tiny_args(d, o, "--round-to", "abc")),
+    Case("unknown recipe", r"unknown recipe 'fast'", r"use one of default, paper",
+         lambda d: prune_tiny(recipe="fast")),
     Case("--speedup abc", r"'abc' is not a valid float", r"see .*prune --help",
          cli=lambda d, o: tiny_args(d, o, speedup="abc")),
     # widths
