@@ -63,14 +63,17 @@ class FlopModel:
     total: int
     per_layer: dict[str, int]
 
+    def __post_init__(self) -> None:
+        self._channels = {g.name: g.channels for g in self.graph.groups}
+        self._writer_group = {w: g.name for g in self.graph.groups for w in g.writers}
+
     def flops(self, widths: dict[str, int]) -> float:
         """Estimated FLOPs when unit u keeps ``widths[u]`` channels (others stay whole)."""
         return self.total - sum(self.per_layer.values()) + sum(self.layer_flops(widths, self.per_layer).values())
 
     def layer_flops(self, widths: dict[str, int], layers: Iterable[str]) -> dict[str, float]:
         """Estimated FLOPs of each of ``layers`` (pruned-aware layers) at ``widths``."""
-        channels = {g.name: g.channels for g in self.graph.groups}
-        writer_group = self._writer_group()
+        channels = self._channels
         out = {}
         for name in layers:
             layout = self.graph.layouts.get(name)
@@ -80,22 +83,16 @@ class FlopModel:
             elif layout:
                 frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
             frac_out = 1.0
-            if name not in self.graph.depthwise and name in writer_group:
-                group = writer_group[name]
+            if name not in self.graph.depthwise and name in self._writer_group:
+                group = self._writer_group[name]
                 frac_out = widths.get(group, channels[group]) / channels[group]
             out[name] = self.per_layer[name] * frac_in * frac_out
         return out
 
-    def _writer_group(self) -> dict[str, str]:
-        if not hasattr(self, "_writers"):
-            self._writers = {w: g.name for g in self.graph.groups for w in g.writers}
-        return self._writers
-
     def touched(self, unit: str, narrowest: int) -> list[str]:
         """The layers whose FLOPs change when ``unit`` narrows (to ``narrowest`` channels)."""
-        full = self.layer_flops({}, self.per_layer)
         narrow = self.layer_flops({unit: narrowest}, self.per_layer)
-        return [name for name in self.per_layer if narrow[name] != full[name]]
+        return [name for name in self.per_layer if narrow[name] != self.per_layer[name]]
 
 
 Preset = Callable[[Unit, ChannelGraph], "float | None"]
@@ -190,11 +187,13 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     choices = {u.name: choices_of(u.channels, round_to) for u in units if u.name in weights}
     check_reachable(flop_model, choices, speedup, round_to)
     widths = _common_factor(flop_model, weights, choices, speedup, round_to)
-    if _error(flop_model, widths, speedup) <= TOLERANCE:
+    if speedup_miss(flop_model, widths, speedup) <= TOLERANCE:
         return widths
     ideal = _ideal(flop_model, weights, choices, speedup)
     limit, widths = _least_deviation(flop_model, choices, ideal, widths, speedup, round_to)
-    return _walk(flop_model, _within(choices, ideal, limit), ideal, widths, speedup)
+    # the rounding residue is spread over the units it changes least
+    return walk(flop_model, _within(choices, ideal, limit), widths, speedup,
+                lambda _, name, width, __: (_deviation(width, ideal[name]),))
 
 
 def check_reachable(flop_model: FlopModel, choices: dict[str, list[int]], speedup: float,
@@ -236,7 +235,7 @@ def choices_of(channels: int, round_to: int | str) -> list[int]:
     return sorted({*range(block, channels + 1, block), channels})
 
 
-def _error(flop_model: FlopModel, widths: dict[str, float], speedup: float) -> float:
+def speedup_miss(flop_model: FlopModel, widths: dict[str, float], speedup: float) -> float:
     """Relative miss of the speed-up ``widths`` give: |achieved / speedup - 1|."""
     return abs(flop_model.total / flop_model.flops(widths) / speedup - 1)
 
@@ -317,20 +316,21 @@ def _least_deviation(flop_model: FlopModel, choices: dict[str, list[int]], ideal
     return limits[hi], best
 
 
-def _walk(flop_model: FlopModel, boxes: dict[str, list[int]], ideal: dict[str, float], widths: dict[str, int],
-          speedup: float) -> dict[str, int]:
+def walk(flop_model: FlopModel, boxes: dict[str, list[int]], widths: dict[str, int], speedup: float,
+         cost: Callable[[dict[str, int], str, int, float], tuple], until: float = 0.0) -> dict[str, int]:
     """From ``widths``, move one unit by one step of its box at a time, each time the move that
-    brings the speed-up closer with the smallest deviation from the ideal, until none does: the
-    rounding residue is spread over the units it changes least."""
+    brings the speed-up closer with the least ``cost(current widths, unit, new width, miss after
+    the move)``, until the miss is at most ``until`` or no move brings it closer."""
     widths = dict(widths)
-    error = _error(flop_model, widths, speedup)
-    while True:
-        closer = [(_deviation(width, ideal[name]), moved, name, width) for name, width in _steps(boxes, widths)
-                  if (moved := _error(flop_model, {**widths, name: width}, speedup)) < error]
+    error = speedup_miss(flop_model, widths, speedup)
+    while error > until:
+        closer = [(cost(widths, name, width, moved), moved, name, width) for name, width in _steps(boxes, widths)
+                  if (moved := speedup_miss(flop_model, {**widths, name: width}, speedup)) < error]
         if not closer:
-            return widths
+            break
         _, error, name, width = min(closer)
         widths[name] = width
+    return widths
 
 
 def _steps(boxes: dict[str, list[int]], widths: dict[str, int]) -> list[tuple[str, int]]:

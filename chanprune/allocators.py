@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from .allocation import PRESETS, FlopModel, Preset, Unit, allocate
 from .global_allocation import ErrorCurve, allocate_global
 
-Curves = Callable[[], dict[str, ErrorCurve]]
+Curves = Callable[[dict[str, int]], dict[str, ErrorCurve]]  # narrowest width of each unit -> curves
 
 
 @dataclass(frozen=True)
 class Allocation:
     """One way to turn a speed-up into kept widths; ``decide(flop_model, units, speedup, round_to,
-    curves)`` calls ``curves()`` only if it needs statistics."""
+    curves)`` calls ``curves(narrowest widths)`` only if it needs statistics."""
 
     summary: str
     decide: Callable[[FlopModel, list[Unit], float, int | str, Curves], dict[str, int]]

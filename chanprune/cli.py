@@ -76,33 +76,15 @@ def torch_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ridge(text: str | None) -> float | str | None:
+def _number_or_auto(text: str | None, option: str, parse: type[int] | type[float]) -> int | float | str | None:
+    """An option that takes a number or 'auto', or is unset (None: the recipe decides)."""
     if text is None or text == "auto":
         return text
     try:
-        return float(text)
+        return parse(text)
     except ValueError:
-        raise ChanpruneError(f"--ridge must be a number or 'auto', got {text!r}") from None
-
-
-def _samples(text: str | None) -> int | str | None:
-    """--samples-per-image: a whole number, 'auto', or unset (the recipe decides)."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ChanpruneError(f"--samples-per-image must be a whole number or 'auto', got {text!r}") from None
-
-
-def _round_to(text: str | None) -> int | str | None:
-    """--round-to: a whole number, 'auto', or unset (the recipe decides)."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ChanpruneError(f"--round-to must be a whole number or 'auto', got {text!r}") from None
+        kind = "a whole number" if parse is int else "a number"
+        raise ChanpruneError(f"{option} must be {kind} or 'auto', got {text!r}") from None
 
 
 def _read_widths(path: Path) -> dict[str, int]:
@@ -229,9 +211,10 @@ def prune(model_spec: str, speedup: float | None, recipe: str, method: str | Non
     _check_outputs(out, report_path)
     widths = _read_widths(widths_file) if widths_file is not None else None
     options = dict(recipe=recipe, allocation=allocation, global_weight=global_weight, widths=widths, exclude=exclude,
-                   samples_per_image=_samples(samples_per_image), seed=seed, reconstruct=not no_reconstruction, ridge=_ridge(ridge), lasso_rounds=lasso_rounds,
-                   trunk=trunk, residual_correction=residual_correction,
-                   feature_map_sampling=feature_map_sampling, round_to=_round_to(round_to))
+                   samples_per_image=_number_or_auto(samples_per_image, "--samples-per-image", int), seed=seed,
+                   reconstruct=not no_reconstruction, ridge=_number_or_auto(ridge, "--ridge", float),
+                   lasso_rounds=lasso_rounds, trunk=trunk, residual_correction=residual_correction,
+                   feature_map_sampling=feature_map_sampling, round_to=_number_or_auto(round_to, "--round-to", int))
     config = PruneConfig(speedup=speedup, method=method, **options)
     config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint)
@@ -395,8 +378,9 @@ def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, sam
     if any(s < 1 for s in speedup_list):
         raise ChanpruneError("every speed-up must be >= 1")
     images = calibration_images(loaded, None, calib_images, seed, None)
-    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list, _samples(samples_per_image), seed,
-                          ridge=_ridge(ridge))
+    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list,
+                          _number_or_auto(samples_per_image, "--samples-per-image", int), seed,
+                          ridge=_number_or_auto(ridge, "--ridge", float))
     paths = write_analysis(rows, out_dir)
     click.echo(f"wrote {len(paths)} files to {out_dir}")
 

@@ -19,7 +19,7 @@ from .evaluate import accuracy, logit_rel_error, predict
 from .flops import count_flops, count_params
 from .latency import measure_latency
 from .models import BUNDLED, create_model
-from .pruner import prune
+from .pruner import SPARSE_SAMPLES_PER_INPUT, prune
 from .report import PruneReport
 
 
@@ -61,7 +61,7 @@ def run_demo(model_name: str = "vgg16-mnist", speedups: tuple[float, ...] = (2.0
 def sparse_layers(pruned: torch.nn.Module, report: PruneReport) -> int:
     """Layers fitted on fewer than 3 samples per kept input (what SparseSamplesWarning names)."""
     return sum(1 for layer in report.layers if layer.samples is not None
-               and layer.samples < 3 * pruned.get_submodule(layer.name).weight[0].numel())
+               and layer.samples < SPARSE_SAMPLES_PER_INPUT * pruned.get_submodule(layer.name).weight[0].numel())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -17,7 +17,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .allocation import TOLERANCE, FlopModel, Unit, choices_of, check_reachable
+from .allocation import TOLERANCE, FlopModel, Unit, check_reachable, choices_of, walk
 from .errors import ChanpruneError
 
 
@@ -50,13 +50,13 @@ class ErrorCurve:
 
 
 def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, round_to: int | str,
-                    measure: Callable[[], dict[str, ErrorCurve]]) -> dict[str, int]:
-    """Kept channels per unit minimising the summed relative error of the curves ``measure()``
-    returns (called once the target is known to be reachable) at ``speedup`` (within 2%), by
-    greedy descent on error added per FLOP saved."""
+                    measure: Callable[[dict[str, int]], dict[str, ErrorCurve]]) -> dict[str, int]:
+    """Kept channels per unit minimising the summed relative error of the curves
+    ``measure(narrowest width of each unit)`` returns (called once the target is known to be
+    reachable) at ``speedup`` (within 2%), by greedy descent on error added per FLOP saved."""
     choices = {u.name: choices_of(u.channels, round_to) for u in units}
     check_reachable(flop_model, choices, speedup, round_to)
-    curves = measure()
+    curves = measure({name: widths[0] for name, widths in choices.items()})
     step = {name: len(c) - 1 for name, c in choices.items()}  # index of each unit's current width
     widths = {name: c[-1] for name, c in choices.items()}
     touched = {name: flop_model.touched(name, c[0]) for name, c in choices.items()}
@@ -113,26 +113,10 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
 def _land(flop_model: FlopModel, choices: dict[str, list[int]], curves: dict[str, ErrorCurve],
           widths: dict[str, int], speedup: float) -> dict[str, int]:
     """Where the descent stopped outside the 2% tolerance (every remaining step too coarse), move
-    one unit one step at a time, each time the move that brings the speed-up closer at the least
-    added error, until it is within the tolerance or no move brings it closer."""
-    widths = dict(widths)
+    one unit one step at a time, each time the move that brings the speed-up closer (one that
+    lands within the tolerance first) at the least added error, until it is within the
+    tolerance or no move brings it closer."""
+    def cost(current: dict[str, int], name: str, width: int, miss: float) -> tuple[bool, float]:
+        return miss > TOLERANCE, curves[name].at(width) - curves[name].at(current[name])
 
-    def miss(w: dict[str, int]) -> float:
-        return abs(flop_model.total / flop_model.flops(w) / speedup - 1)
-
-    current = miss(widths)
-    while current > TOLERANCE:
-        moves = []
-        for name, options in choices.items():
-            i = options.index(widths[name])
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(options):
-                    moved = {**widths, name: options[j]}
-                    if (m := miss(moved)) < current:
-                        added = curves[name].at(options[j]) - curves[name].at(widths[name])
-                        moves.append((m > TOLERANCE, added, m, name, options[j]))
-        if not moves:
-            break
-        _, _, current, name, width = min(moves)
-        widths[name] = width
-    return widths
+    return walk(flop_model, choices, widths, speedup, cost, until=TOLERANCE)

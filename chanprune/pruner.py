@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .allocation import FlopModel, Unit, choices_of
+from .allocation import FlopModel, Unit
 from .config import PruneConfig
 from .data import iterate_batches, validate_images
 from .distributed import shard
@@ -92,10 +92,9 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
 
     calibration: Calibration | None = None
 
-    def curves() -> dict[str, ErrorCurve]:
+    def curves(narrowest: dict[str, int]) -> dict[str, ErrorCurve]:
         nonlocal calibration
         calibration = calibrate(units)
-        narrowest = {u.name: choices_of(u.channels, cfg.round_to)[0] for u in units}
         return error_curves(calibration, run, units, narrowest, cfg.global_weight, progress)
 
     widths = resolve_widths(cfg, graph, units, flop_model, curves)
@@ -131,10 +130,14 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     return pruned, report
 
 
+SPARSE_SAMPLES_PER_INPUT = 3  # fewer fitted samples per kept input than this: the fit is warned about
+
+
 def _warn_sparse(errors: dict[str, dict[str, Any]], calibration: Calibration, readers: list[Reader],
                  per_image: int | None) -> None:
     """Warn about layers fitted on fewer than 3 samples per kept input, saying what would be enough."""
-    sparse = {r.name: r for r in readers if r.name in errors and errors[r.name]["samples"] < 3 * errors[r.name]["inputs"]}
+    sparse = {r.name: r for r in readers
+              if r.name in errors and errors[r.name]["samples"] < SPARSE_SAMPLES_PER_INPUT * errors[r.name]["inputs"]}
     if not sparse:
         return
     enough = max(calibration.images_needed(r) for r in sparse.values())

@@ -77,24 +77,30 @@ def select_lasso(problem: SelectionProblem) -> torch.Tensor:
     return keep
 
 
+def _weighted_fits(problem: SelectionProblem) -> tuple[list[tuple[Moments, float]], int] | None:
+    """Each reader's fitted moments weighted by 1/||Y||² and the readers' common features per
+    channel, or None when readers disagree on it (the exact solvers then do not apply)."""
+    ks = {rp.k for rp in problem.readers}
+    if len(ks) > 1:
+        return None
+    return [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problem.readers], ks.pop()
+
+
 def select_greedy(problem: SelectionProblem) -> torch.Tensor:
     """Beyond the paper: backward elimination on the exact least-squares error of every reader."""
-    ks = {rp.k for rp in problem.readers}
-    if len(ks) > 1:  # readers disagree on features per channel: fall back to the paper's selection
+    fits = _weighted_fits(problem)
+    if fits is None:  # readers disagree on features per channel: fall back to the paper's selection
         return select_lasso(problem)
-    pairs = [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problem.readers]
-    return backward_elimination(pairs, ks.pop(), problem.n_keep)
+    return backward_elimination(*fits, problem.n_keep)
 
 
 def select_swap(problem: SelectionProblem) -> torch.Tensor:
     """Beyond the paper: greedy elimination, then exchanges of kept and dropped channels while the
     exact least-squares error of every reader (weighted by 1/||Y||²) falls (OSSCAR's local search)."""
-    ks = {rp.k for rp in problem.readers}
-    if len(ks) > 1:
+    fits = _weighted_fits(problem)
+    if fits is None:
         return select_lasso(problem)
-    pairs = [(rp.fit, 1.0 / max(rp.fit.centred()[2], 1e-300)) for rp in problem.readers]
-    k = ks.pop()
-    keep, _ = swap_search(pairs, k, backward_elimination(pairs, k, problem.n_keep))
+    keep, _ = swap_search(*fits, backward_elimination(*fits, problem.n_keep))
     return keep
 
 

@@ -285,7 +285,7 @@ class _ExchangeState:
         d_cols = block_indices(dropped, k)
         c = self.xtx[self.cols][:, d_cols]
         hc = torch.cholesky_solve(c, self.chol)
-        schur = _diagonal_blocks(self.xtx[d_cols][:, d_cols], k) - torch.einsum(
+        schur = _diagonal_blocks(self.xtx, k)[dropped] - torch.einsum(
             "sjk,sjl->jkl", c.reshape(-1, n_d, k), hc.reshape(-1, n_d, k))
         schur = schur + torch.eye(k, dtype=schur.dtype) * 1e-12 * schur.diagonal(dim1=1, dim2=2).abs().mean().clamp_min(1e-300)
         r = (self.xty[d_cols] - c.T @ self.w).reshape(n_d, k, -1)

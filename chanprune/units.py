@@ -75,7 +75,8 @@ def units_that_fit(model: nn.Module, units: list[Unit]) -> list[Unit]:
 def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flop_model: FlopModel,
                    curves: Curves) -> dict[str, int]:
     """Kept channels per unit from explicit widths or from the speed-up target and allocation
-    (``curves()`` measures the original model's error curves, for an allocation that asks)."""
+    (``curves(narrowest widths)`` measures the original model's error curves down to those widths,
+    for an allocation that asks)."""
     if cfg.widths is not None:
         widths = check_widths(cfg.widths, graph, units)
         if cfg.speedup is not None:

@@ -210,7 +210,7 @@ def test_round_to_auto_rounds_only_units_of_64_channels_or_more(vgg, allocator):
     model, graph, flop_model = vgg
     found = units(graph)
     curves = {u.name: ErrorCurve((1, u.channels), (float(u.channels), 0.0)) for u in found}
-    widths = ALLOCATIONS[allocator].decide(flop_model, found, 3.0, "auto", lambda: curves)
+    widths = ALLOCATIONS[allocator].decide(flop_model, found, 3.0, "auto", lambda narrowest: curves)
     assert abs(flop_model.total / flop_model.flops(widths) / 3.0 - 1) <= TOLERANCE
     wide = [u for u in found if u.channels >= 64]
     assert wide and all(widths[u.name] % 8 == 0 or widths[u.name] == u.channels for u in wide)

@@ -59,7 +59,7 @@ def test_global_widths_meet_the_target_and_spare_the_costly_units(vgg, speedup, 
     graph, flop_model, units = vgg
     costly = units[3].name
     curves = {u.name: linear_curve(u.channels, 100.0 if u.name == costly else 1.0) for u in units}
-    widths = allocate_global(flop_model, units, speedup, round_to, lambda: curves)
+    widths = allocate_global(flop_model, units, speedup, round_to, lambda narrowest: curves)
     assert abs(flop_model.total / flop_model.flops(widths) / speedup - 1) <= TOLERANCE
     assert widths[costly] == units[3].channels  # 100x the error per channel: never the cheapest step
     assert all(w % round_to == 0 or w == u.channels for u in units for w in [widths[u.name]])
@@ -71,7 +71,7 @@ def test_free_channels_go_first(vgg):
     free = units[5]
     curves = {u.name: linear_curve(u.channels, 0.0 if u is free else 1.0) for u in units}
     for speedup in (1.1, 1.3):
-        widths = allocate_global(flop_model, units, speedup, 1, lambda: curves)
+        widths = allocate_global(flop_model, units, speedup, 1, lambda narrowest: curves)
         others_whole = all(widths[u.name] == u.channels for u in units if u is not free)
         assert widths[free.name] == 1 or others_whole, speedup
         assert widths[free.name] < free.channels
@@ -80,7 +80,7 @@ def test_free_channels_go_first(vgg):
 def test_unreachable_target_is_refused_before_any_measurement(vgg):
     graph, flop_model, units = vgg
 
-    def measure():
+    def measure(narrowest):
         raise AssertionError("curves measured for an impossible target")
 
     with pytest.raises(ChanpruneError, match="out of reach"):

@@ -242,7 +242,7 @@ class Calibration:
                     sensitivity = self._sensitivity(probe, readers, clean, noise, i)
                 yield Unpruned(self._reduced(result), sensitivity)
                 if i + 1 < len(reader_sets):
-                    probe.advance(min(probe.index[_call_node(probe.gm, r.name)] for r in reader_sets[i + 1]))
+                    probe.advance(self.reader_position(reader_sets[i + 1], probe))
         finally:
             for batch in range(self.work.batches):
                 self.store.drop(batch, probe.slot)
@@ -305,8 +305,10 @@ class Calibration:
         """Move the working frontier to node ``position`` (the next unit's first reader)."""
         self.work.advance(position)
 
-    def reader_position(self, readers: list[Reader]) -> int:
-        return min(self.work.index[_call_node(self.work.gm, r.name)] for r in readers)
+    def reader_position(self, readers: list[Reader], frontier: Frontier | None = None) -> int:
+        """Index of the first call of any of ``readers`` in ``frontier``'s nodes (default: the working model's)."""
+        frontier = frontier or self.work
+        return min(frontier.index[_call_node(frontier.gm, r.name)] for r in readers)
 
 
 @dataclass
@@ -376,5 +378,5 @@ def unpruned_moments(graph: ChannelGraph, data: Iterable, batch_size: int, sampl
     calibration = Calibration(graph, copy.deepcopy(graph.gm).to(store.device),
                               copy.deepcopy(graph.gm).to(store.device), data, batch_size, sampling, readers, store,
                               in_channels)
-    return [{k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in found.items()}
-            for found in (u.moments for u in calibration.unpruned(reader_sets))]
+    return [{k: (a.to("cpu"), b.to("cpu")) for k, (a, b) in found.moments.items()}
+            for found in calibration.unpruned(reader_sets)]
