@@ -6,13 +6,18 @@ from whichever of the two has the higher validation accuracy. Arms:
   plain chains (VGG)   the paper's Table 1: lasso, max_response, first_k at each speed-up, and
                        the lasso widths trained from scratch (one number: after training)
   residual nets        the paper's residual variants (plain / enhanced) and joint trunk pruning
-  every model          Torch-Pruning criteria at FLOPs matched to chanprune's speed-ups
+  every model          chanprune's default recipe with its data-driven (global) widths, next to
+                       the same recipe with uniform widths and with the paper's preset widths;
+                       Torch-Pruning criteria at FLOPs matched to chanprune's speed-ups
 The calibration seed also seeds fine-tuning, so seeds give independent repeats of everything.
+Each finished row is appended to the job's rows file at once, and a rerun skips the rows the file
+already holds, so a run that stops continues where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 import warnings
@@ -27,7 +32,7 @@ from benchmarks.peers import CRITERIA, tp_prune
 from benchmarks.residual import VARIANTS
 from chanprune.io.checkpoint import save_model
 from chanprune.data import calibration_indices, mnist_split
-from chanprune.errors import SparseSamplesWarning
+from chanprune.errors import ChanpruneError, SparseSamplesWarning
 from chanprune.evaluate import accuracy, logit_rel_error, predict
 from chanprune.finetune import FINETUNE_DEFAULTS, finetune, reestimate_batchnorm, train_from_scratch
 from chanprune.flops import count_flops
@@ -39,6 +44,8 @@ from chanprune.train import TrainConfig
 DEFAULT_ARM = "default"  # chanprune's default recipe, next to the paper's rows
 TABLE1_METHODS = (DEFAULT_ARM, "lasso", "max_response", "first_k")
 RESIDUAL_ARMS = ("plain", "enhanced", "joint", DEFAULT_ARM)
+ALLOCATION_ARMS = {"uniform": "uniform", "preset": None, DEFAULT_ARM: "global"}  # arm -> allocation (None: the model's preset)
+PRESET = {"vgg16-mnist": "vgg-paper"}  # the paper's preset widths of each model; resnet-paper for the others
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class Budget:
     calib_images: int = 500
     samples_per_image: int = 10
     table1_speedups: tuple[float, ...] = (2.0, 4.0, 5.0)
+    allocation_speedups: tuple[float, ...] = (2.0, 4.0, 5.0)
     residual_speedups: tuple[float, ...] = (2.0,)
     peer_speedups: tuple[float, ...] = (2.0, 4.0)
     criteria: tuple[str, ...] = CRITERIA
@@ -62,11 +70,14 @@ class Budget:
         return dict(self.ft_epochs).get(model, self.ft_epochs_default)
 
 
-def arm_options(arm: str, budget: Budget) -> dict[str, Any]:
-    """The prune() options of a chanprune arm: the default recipe as it is, or the paper's recipe
-    with the budget's ridge and positions per image and a Table 1 method or a residual variant (lasso)."""
+def arm_options(arm: str, budget: Budget, model: str = "") -> dict[str, Any]:
+    """The prune() options of a chanprune arm: the default recipe as it is or with other widths
+    (``uniform``, ``preset``: ``model``'s preset), or the paper's recipe with the budget's ridge and
+    positions per image and a Table 1 method or a residual variant (lasso)."""
     if arm == DEFAULT_ARM:
         return {"recipe": "default"}
+    if arm in ALLOCATION_ARMS:
+        return {"recipe": "default", "allocation": ALLOCATION_ARMS[arm] or PRESET.get(model, "resnet-paper")}
     paper = {"recipe": "paper", "ridge": budget.ridge, "samples_per_image": budget.samples_per_image}
     return {**paper, "method": "lasso", **VARIANTS[arm]} if arm in VARIANTS else {**paper, "method": arm}
 
@@ -79,8 +90,11 @@ def chanprune_arm(residual: bool) -> str:
 class Job:
     """The arms of one (model, seed): shared data and the recording of each arm."""
 
-    def __init__(self, model_name: str, seed: int, budget: Budget, models_dir: Path | None):
+    def __init__(self, model_name: str, seed: int, budget: Budget, models_dir: Path | None, rows_file: Path):
         self.name, self.seed, self.budget, self.models_dir = model_name, seed, budget, models_dir
+        self.rows_file = rows_file
+        self.rows: list[dict[str, Any]] = ([json.loads(line) for line in rows_file.read_text().splitlines()]
+                                           if rows_file.exists() else [])
         self.model = create_model(model_name)
         self.train, self.val, self.test = mnist_split("train"), mnist_split("val"), mnist_split("test")
         idx = calibration_indices(len(self.train.images), budget.calib_images, seed)
@@ -91,7 +105,17 @@ class Job:
         self.shape = (1, *self.images.shape[1:])
         self.flops0 = count_flops(self.model, self.shape)
         self.base = self.scores(self.model)
-        self.rows: list[dict[str, Any]] = []
+
+    def done(self, arm: str, speedup: float) -> bool:
+        """Whether the rows file already holds this arm's row."""
+        return any(r["arm"] == arm and r["speedup"] == speedup for r in self.rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Keep ``row`` and append it to the rows file (one JSON line), then log it."""
+        self.rows.append(row)
+        with self.rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.log(row)
 
     def scores(self, net: nn.Module) -> dict[str, float]:
         logits = predict(net, self.test.images)
@@ -111,26 +135,39 @@ class Job:
         chosen = finetune(tuned, self.train, self.val, replace(FINETUNE_DEFAULTS, epochs=epochs, lr=self.budget.ft_lr,
                                                                 seed=self.seed), progress=False)
         row["ft"] = {**self.scores(tuned), "epochs": epochs, "lr": chosen["lr"], "best_epoch": chosen["best_epoch"]}
-        self.rows.append(row)
-        self.log(row)
         if self.models_dir is not None and family != "torch-pruning":
             self.models_dir.mkdir(parents=True, exist_ok=True)
             save_model(net, self.models_dir / f"{self.name}-{arm}-{speedup:g}x.safetensors")
+        self.append(row)
 
     def log(self, row: dict[str, Any]) -> None:
-        stages = ", ".join(f"{stage} {100 * row[stage]['test_acc']:.2f}%" for stage in ("as_is", "bn", "ft")
-                           if row[stage] is not None)
-        print(f"{self.name} seed {self.seed} {row['arm']} {row['speedup']:g}x ({row['achieved']:.2f}x): {stages}",
+        stages = row.get("refused") or ", ".join(f"{stage} {100 * row[stage]['test_acc']:.2f}%"
+                                                 for stage in ("as_is", "bn", "ft") if row[stage] is not None)
+        print(f"{self.name} seed {self.seed} {row['arm']} {row['speedup']:g}x ({row.get('achieved', 0):.2f}x): {stages}",
               file=sys.stderr, flush=True)
 
-    def chanprune(self, arm: str, speedup: float, **options: Any) -> nn.Module:
+    def chanprune(self, arm: str, speedup: float, needed: bool = False) -> nn.Module | None:
+        """Prune and record one arm, unless its row exists; returns the pruned model (None when
+        the row exists and the model is not ``needed``, or the arm's widths are refused)."""
+        if self.done(arm, speedup) and not needed:
+            return None
         start = time.perf_counter()
-        net, _ = prune(self.model, self.images, speedup, seed=self.seed, progress=False, **options)
-        self.record(arm, "chanprune", speedup, net, time.perf_counter() - start)
+        try:
+            net, _ = prune(self.model, self.images, speedup, seed=self.seed, progress=False,
+                           **arm_options(arm, self.budget, self.name))
+        except ChanpruneError as err:  # a preset that cannot reach the speed-up at this rounding
+            if not self.done(arm, speedup):
+                self.append({"model": self.name, "seed": self.seed, "arm": arm, "family": "chanprune",
+                             "speedup": speedup, "refused": str(err)})
+            return None
+        if not self.done(arm, speedup):
+            self.record(arm, "chanprune", speedup, net, time.perf_counter() - start)
         return net
 
     def scratch(self, speedup: float, architecture: nn.Module) -> None:
         """The from-scratch baseline: the same widths, random weights, the original recipe shortened."""
+        if self.done("scratch", speedup):
+            return
         start = time.perf_counter()
         config = TrainConfig(epochs=self.budget.scratch_epochs, lr=self.budget.scratch_lr,
                              warmup_epochs=min(2, self.budget.scratch_epochs // 5), seed=self.seed)
@@ -138,10 +175,11 @@ class Job:
         row = {"model": self.name, "seed": self.seed, "arm": "scratch", "family": "scratch", "speedup": speedup,
                "achieved": self.flops0 / count_flops(net, self.shape), "seconds": time.perf_counter() - start,
                "base": self.base, "as_is": None, "bn": None, "ft": {**self.scores(net), "epochs": config.epochs}}
-        self.rows.append(row)
-        self.log(row)
+        self.append(row)
 
     def peer(self, criterion: str, speedup: float) -> None:
+        if self.done(f"tp-{criterion}", speedup):
+            return
         start = time.perf_counter()
         n_grad = min(256, len(self.images))
         net, _ = tp_prune(self.model, criterion, speedup, self.images[:n_grad], self.labels[:n_grad])
@@ -151,24 +189,27 @@ class Job:
         b = self.budget
         if self.residual:
             for speedup in sorted({*b.residual_speedups, *b.peer_speedups}):
-                arms = RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint", DEFAULT_ARM)
-                for arm in arms:
-                    self.chanprune(arm, speedup, **arm_options(arm, b))
+                for arm in RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint",):
+                    self.chanprune(arm, speedup)
         else:
-            for speedup in sorted({*b.table1_speedups, *b.peer_speedups}):
-                methods = TABLE1_METHODS if speedup in b.table1_speedups else ("lasso", DEFAULT_ARM)
-                for method in methods:
-                    net = self.chanprune(method, speedup, **arm_options(method, b))
-                    if method == "lasso" and speedup in b.table1_speedups:
+            for speedup in b.table1_speedups:
+                for method in TABLE1_METHODS:
+                    scratch = method == "lasso" and not self.done("scratch", speedup)
+                    net = self.chanprune(method, speedup, needed=scratch)
+                    if scratch:
                         self.scratch(speedup, net)
+        for speedup in sorted({*b.allocation_speedups, *b.peer_speedups}):
+            for arm in ALLOCATION_ARMS:
+                self.chanprune(arm, speedup)
         for speedup in b.peer_speedups:
             for criterion in b.criteria:
                 self.peer(criterion, speedup)
         return self.rows
 
 
-def run_job(model_name: str, seed: int, budget: Budget, models_dir: str | None, threads: int) -> list[dict]:
-    """Entry point of a worker process: all arms of one (model, seed)."""
+def run_job(model_name: str, seed: int, budget: Budget, models_dir: str | None, rows_file: str,
+            threads: int) -> list[dict]:
+    """Entry point of a worker process: all arms of one (model, seed), continuing ``rows_file``."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore", SparseSamplesWarning)
-    return Job(model_name, seed, budget, Path(models_dir) if models_dir else None).run()
+    return Job(model_name, seed, budget, Path(models_dir) if models_dir else None, Path(rows_file)).run()

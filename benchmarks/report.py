@@ -17,11 +17,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.accuracy import RESIDUAL_ARMS, TABLE1_METHODS, chanprune_arm  # noqa: E402
+from benchmarks.accuracy import ALLOCATION_ARMS, PRESET, RESIDUAL_ARMS, TABLE1_METHODS, chanprune_arm  # noqa: E402
 from benchmarks.latency import table as latency_table  # noqa: E402
 from benchmarks.summary import mean_sd  # noqa: E402
 
 STAGES = {"as_is": "as is", "bn": "BN re-estimated", "ft": "fine-tuned"}
+ALLOCATION_LABELS = {"uniform": "uniform", "preset": "preset", "default": "global"}
 LABELS = {"default": "chanprune default recipe", "lasso": "lasso (chanprune, the paper)", "max_response": "max response (filter pruning, Li et al.)",
           "first_k": "first k", "scratch": "trained from scratch", "plain": "plain (paper, trunk kept)",
           "enhanced": "enhanced (paper: residual correction + sampling)", "joint": "joint trunk (chanprune)",
@@ -78,6 +79,25 @@ def stage_table(arms: list[dict], arm_names: tuple[str, ...], speedups: set[floa
     return "\n".join(lines)
 
 
+def allocation_table(arms: list[dict], refused: list[dict]) -> str:
+    """The default recipe with global, uniform and preset widths: test logit error and accuracy
+    as is, and accuracy fine-tuned, per (model, speed-up)."""
+    head = " | ".join(f"{ALLOCATION_LABELS[a]} {what}" for a in ALLOCATION_ARMS for what in ("logit error", "acc.", "FT acc."))
+    lines = [f"| model | speed-up | {head} |", "|---|---|" + "---|" * 3 * len(ALLOCATION_ARMS)]
+    for model in dict.fromkeys(r["model"] for r in arms):
+        for s in sorted({r["speedup"] for r in select(arms, model=model, arm="uniform")}):
+            cells = []
+            for arm in ALLOCATION_ARMS:
+                sel = select(arms, model=model, arm=arm, speedup=s)
+                if not sel:
+                    cells += ["refused" if select(refused, model=model, arm=arm, speedup=s) else "–"] * 3
+                    continue
+                cells += [mean_sd([r["as_is"]["logit_err"] for r in sel], ".4f"), mean_sd(accs(sel, "as_is")),
+                          mean_sd(accs(sel, "ft"))]
+            lines.append(f"| {model} ({base_acc(arms, model):.1f}) | {s:g}× | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def peer_arms(arms: list[dict]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(r["arm"] for r in arms if r["family"] == "torch-pruning"))
 
@@ -96,6 +116,22 @@ def target_checks(arms: list[dict], latency_rows: dict[str, list[dict]]) -> list
             lines.append(f"- {model} {s:g}×: chanprune fine-tuned {ft:.2f} vs best Torch-Pruning ({best}) fine-tuned "
                          f"{theirs:.2f}: {'met' if ft >= theirs else 'NOT met'}; chanprune without fine-tuning "
                          f"{as_is:.2f}: {'met' if as_is >= theirs else 'NOT met'}")
+    for model in dict.fromkeys(r["model"] for r in arms):
+        for s in (4.0, 5.0):
+            logit = {a: [r["as_is"]["logit_err"] for r in select(arms, model=model, arm=a, speedup=s)]
+                     for a in ALLOCATION_ARMS}
+            if not logit["default"]:
+                continue
+            others = {a: statistics.mean(v) for a, v in logit.items() if a != "default" and v}
+            mine = statistics.mean(logit["default"])
+            versus = ", ".join(f"{a} {v:.4f}" for a, v in others.items())
+            lines.append(f"- {model} {s:g}×: global widths' test logit error {mine:.4f} vs {versus}: "
+                         f"{'met' if all(mine < v for v in others.values()) else 'NOT met'}")
+    tuned = [r for r in arms if r["as_is"] is not None]
+    kept = [r for r in tuned if r["ft"]["val_acc"] >= r[r["ft_start"]]["val_acc"]]
+    if tuned:
+        lines.append(f"- fine-tuned ≥ not fine-tuned on validation: {len(kept)} of {len(tuned)} rows: "
+                     f"{'met' if len(kept) == len(tuned) else 'NOT met'}")
     ours = chanprune_arm(False)
     vgg4 = select(arms, model="vgg16-mnist", arm=ours, speedup=4.0)
     if vgg4:
@@ -188,7 +224,9 @@ def load(path: Path) -> Any:
 def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[str, float]) -> str:
     """Write ``report.md`` and the PNGs into ``out_dir``; returns the report body for the README
     (images linked by their path from the repository root)."""
-    arms = load(out_dir / "accuracy.json") or []
+    rows = load(out_dir / "accuracy.json") or []
+    arms = [r for r in rows if "refused" not in r]
+    refused = [r for r in rows if "refused" in r]
     curves = load(out_dir / "single_layer.json") or []
     latency_rows = load(out_dir / "latency.json") or {}
     img = "IMAGES"  # image links: bare names in report.md, repository paths in the README
@@ -198,7 +236,8 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
              + ", ".join(f"{k} {v:.0f} min" for k, v in minutes.items()) + ".",
              f"Calibration: {b.calib_images} training images × {b.samples_per_image} positions, seeds "
              f"{', '.join(map(str, sorted({r['seed'] for r in arms})))} (each seed also seeds fine-tuning). "
-             f"chanprune: `lasso`, uniform widths, ridge `{b.ridge}`. "
+             "chanprune's default rows: `recipe=\"default\"` as it ships (its own positions per image and "
+             f"ridge); the paper's rows: `recipe=\"paper\"` with ridge `{b.ridge}`. "
              f"Fine-tuning (every method alike): SGD, lr {b.ft_lr}, cosine, epochs per model: {epochs}; it starts "
              "from the model as is or with BN re-estimated, whichever has the higher validation accuracy. "
              f"From scratch: {b.scratch_epochs} epochs, lr {b.scratch_lr}. Accuracy: test split (1000 images), "
@@ -215,7 +254,12 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
     if arms:
         ours = [r for r in arms if r["family"] == "chanprune" and r["arm"] == chanprune_arm(r["model"] not in vgg)]
         peers = [r for r in arms if r["family"] == "torch-pruning"]
-        parts += ["#### Torch-Pruning at equal FLOPs (same models, calibration images and fine-tuning)",
+        presets = ", ".join(f"{v} for {k}" for k, v in PRESET.items())
+        parts += ["#### Width allocations: the default recipe with global, uniform and preset widths",
+                  f"Test logit error against the unpruned model and test accuracy without fine-tuning, and "
+                  f"accuracy fine-tuned; preset: {presets}, resnet-paper for the others; 'refused': the preset "
+                  "cannot reach the speed-up in blocks of 8 channels.", allocation_table(arms, refused),
+                  "#### Torch-Pruning at equal FLOPs (same models, calibration images and fine-tuning)",
                   stage_table(ours + peers, (chanprune_arm(False), *peer_arms(arms)), set(b.peer_speedups))]
     if curves:
         for key in CURVE_KEYS:

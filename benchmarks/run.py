@@ -5,6 +5,10 @@
     python -m benchmarks.run --update-readme  # also rewrite the README's suite block
     python -m benchmarks.run --sections curves,latency  # rerun parts; the report is rebuilt from all results
 
+The accuracy jobs append each finished row to ``OUT_DIR/rows/MODEL-seedN.jsonl``; a run that stops
+continues where it stopped when started again, and ``accuracy.json`` (what the report reads) is only
+written once every job has finished. ``--restart`` deletes the rows first (after a code change).
+
 Accuracy jobs (one per model and calibration seed) and the single-layer curves run in parallel
 worker processes (one thread each); latency runs afterwards, alone, at the machine's thread count,
 on the seed-0 models the jobs saved. Writes ``report.md``, JSON and PNGs to ``--out-dir``.
@@ -18,6 +22,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import time
@@ -56,10 +61,11 @@ class Size:
     latency_repeats: int = 30
 
 
-FULL = Size(models=("vgg16-mnist", "resnet56-mnist", "resnet50-mnist", "xception50-mnist"), seeds=(0, 1, 2),
-            budget=Budget())
+FULL = Size(models=("vgg16-mnist", "resnet20-mnist", "resnet56-mnist", "resnet50-mnist", "xception50-mnist"),
+            seeds=(0, 1, 2), budget=Budget())
 QUICK = Size(models=("vgg16-mnist", "resnet20-mnist"), seeds=(0,),
-             budget=Budget(calib_images=200, samples_per_image=5, table1_speedups=(2.0, 4.0), peer_speedups=(4.0,),
+             budget=Budget(calib_images=200, samples_per_image=5, table1_speedups=(2.0, 4.0),
+                           allocation_speedups=(4.0,), peer_speedups=(4.0,),
                            criteria=("l1", "taylor"), ft_epochs=(), ft_epochs_default=1, scratch_epochs=1),
              curve_speedups=(2.0, 4.0), curve_methods=("lasso", "first_k"), latency_repeats=5)
 
@@ -77,9 +83,13 @@ def run_curves(size: Size, threads: int) -> list[dict]:
 def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str]) -> tuple[list[dict], list[dict]]:
     """Accuracy jobs and/or the curves, in ``workers`` processes; returns (arm rows, curve rows)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(run_job, (m, s, size.budget, str(out_dir / "models") if s == size.seeds[0] else None, threads))
-            for m in size.models for s in size.seeds] if "accuracy" in sections else []
-    jobs.sort(key=lambda job: job[1][0] == "vgg16-mnist")  # the longest (residual) jobs first
+    rows_dir = out_dir / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    # seed by seed (a stopped run leaves whole seeds), the longest (residual) jobs first within a seed
+    jobs = [(run_job, (m, s, size.budget, str(out_dir / "models") if s == size.seeds[0] else None,
+                       str(rows_dir / f"{m}-seed{s}.jsonl"), threads))
+            for s in size.seeds for m in sorted(size.models, key=lambda m: m == "vgg16-mnist")
+            ] if "accuracy" in sections else []
     if "curves" in sections:
         jobs.append((run_curves, (size, threads)))
     arms: list[dict] = []
@@ -158,6 +168,7 @@ def main() -> None:
                         help="any of accuracy,curves,latency; '' rewrites the report from the saved results")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--restart", action="store_true", help="discard the saved rows of earlier accuracy runs")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the worker pool is terminated with the run instead of orphaned
@@ -173,17 +184,22 @@ def main() -> None:
     require_torch_pruning()
     out_dir = args.out_dir or Path("benchmarks/results/suite-quick" if args.quick else "benchmarks/results/suite")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.restart:
+        shutil.rmtree(out_dir / "rows", ignore_errors=True)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     minutes_file = out_dir / "minutes.json"
     minutes = json.loads(minutes_file.read_text()) if minutes_file.exists() else {}
     started = time.perf_counter()
     if sections & {"accuracy", "curves"}:
+        resumed = "accuracy" in sections and any((out_dir / "rows").glob("*.jsonl"))
         arms, curves = run_parallel(size, out_dir, args.workers, sections)
         if "accuracy" in sections:
             (out_dir / "accuracy.json").write_text(json.dumps(arms, indent=1))
         if curves:
             (out_dir / "single_layer.json").write_text(json.dumps(curves, indent=1))
-        minutes[" and ".join(sorted(sections & {"accuracy", "curves"}))] = (time.perf_counter() - started) / 60
+        label = " and ".join(sorted(sections & {"accuracy", "curves"}))
+        # a resumed run adds its minutes to those of the runs it continues
+        minutes[label] = minutes.get(label, 0.0) * resumed + (time.perf_counter() - started) / 60
     if "latency" in sections:
         started = time.perf_counter()
         (out_dir / "latency.json").write_text(json.dumps(run_latency(size, out_dir), indent=1))

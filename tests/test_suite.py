@@ -15,11 +15,17 @@ pytest.importorskip("torch_pruning")
 @pytest.mark.slow
 def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
     out = tmp_path / "suite"
-    subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--models", "resnet20-mnist",
-                    "--sections", "accuracy,latency", "--workers", "1", "--out-dir", str(out)],
-                   check=True, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--models", "resnet20-mnist", "--workers", "1",
+               "--out-dir", str(out), "--sections"]
+    subprocess.run([*command, "accuracy,latency"], check=True, cwd=Path(__file__).parents[1], capture_output=True,
+                   text=True)
     arms = json.loads((out / "accuracy.json").read_text())
-    assert {r["arm"] for r in arms} == {"plain", "enhanced", "joint", "default", "tp-l1", "tp-taylor"}
+    rerun = subprocess.run([*command, "accuracy"], check=True, cwd=Path(__file__).parents[1], capture_output=True,
+                           text=True)
+    assert " 4x " not in rerun.stderr  # every row was already saved: nothing is pruned again
+    assert json.loads((out / "accuracy.json").read_text()) == arms
+    assert {r["arm"] for r in arms} == {"plain", "enhanced", "joint", "default", "uniform", "preset",
+                                             "tp-l1", "tp-taylor"}
     for r in arms:
         assert abs(r["achieved"] / r["speedup"] - 1) <= 0.03
         assert r["ft"]["epochs"] == 1 and 0.0 <= r["ft"]["test_acc"] <= 1.0
@@ -34,6 +40,7 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
     assert latency[1]["selects"] > 0 and 0 < latency[1]["onnx_select_share"] < 0.5
     assert all(0.5 < r["test_acc"] <= 1 for r in latency)
     report = (out / "report.md").read_text()
-    for heading in ("Residual analog", "Torch-Pruning at equal FLOPs", "Latency", "Targets"):
+    assert len((out / "rows" / "resnet20-mnist-seed0.jsonl").read_text().splitlines()) == len(arms)
+    for heading in ("Residual analog", "Width allocations", "Torch-Pruning at equal FLOPs", "Latency", "Targets"):
         assert heading in report
     assert (out / "latency.png").stat().st_size > 0
