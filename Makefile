@@ -11,7 +11,7 @@ setup: $(STAMP)
 # unpinned install would pull several GB of CUDA packages.
 # torchvision and timm (the generality tests) go in with --no-deps for the same reason: their
 # declared torch requirement would replace the CPU build. torchvision's compiled operators then do
-# not load; benchmarks/vision_setup.py works around that (see docs/generality.md).
+# not load; chanprune/io/libraries.py works around that (see docs/generality.md).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0

@@ -11,8 +11,8 @@ process with a time limit, so one hang or memory blow-up does not end the sweep.
     python -m benchmarks.generality --list                                  # the model list
 
 Writes ``benchmarks/results/generality.json`` and ``.md`` and, with ``--docs docs/generality.md``,
-replaces the results table in that page. torchvision and timm are imported through
-``benchmarks/vision_setup.py`` (the operator-schema workaround for the CUDA torchvision wheel).
+replaces the results table in that page. torchvision and timm are imported as chanprune imports
+them (``chanprune.io.libraries``, with the operator-schema workaround for the CUDA torchvision wheel).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.vision_setup import import_vision
+from chanprune.errors import ChanpruneError
+from chanprune.io.libraries import import_library
 
 # Transformer families: out of scope (the issue covers CNNs).
 TORCHVISION_EXCLUDED = ("vit_", "swin_", "maxvit_")
@@ -70,14 +71,15 @@ UNPRUNED = re.compile(r"channels of (?P<layer>\S+) stay unpruned: (?P<reason>.*)
 
 def torchvision_models() -> list[str]:
     """Every torchvision classification constructor except the transformer families."""
-    torchvision, _ = import_vision(need_timm=False)
+    torchvision = import_library("torchvision")
     names = torchvision.models.list_models(module=torchvision.models)
     return [f"torchvision:{n}" for n in names if not n.startswith(TORCHVISION_EXCLUDED)]
 
 
 def timm_models() -> list[str]:
-    _, timm = import_vision()
-    if timm is None:
+    try:
+        timm = import_library("timm")
+    except ChanpruneError:  # timm not installed: the sweep covers torchvision alone
         return []
     return [f"timm:{n}" for n in TIMM_MODELS if timm.is_model(n)]
 
@@ -134,8 +136,8 @@ def run_one(spec: str, size: int, n_images: int, samples_per_image: int, speedup
             options: dict[str, Any], seed: int) -> dict[str, Any]:
     """Build, prune and check one model (in the calling process)."""
     torch.set_num_threads(1)
-    import_vision()
-    from chanprune import ChanpruneError, prune
+    import_library("torchvision")
+    from chanprune import prune
     from chanprune.experiment import constructor_model
 
     row: dict[str, Any] = {"model": spec, "target": speedup, "supported": False, "status": "error"}

@@ -200,11 +200,9 @@ class ModelItem:
 
     def measure(self) -> Entry:
         if self.model.startswith("torchvision:"):
-            from benchmarks.vision_setup import import_vision
             from chanprune.experiment import constructor_model
             from chanprune.finetune import reestimate_batchnorm
 
-            import_vision(need_timm=False)
             torch.manual_seed(self.seed)
             model = constructor_model(self.model, (VISION_SIZE, VISION_SIZE))
             reestimate_batchnorm(model, photo_crops(self.bn_images, VISION_SIZE, 2 * self.seed), FORWARD_BATCH)

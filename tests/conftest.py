@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
+from chanprune.errors import ChanpruneError
 from chanprune.graph import build_graph
+from chanprune.io.libraries import import_library
 from chanprune.config import PruneConfig
 from chanprune.engine.calibration import Calibration, Sampling
 from chanprune.engine.store import BatchStore
@@ -62,6 +65,27 @@ class OddCNN(nn.Sequential):
 
 
 ODD_SHAPE = (3, 9, 10)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm never reaches for the network in tests
+
+
+def vision_libraries() -> tuple[object, object | None]:
+    """(torchvision, timm or None) imported as chanprune imports them; skips where torchvision is
+    not installed (``make test`` installs it, so CI never skips)."""
+    try:
+        torchvision = import_library("torchvision")
+    except ChanpruneError as err:
+        if "not installed" in str(err):
+            pytest.skip(str(err))
+        raise
+    try:
+        timm = import_library("timm")
+    except ChanpruneError as err:
+        if "not installed" not in str(err):
+            raise
+        timm = None
+    return torchvision, timm
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:

@@ -51,7 +51,7 @@ from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef
 from chanprune.units import pruning_units
 
-from conftest import make_tiny, random_images, randomise
+from conftest import make_tiny, random_images, randomise, vision_libraries
 
 pytestmark = pytest.mark.generality
 
@@ -90,12 +90,7 @@ IDS = [c[0] for c in CASES]
 
 @pytest.fixture(scope="module")
 def libraries():
-    setup = pytest.importorskip("benchmarks.vision_setup")
-    try:
-        torchvision, timm = setup.import_vision()
-    except ImportError as err:
-        pytest.skip(str(err))
-    return torchvision, timm
+    return vision_libraries()
 
 
 def images(size: int, n: int = N_IMAGES, seed: int = 1) -> torch.Tensor:

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 
-from chanprune.io import references
+from chanprune.io import libraries, references
 from chanprune.io.checkpoint import load_model, save_model
 from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef, build_architecture, parse_constructor
 from chanprune.io.state_file import load_state_file
 from chanprune.errors import ChanpruneError
+from chanprune.flops import count_flops
 from chanprune.experiment import calibration_images, constructor_model, load_model_spec
 
-from conftest import randomise
+from conftest import randomise, vision_libraries
 
 
 def vision():
-    """torchvision (and timm, or None) with the test set-up's operator workaround; skip without them."""
-    setup = pytest.importorskip("benchmarks.vision_setup")
-    try:
-        return setup.import_vision()
-    except ImportError as err:
-        pytest.skip(str(err))
+    """torchvision (and timm, or None); skip without them."""
+    return vision_libraries()
 
 
 # ---------------------------------------------------------------- parsing (no torchvision needed)
@@ -70,14 +71,14 @@ def test_library_that_fails_to_import(monkeypatch):
     def broken(name, *args, **kwargs):
         raise RuntimeError("operator torchvision::nms does not exist")
 
-    monkeypatch.setattr(references.importlib, "import_module", broken)
+    monkeypatch.setattr(libraries.importlib, "import_module", broken)
     with pytest.raises(ChanpruneError) as info:
         load_model_spec("torchvision:resnet18")
     message = str(info.value)
     assert "installed but cannot be imported" in message and "torchvision::nms" in message
-    assert "download.pytorch.org/whl/cpu" in message and "vision_setup" in message
-    with pytest.raises(ChanpruneError, match="torchvision build that matches"):
-        load_model_spec("timm:resnet18")  # timm imports torchvision: the same advice
+    assert "download.pytorch.org/whl/cpu" in message
+    with pytest.raises(ChanpruneError, match="timm build that matches"):
+        load_model_spec("timm:resnet18")
 
 
 # ---------------------------------------------------------------- building (torchvision installed)
@@ -148,6 +149,29 @@ def test_constructor_spec_with_calibration_tensor(tmp_path):
     torch.save(images, tmp_path / "calib.pt")
     loaded = load_model_spec("torchvision:squeezenet1_1")
     assert torch.equal(calibration_images(loaded, str(tmp_path / "calib.pt"), None, 0, None), images)
+
+
+def test_cli_prunes_a_library_model_in_a_fresh_interpreter(tmp_path):
+    """`chanprune prune --model torchvision:...` imports torchvision itself (next to the CPU torch,
+    the compiled-operator workaround lives in the library), with nothing imported beforehand."""
+    vision()
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    done = subprocess.run([sys.executable, "-m", "chanprune", "prune", "--model", "torchvision:resnet18",
+                           "--calib-data", str(folder), "--input-size", "32", "32", "--speedup", "2",
+                           "--out", str(tmp_path / "r18.safetensors"), "--report", str(tmp_path / "r18.json")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    pruned = load_model(tmp_path / "r18.safetensors")
+    assert provenance(pruned).arch == ArchRef("constructor", "torchvision:resnet18", {})
+    report = json.loads((tmp_path / "r18.json").read_text())
+    assert abs(report["speedup_achieved"] / 2 - 1) <= 0.02
+    assert count_flops(pruned, (1, 3, 32, 32)) < count_flops(constructor_model("torchvision:resnet18"), (1, 3, 32, 32))
 
 
 # ---------------------------------------------------------------- save / load round trips

@@ -29,7 +29,7 @@ from chanprune.io.checkpoint import FORMAT, load_model, save_model
 from chanprune.io.references import ArchRef, build_architecture
 from chanprune.models import create_model
 
-from conftest import TinyCNN, make_tiny
+from conftest import TinyCNN, make_tiny, vision_libraries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_bad_input_shape_in_header_is_refused(tmp_path, shape):
 
 
 def test_constructor_arguments_are_checked_against_the_signature():
-    pytest.importorskip("benchmarks.vision_setup").import_vision()
+    vision_libraries()
     with pytest.raises(ChanpruneError, match="takes no argument 'evil'"):
         build_architecture(ArchRef("constructor", "torchvision:resnet18", {"evil": 1}))
     with pytest.raises(ChanpruneError, match="may not be given pretrained"):

@@ -15,17 +15,12 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import ChanpruneError
+from .libraries import CONSTRUCTOR_SOURCES, import_library
 
 KINDS = ("bundled", "constructor", "class")
-CONSTRUCTOR_SOURCES = {
-    "torchvision": ("torchvision.models.list_models(module=torchvision.models)",
-                    "pip install torchvision --no-deps (next to a CPU torch; the extra 'chanprune[vision]')"),
-    "timm": ("timm.list_models()", "pip install timm huggingface_hub --no-deps (the extra 'chanprune[vision]')"),
-}
 # Constructor arguments that read weights from a path or the network: never taken from a file.
 LOADING_ARGUMENTS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
                                "checkpoint_path", "cache_dir", "progress"})
@@ -99,31 +94,6 @@ def parse_constructor(spec: str) -> tuple[str, str] | None:
         raise ChanpruneError(f"{spec!r}: expected {source}:NAME with a model name such as {source}:resnet50; "
                              f"list the names with {CONSTRUCTOR_SOURCES[source][0]}")
     return source, name
-
-
-def import_library(source: str) -> Any:
-    """``torchvision`` or ``timm`` (one of :data:`CONSTRUCTOR_SOURCES`), or a ChanpruneError saying what to install."""
-    if source not in CONSTRUCTOR_SOURCES:
-        raise ChanpruneError(f"{source!r} is not a model library chanprune builds from; use one of "
-                             f"{', '.join(CONSTRUCTOR_SOURCES)}")
-    try:
-        return importlib.import_module(source)
-    except ModuleNotFoundError as err:
-        if err.name not in (None, source):  # the library is there but one of its own imports is not
-            raise ChanpruneError(f"{source} is installed but cannot be imported: it needs {err.name!r} "
-                                 f"(pip install {err.name})") from err
-        raise ChanpruneError(f"{source}:NAME models need {source}, which is not installed; "
-                             f"{CONSTRUCTOR_SOURCES[source][1]}") from err
-    except Exception as err:  # e.g. torchvision's compiled operators not loading next to this torch
-        first = str(err).splitlines()[0] if str(err) else ""
-        fix = f"reinstall {source} for torch {torch.__version__}"
-        if "torchvision" in first:  # timm imports torchvision too
-            fix = (f"install the torchvision build that matches torch {torch.__version__}: a CUDA torchvision "
-                   "wheel next to a CPU torch fails like this, use the CPU wheel from "
-                   "https://download.pytorch.org/whl/cpu, or define the missing operator schemas before the "
-                   "import as benchmarks/vision_setup.py does (docs/generality.md)")
-        raise ChanpruneError(f"{source} is installed but cannot be imported ({type(err).__name__}: {first}); "
-                             f"{fix}") from err
 
 
 def constructor_names(source: str) -> list[str]:
