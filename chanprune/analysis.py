@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Unit
-from .data import Split
-from .evaluate import accuracy
+from .data import LabelledData
+from .evaluate import accuracy, model_device
+from .extras import require
 from .files import write_text_atomic
 from .graph import build_graph
 from .config import PruneConfig
@@ -31,7 +32,7 @@ from .units import first_in_channels
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
 
 
-def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedups: tuple[float, ...],
+def analyze_layers(model: nn.Module, images: torch.Tensor, split: LabelledData, speedups: tuple[float, ...],
                    methods: tuple[str, ...], samples_per_image: int | str | None = None, seed: int = 0,
                    progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
     """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
@@ -42,7 +43,8 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
     rows = []
     base = PruneConfig(samples_per_image=samples_per_image, seed=seed)
     sampling = Sampling(base.positions_per_image, seed, base.heldout_every)
-    with BatchStore(default_budget(torch.device("cpu")), torch.device("cpu")) as store:
+    device = model_device(model)
+    with BatchStore(default_budget(device), device) as store:
         # inputs come from the unpruned model: shared by every job of a group
         found = unpruned_moments(graph, images, base.batch_size, sampling, [g.readers for g in groups],
                                  store, first_in_channels(model))
@@ -64,9 +66,7 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: Split, speedup
 
 def write_analysis(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """Write rows as CSV and JSON and one PNG per layer; returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "plots").use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)

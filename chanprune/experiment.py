@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .io.checkpoint import load_model, load_pickled_module
 from .io.provenance import Provenance, attach, input_shape, provenance
-from .io.references import ArchRef, build_constructor, parse_constructor
-from .data import Split, calibration_subset, image_folder_loader, iterate_batches, load_calibration_file, mnist_split
+from .io.references import ArchRef, build_architecture, build_constructor, check_json_value, parse_constructor
+from .io.weights import load_weights
+from .data import (LabelledData, LabelledSplits, Split, calibration_indices, calibration_subset, image_folder_loader,
+                   iterate_batches, load_calibration_file, mnist_split, mnist_splits)
 from .errors import ChanpruneError
-from .evaluate import accuracy, logit_rel_error, predict
+from .evaluate import logit_rel_error, predict, predict_labelled, top_k
+from .folders import folder_splits, make_preprocess
 from .models import BUNDLED, BundledModel, create_model
 from .units import first_in_channels
+
+
+DEFAULT_CALIBRATION_IMAGES = 500
 
 
 @dataclass
@@ -68,36 +74,92 @@ def constructor_model(spec: str, input_size: tuple[int, int] | None = None, **kw
     return attach(model, Provenance(ArchRef("constructor", spec, kwargs), (), (in_chans, int(height), int(width))))
 
 
-def load_model_spec(spec: str, trust_checkpoint: bool = False,
-                    input_size: tuple[int, int] | None = None) -> LoadedModel:
-    """A bundled model name, a library constructor (``torchvision:resnet50``, ``timm:resnet50``; random
-    weights, ``input_size`` recorded as its input shape), a chanprune ``.safetensors`` file, or
-    (opted in) a pickled module."""
-    if spec in BUNDLED:
-        return LoadedModel(create_model(spec), BUNDLED[spec])
-    if parse_constructor(spec) is not None:
-        return LoadedModel(constructor_model(spec, input_size), None, spec)
+def load_model_spec(spec: str | None, trust_checkpoint: bool = False, input_size: tuple[int, int] | None = None,
+                    weights: str | Path | None = None, arch: str | None = None,
+                    arch_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """A bundled model name, a library constructor (``torchvision:resnet50``, ``timm:resnet50``),
+    a user class ``arch`` (``module:Class``, imported only with ``trust_checkpoint``), a chanprune
+    ``.safetensors`` file, or (opted in) a pickled module. ``weights`` (a state dict file) replaces
+    the random or bundled weights of the first three and is recorded in the model's provenance;
+    ``arch_kwargs`` go to a constructor or class; ``input_size`` is recorded as the input shape."""
+    kwargs = dict(arch_kwargs or {})
+    if arch is not None:
+        if spec is not None:
+            raise ChanpruneError("give --model or --arch, not both")
+        loaded = LoadedModel(class_model(arch, kwargs, trust_checkpoint, input_size), None)
+    elif spec is None:
+        raise ChanpruneError("give --model (a bundled name, torchvision:NAME, timm:NAME or a .safetensors file) "
+                             "or --arch module:Class")
+    elif spec in BUNDLED:
+        if kwargs:
+            raise ChanpruneError(f"--arch-kwargs do not apply to the bundled model {spec}")
+        loaded = LoadedModel(create_model(spec, pretrained=weights is None), BUNDLED[spec])
+    elif parse_constructor(spec) is not None:
+        loaded = LoadedModel(constructor_model(spec, input_size, **kwargs), None, spec)
+    else:
+        if weights is not None or kwargs:
+            raise ChanpruneError("--weights and --arch-kwargs build a model from an architecture (a bundled name, "
+                                 f"torchvision:NAME, timm:NAME or --arch); {spec!r} is a saved model already")
+        return _load_file(spec, trust_checkpoint)
+    if weights is not None:
+        record = provenance(loaded.model)
+        attach(loaded.model, replace(record, weights=load_weights(loaded.model, weights)))
+    return loaded
+
+
+def class_model(arch: str, kwargs: dict[str, Any], trust: bool, input_size: tuple[int, int] | None) -> nn.Module:
+    """A user's model class ``module:Class`` built with ``kwargs`` (JSON values), in eval mode."""
+    if ":" not in arch:
+        raise ChanpruneError(f"--arch {arch!r}: expected module:Class, e.g. mypackage.nets:MyNet")
+    if not trust:
+        raise ChanpruneError(f"--arch {arch} imports and runs that module's code; pass --trust-checkpoint if you "
+                             "trust it")
+    check_json_value(kwargs, "--arch-kwargs")
+    model = build_architecture(ArchRef("class", arch, kwargs), trust=True, where="--arch").eval()
+    in_chans = first_in_channels(model) or 3
+    shape = (in_chans, *input_size) if input_size else None
+    return attach(model, Provenance(ArchRef("class", arch, kwargs), (), shape))
+
+
+def _load_file(spec: str, trust_checkpoint: bool) -> LoadedModel:
     path = Path(spec)
     if not path.exists():
         raise ChanpruneError(f"{spec!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}), a constructor "
                              "(torchvision:NAME or timm:NAME) nor an existing file")
     if path.suffix == ".safetensors":
         model = load_model(path, trust=trust_checkpoint)
-        arch = provenance(model).arch
-        return LoadedModel(model, BUNDLED.get(arch.name) if arch.kind == "bundled" else None,
-                           arch.name if arch.kind == "constructor" else None)
+        record = provenance(model)
+        bundled = BUNDLED.get(record.arch.name) if record.arch.kind == "bundled" and record.weights is None else None
+        return LoadedModel(model, bundled, record.arch.name if record.arch.kind == "constructor" else None)
     if path.suffix in {".pt", ".pth"}:
         if not trust_checkpoint:
             raise ChanpruneError(f"{spec!r} is a pickled module and unpickling runs code; pass --trust-checkpoint "
-                                 "if you trust its source")
+                                 "if you trust its source (a state dict goes in --weights, with --model NAME)")
         return LoadedModel(load_pickled_module(path), None)
     raise ChanpruneError(f"{spec!r}: expected a .safetensors file from chanprune or a .pt/.pth pickled module")
 
 
+def labelled_splits(loaded: LoadedModel, data: str | None, val_dir: str | None = None, test_dir: str | None = None,
+                    preprocess: str = "imagenet", input_size: tuple[int, int] | None = None,
+                    seed: int = 0) -> LabelledSplits | None:
+    """The labelled data a command evaluates and trains on: the ImageFolder tree ``data`` (see
+    :mod:`chanprune.folders`), else a bundled model's own split, else None."""
+    if data is None:
+        if val_dir is not None or test_dir is not None:
+            raise ChanpruneError("--val-split and --test-split go with --data DIR (the training images)")
+        return mnist_splits() if loaded.entry is not None and loaded.entry.dataset == "mnist" else None
+    channels = (loaded.entry.in_chans if loaded.entry else _recorded_channels(loaded.model)) \
+        or first_in_channels(loaded.model) or 3
+    transform = make_preprocess(preprocess, loaded.model, input_size, channels)
+    return folder_splits(data, transform, channels, val_dir, test_dir, seed)
+
+
 def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: int | None, seed: int,
-                       input_size: tuple[int, int] | None) -> torch.Tensor | DataLoader:
+                       input_size: tuple[int, int] | None,
+                       splits: LabelledSplits | None = None) -> torch.Tensor | DataLoader:
     """Calibration images: from ``calib_data`` if given (a folder is streamed, file by file, as a
-    DataLoader), else the bundled model's train split."""
+    DataLoader), else a seeded sample of the training part of ``splits`` (its labels unused), else
+    the bundled model's train split."""
     if n_images is not None and n_images < 1:
         raise ChanpruneError(f"--calib-images must be at least 1, got {n_images}; give the number of images to "
                              "calibrate on (500 for bundled models)")
@@ -110,15 +172,20 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
             g = torch.Generator().manual_seed(seed)
             images = images[torch.randperm(len(images), generator=g)[:n_images].sort().values]
         return images
+    if splits is not None and not isinstance(splits.train, Split):
+        train = splits.train
+        count = min(n_images or DEFAULT_CALIBRATION_IMAGES, len(train))
+        chosen = calibration_indices(len(train), count, seed).tolist()
+        return DataLoader(Subset(train, chosen), batch_size=64)
     if loaded.entry is None and loaded.constructor is not None:
         shape = input_shape(loaded.model) or (3, 224, 224)
-        raise ChanpruneError(f"{loaded.constructor} has random weights and no data set; pass --calib-data (a folder "
-                             "of images or a .npy/.pt tensor of shape N,C,H,W) and --input-size H W to resize "
-                             f"the images of a folder (this model's usual input is {shape[1]}x{shape[2]})")
+        raise ChanpruneError(f"{loaded.constructor} has no data set of its own; pass --data DIR (labelled images in "
+                             "class subfolders) or --calib-data (a folder of images or a .npy/.pt tensor of shape "
+                             f"N,C,H,W) and --input-size H W (this model's usual input is {shape[1]}x{shape[2]})")
     if loaded.entry is None:
-        raise ChanpruneError("this model has no bundled data set; pass --calib-data (a folder of images or a "
-                             ".npy/.pt tensor of shape N,C,H,W)")
-    return calibration_subset(mnist_split("train"), n_images or 500, seed)
+        raise ChanpruneError("this model has no bundled data set; pass --data DIR (labelled images in class "
+                             "subfolders) or --calib-data (a folder of images or a .npy/.pt tensor of shape N,C,H,W)")
+    return calibration_subset(mnist_split("train"), n_images or DEFAULT_CALIBRATION_IMAGES, seed)
 
 
 def probe_images(data: torch.Tensor | DataLoader, limit: int = 256) -> torch.Tensor:
@@ -139,19 +206,15 @@ def _recorded_channels(model: nn.Module) -> int | None:
     return int(shape[0]) if shape else None
 
 
-def test_split(loaded: LoadedModel) -> Split | None:
-    """The held-back test split of a bundled model's data set (None for user models)."""
-    return mnist_split("test") if loaded.entry is not None and loaded.entry.dataset == "mnist" else None
-
-
-def compare(original: nn.Module, pruned: nn.Module, split: Split | None,
+def compare(original: nn.Module, pruned: nn.Module, split: LabelledData | None,
             images: torch.Tensor) -> dict[str, float | None]:
     """Accuracy before/after on ``split`` and relative logit error on its images (or on ``images``)."""
-    probe = split.images if split is not None else images
-    result: dict[str, float | None] = {
-        "logit_rel_error": logit_rel_error(predict(pruned, probe), predict(original, probe)),
-        "accuracy_before": None, "accuracy_after": None}
-    if split is not None:
-        result["accuracy_before"] = accuracy(original, split)
-        result["accuracy_after"] = accuracy(pruned, split)
+    result: dict[str, float | None] = {"accuracy_before": None, "accuracy_after": None}
+    if split is None:
+        result["logit_rel_error"] = logit_rel_error(predict(pruned, images), predict(original, images))
+        return result
+    before, labels = predict_labelled(original, split)
+    after, _ = predict_labelled(pruned, split)
+    result.update(logit_rel_error=logit_rel_error(after, before), accuracy_before=top_k(before, labels),
+                  accuracy_after=top_k(after, labels))
     return result

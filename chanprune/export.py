@@ -9,7 +9,6 @@ so a failed export never leaves a half-written or stale-named file behind.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import statistics
@@ -25,20 +24,12 @@ import torch
 from torch import nn
 
 from .errors import ChanpruneError
+from .extras import require
 from .files import write_atomically
 from .io.provenance import input_shape as recorded_input_shape
 
 INPUT_NAME = "input"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
-def _require(module: str, purpose: str) -> Any:
-    """Import ``module`` or say which package to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ChanpruneError(f"{purpose} needs the {module} package, which is not installed; "
-                             f"pip install {module}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -164,9 +155,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] |
     (needs onnxscript and opset 18 or newer; it merges selects of the same channels of the same
     tensor). The file is validated with ``onnx.checker`` before it is moved into place.
     """
-    onnx = _require("onnx", "ONNX export")
+    onnx = require("onnx", "export")
     if dynamo:
-        _require("onnxscript", "the dynamo ONNX exporter")
+        require("onnxscript", "onnx-dynamo")
         if opset < 18:
             raise ChanpruneError(f"the dynamo ONNX exporter writes opset 18 or newer, not {opset}; "
                                  "pass opset=18 or use the default exporter (dynamo=False)")
@@ -194,7 +185,7 @@ def channel_gathers(graph: Any) -> list[Any]:
 
 
 def _session(path: str | Path, threads: int = 1, profile_prefix: str | None = None) -> Any:
-    ort = _require("onnxruntime", "running ONNX files")
+    ort = require("onnxruntime", "export")
     if not Path(path).is_file():
         raise ChanpruneError(f"ONNX file {str(path)!r} does not exist; write it with export_onnx")
     opts = ort.SessionOptions()
@@ -242,7 +233,7 @@ def check_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] | 
     Returns ``{"max_abs_diff", "max_abs_ref", "ok", "gather_nodes", "nodes", "batch_size"}``;
     ``gather_nodes`` counts the Gathers on the channel axis (the channel selects).
     """
-    onnx = _require("onnx", "checking ONNX files")
+    onnx = require("onnx", "export")
     session = _session(path)
     graph = onnx.load(str(path), load_external_data=False).graph
     shape = resolve_input_shape(model, input_shape)

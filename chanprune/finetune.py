@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .data import Split
+from .data import LabelledData, first_images
 from .train import TrainConfig, train
 
 FINETUNE_DEFAULTS = TrainConfig(epochs=2, lr=0.01, warmup_epochs=0)
@@ -21,7 +21,7 @@ LR_GRID = (1 / 3, 1.0, 3.0)  # multiples of the configured learning rate a fine-
 RENORMALIZE_IMAGES = 1000  # training images that set the BN statistics before fine-tuning
 
 
-def finetune(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig = FINETUNE_DEFAULTS,
+def finetune(model: nn.Module, train_split: LabelledData, val_split: LabelledData, config: TrainConfig = FINETUNE_DEFAULTS,
              teacher: nn.Module | None = None, progress: bool = True, renormalize: bool = True,
              lr_grid: tuple[float, ...] = LR_GRID) -> dict[str, float]:
     """Fine-tune ``model`` in place (its pruning plan is kept); returns loss, validation accuracy,
@@ -39,7 +39,7 @@ def finetune(model: nn.Module, train_split: Split, val_split: Split, config: Tra
     start fine-tuning from a different, worse function.
     """
     if renormalize:
-        renormalize_batchnorm(model, train_split.images[:RENORMALIZE_IMAGES])
+        renormalize_batchnorm(model, first_images(train_split, RENORMALIZE_IMAGES))
     best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
     for lr in (config.lr * m for m in lr_grid):
         trial = copy.deepcopy(model)
@@ -137,7 +137,7 @@ def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
     return fresh
 
 
-def train_from_scratch(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig,
+def train_from_scratch(model: nn.Module, train_split: LabelledData, val_split: LabelledData, config: TrainConfig,
                        progress: bool = True) -> tuple[nn.Module, dict[str, float]]:
     """The baseline: the pruned architecture re-initialised and trained for ``config.epochs``."""
     fresh = reinitialised(model, config.seed)

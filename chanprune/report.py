@@ -51,6 +51,9 @@ class PruneReport:
     peak_activation_bytes: int | None = None  # carried activations held in memory at once
     spilled_bytes: int | None = None  # carried activations written to temporary files
     resumed_units: int = 0  # units replayed from a checkpoint folder instead of solved again
+    latency_before_ms: float | None = None  # median forward time at batch 1, measured by the CLI
+    latency_after_ms: float | None = None
+    latency_device: str | None = None
 
     @property
     def speedup_achieved(self) -> float:

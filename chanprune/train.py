@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from .data import Split, labelled_loader
+from .data import LabelledData, labelled_loader
 from .distributed import shard
-from .evaluate import accuracy
+from .evaluate import accuracy, model_device
 
 
 @dataclass
@@ -80,7 +80,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
 
 
-def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainConfig,
+def train(model: nn.Module, train_split: LabelledData, val_split: LabelledData, config: TrainConfig,
           progress: bool = True, teacher: nn.Module | None = None, keep_best: bool = False) -> dict[str, float]:
     """Train ``model`` in place; returns the final train loss and validation accuracy.
 
@@ -110,6 +110,7 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
         return 0.5 * config.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     step, loss_value = 0, float("nan")
+    device = model_device(model)
     # several processes (torchrun): gradients averaged by DDP, each rank on its share of the data
     net = nn.parallel.DistributedDataParallel(model) if shard()[1] > 1 else model
     best = (accuracy(model, val_split), 0, copy.deepcopy(model.state_dict())) if keep_best else None
@@ -121,7 +122,8 @@ def train(model: nn.Module, train_split: Split, val_split: Split, config: TrainC
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            images = random_shift(images, config.shift, generator)
+            images = random_shift(images, config.shift, generator).to(device)
+            labels = labels.to(device)
             logits = net(images)
             loss = nn.functional.cross_entropy(logits, labels)
             if config.distill > 0:

@@ -58,7 +58,10 @@ def test_cli_prune_flops_match_the_report(vgg_run):
     assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
     assert report["speedup_achieved"] == pytest.approx(report["flops_before"] / report["flops_after"])
     assert report["params_after"] == sum(p.numel() for p in loaded.parameters())
-    assert "speed-up" in result.stdout and str(out) in result.stdout
+    assert f"({report['speedup_achieved']:.2f}× fewer)" in result.stdout and str(out) in result.stdout
+    markdown = out.with_name("REPORT.md").read_text()  # --report REPORT.json: REPORT.md and REPORT.png beside it
+    assert "| FLOPs |" in markdown and all(f"| {layer['name']} |" in markdown for layer in report["layers"])
+    assert out.with_name("REPORT.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = report["config"]
     assert (cfg["speedup"], cfg["method"], cfg["samples_per_image"], cfg["calib_images"]) == (2.0, "greedy", 2, 64)
     assert 0.0 <= report["accuracy_after"] <= 1.0 and report["accuracy_before"] > 0.9
@@ -87,7 +90,7 @@ def test_cli_finetune_refuses_models_without_bundled_data(tmp_path):
     result = invoke("finetune", "--model", path, "--out", tmp_path / "t.safetensors")
     assert result.exit_code == 2 and "never imports code" in result.output and "--trust-checkpoint" in result.output
     result = invoke("finetune", "--model", path, "--trust-checkpoint", "--out", tmp_path / "t.safetensors")
-    assert result.exit_code == 2 and "labelled data" in result.output
+    assert result.exit_code == 2 and "needs labelled images; pass --data DIR" in result.output
     assert not (tmp_path / "t.safetensors").exists()
 
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from chanprune.io import libraries, references
+from chanprune.io import libraries
 from chanprune.io.checkpoint import load_model, save_model
 from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef, build_architecture, parse_constructor
@@ -133,14 +133,15 @@ def test_timm_spec_records_its_architecture():
 def test_constructor_spec_without_calibration_data_asks_for_it():
     vision()
     loaded = load_model_spec("torchvision:squeezenet1_1")
-    with pytest.raises(ChanpruneError, match=r"--calib-data.*--input-size H W"):
+    with pytest.raises(ChanpruneError, match=r"--data DIR.*--calib-data.*--input-size H W"):
         calibration_images(loaded, None, None, 0, None)
     from chanprune.cli import main
 
     result = CliRunner().invoke(main, ["prune", "--model", "torchvision:squeezenet1_1", "--speedup", "2",
                                        "--out", "never.safetensors", "--report", "never.json"])
     assert result.exit_code == 2
-    assert "torchvision:squeezenet1_1 has random weights" in result.output and "--calib-data" in result.output
+    assert "torchvision:squeezenet1_1 has no data set of its own; pass --data DIR" in result.output
+    assert "--calib-data" in result.output
 
 
 def test_constructor_spec_with_calibration_tensor(tmp_path):

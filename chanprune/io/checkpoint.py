@@ -13,6 +13,7 @@ from ..surgery import replay
 from .provenance import Provenance, attach, provenance_or_class
 from .references import build_architecture
 from .state_file import load_state_file, save_state_file
+from .weights import file_sha256, load_weights
 
 FORMAT = "chanprune-model/1"
 
@@ -47,6 +48,27 @@ def load_model(path: str | Path, model: nn.Module | None = None, trust: bool = F
         raise ChanpruneError(f"weights in {where} do not match the rebuilt architecture "
                              f"({str(err).splitlines()[0]}); the checkpoint is corrupt or from another model") from err
     return attach(rebuilt, record).eval()
+
+
+def load_original(record: Provenance, trust: bool = False) -> nn.Module:
+    """The unpruned model a pruned one came from: its architecture with the trained weights file it
+    was loaded from (checked to be the same bytes), or a bundled model's shipped checkpoint."""
+    if record.weights is None:
+        if record.arch.kind == "bundled":
+            from ..models import create_model
+
+            return create_model(record.arch.name)
+        raise ChanpruneError(f"the model was pruned from {record.arch.name} with random weights (no --weights), so "
+                             "there is no trained original to compare with or distill from; pass --original "
+                             "with the unpruned model, or prune a model loaded with --weights")
+    path = Path(record.weights.path)
+    if not path.is_file() or file_sha256(path) != record.weights.sha256:
+        state = "no longer exists" if not path.is_file() else "has changed since"
+        raise ChanpruneError(f"the original weights {str(path)!r} the model was pruned from {state}; restore "
+                             "the file, or pass --original with the unpruned model")
+    model = build_architecture(record.arch, trust=trust, where="the pruned model").eval()
+    load_weights(model, path)
+    return attach(model, Provenance(record.arch, (), record.input_shape, record.weights))
 
 
 def load_pickled_module(path: str | Path) -> nn.Module:

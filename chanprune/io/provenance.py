@@ -11,17 +11,20 @@ from torch import nn
 from ..errors import ChanpruneError
 from ..surgery import OPS, PlanOp
 from .references import ArchRef
+from .weights import WeightsRef
 
 _ATTRIBUTE = "_chanprune_provenance"
 
 
 @dataclass(frozen=True)
 class Provenance:
-    """Architecture reference, surgery plan (in order) and input shape (C, H, W) of a model."""
+    """Architecture reference, surgery plan (in order), input shape (C, H, W) of a model, and the
+    trained weights file the unpruned model was loaded from (None: bundled or random weights)."""
 
     arch: ArchRef
     plan: tuple[PlanOp, ...] = ()
     input_shape: tuple[int, ...] | None = None
+    weights: WeightsRef | None = None
 
     def with_plan(self, plan: tuple[PlanOp, ...] | list[PlanOp], input_shape: tuple[int, ...] | None = None
                   ) -> "Provenance":
@@ -29,7 +32,8 @@ class Provenance:
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch.to_json(), "plan": [op.to_json() for op in self.plan],
-                "input_shape": list(self.input_shape) if self.input_shape else None}
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                **({"weights": self.weights.to_json()} if self.weights else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "Provenance":
@@ -38,8 +42,10 @@ class Provenance:
         if not isinstance(plan, list):
             raise ChanpruneError(f"{where} has a damaged chanprune header (no pruning plan); "
                                  "re-create it with `chanprune prune`")
+        weights = data.get("weights")
         return cls(ArchRef.from_json(data.get("arch"), where), tuple(parse_op(op, where) for op in plan),
-                   parse_input_shape(data.get("input_shape"), where))
+                   parse_input_shape(data.get("input_shape"), where),
+                   WeightsRef.from_json(weights, where) if weights is not None else None)
 
 
 def parse_op(data: Any, where: str) -> PlanOp:
