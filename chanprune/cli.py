@@ -231,7 +231,8 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint, input_size, weights, arch, json_kwargs(arch_kwargs))
     config.check_model(loaded.model)
-    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, input_size, split_seed)
+    splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, input_size, split_seed,
+                             required=calib_data is None)  # a model's own calibration data need its data set
     images = calibration_images(loaded, calib_data, calib_images, seed, input_size, splits)
     target = resolve_device(device)
     loaded.model.to(target)

@@ -141,13 +141,21 @@ def _load_file(spec: str, trust_checkpoint: bool) -> LoadedModel:
 
 def labelled_splits(loaded: LoadedModel, data: str | None, val_dir: str | None = None, test_dir: str | None = None,
                     preprocess: str = "imagenet", input_size: tuple[int, int] | None = None,
-                    seed: int = 0) -> LabelledSplits | None:
+                    seed: int = 0, required: bool = True) -> LabelledSplits | None:
     """The labelled data a command evaluates and trains on: the ImageFolder tree ``data`` (see
-    :mod:`chanprune.folders`), else a bundled model's own split, else None."""
+    :mod:`chanprune.folders`), else a bundled model's own split, else None. Without the ``demo``
+    extra a bundled model has no split: an error when ``required``, else None."""
     if data is None:
         if val_dir is not None or test_dir is not None:
             raise ChanpruneError("--val-split and --test-split go with --data DIR (the training images)")
-        return mnist_splits() if loaded.entry is not None and loaded.entry.dataset == "mnist" else None
+        if loaded.entry is None or loaded.entry.dataset != "mnist":
+            return None
+        try:
+            return mnist_splits()
+        except ChanpruneError:  # the bundled digits are an extra: only commands that need labels fail
+            if required:
+                raise
+            return None
     channels = (loaded.entry.in_chans if loaded.entry else _recorded_channels(loaded.model)) \
         or first_in_channels(loaded.model) or 3
     transform = make_preprocess(preprocess, loaded.model, input_size, channels)
