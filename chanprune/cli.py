@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -42,6 +43,12 @@ def _fail(message: str) -> None:
 @click.version_option(__version__, prog_name="chanprune")
 def main() -> None:
     """Make trained CNNs faster by removing channels (He, Zhang, Sun 2017, and beyond)."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """Warnings on the command line: one ``warning:`` line, without the source line that raised it."""
+    return f"warning: {message}\n"
 
 
 @main.command()

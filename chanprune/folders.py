@@ -45,14 +45,15 @@ class Preprocess:
             image = image.resize((self.crop[1], self.crop[0]), method)
         elif self.resize:
             w, h = image.size
-            scale = self.resize / min(w, h)
-            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), method)
+            short, long = (w, h) if w <= h else (h, w)
+            size = (self.resize, int(self.resize * long / short))  # torchvision's Resize(int) arithmetic
+            image = image.resize(size if w <= h else size[::-1], method)
         if self.crop is not None and self.resize != 0:
             w, h = image.size
             if h < self.crop[0] or w < self.crop[1]:
                 raise ChanpruneError(f"an image of {w}x{h} is smaller than the {self.crop[1]}x{self.crop[0]} crop; "
                                      "use --preprocess imagenet or timm (which resize first)")
-            top, left = (h - self.crop[0]) // 2, (w - self.crop[1]) // 2
+            top, left = int(round((h - self.crop[0]) / 2)), int(round((w - self.crop[1]) / 2))
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
         array = np.asarray(image, dtype=np.float32) / 255.0
         x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)

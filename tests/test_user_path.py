@@ -211,3 +211,28 @@ def test_a_core_install_prunes_and_names_each_missing_extra(tmp_path):
     demo = run("eval", "--model", "vgg16-mnist")
     assert demo.returncode == 2 and "pip install 'chanprune[demo]'" in demo.stderr
     assert "Traceback" not in exported.stderr + demo.stderr
+
+
+def test_imagenet_preprocessing_equals_torchvisions_eval_transform(tmp_path):
+    torchvision, _ = vision_libraries()
+    from torchvision import transforms
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    ours = make_preprocess("imagenet", torch.nn.Identity(), (224, 224), 3)(image)
+    theirs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                 transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(image)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_timm_preprocessing_follows_the_models_pretrained_cfg():
+    _, timm = vision_libraries()
+    if timm is None:
+        pytest.skip("timm is not installed")
+    model = constructor_model("timm:resnet18")
+    cfg = model.pretrained_cfg
+    transform = make_preprocess("timm", model, None, 3)
+    assert transform.crop == tuple(cfg["input_size"][-2:]) and transform.mean == tuple(cfg["mean"])
+    assert transform.resize == int(cfg["input_size"][-2] / cfg["crop_pct"])
+    image = Image.fromarray(np.full((260, 300, 3), 128, np.uint8))
+    assert transform(image).shape == (3, *cfg["input_size"][-2:])
