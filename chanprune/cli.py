@@ -396,9 +396,11 @@ def eval_(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
         raise ChanpruneError("the model records no input shape; evaluate a model saved by chanprune")
     target = resolve_device(device)
     model = loaded.model.to(target)
-    pruned = bool(provenance(model).plan)
+    record = provenance(model)
+    # a model pruned from random weights has no original to compare with, unless --original names one
+    known = record.weights is not None or record.arch.kind == "bundled"
     original = _original(loaded, original_spec, trust_checkpoint, "the logit error").to(target) \
-        if pruned or original_spec else None
+        if original_spec or (record.plan and known) else None
     splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, tuple(shape[1:]), split_seed)
     rows = []
     if splits is not None:
