@@ -6,6 +6,8 @@ dense Conv2d or Linear starts a *channel group* (its output channels). Channel-w
 group's channel i. Parameter-free channel-wise ops (activations, pooling, dropout, spatial
 slicing and padding, reductions over space) pass it through. ``flatten`` turns it into blocks
 of H*W features, ``permute`` moves the channel axis (a Linear over the last axis reads it).
+``pixel_shuffle`` by r makes each channel a block of r² consecutive channels of what its
+writer and followers produce (they lose whole blocks).
 ``cat`` along channels lays several groups side by side; a residual ``add`` or a gating ``mul``
 (squeeze-excitation) ties two groups channel by channel, so they merge into one group with
 several writers. A dense Conv2d or Linear that reads a group is a *reader*.
@@ -89,6 +91,11 @@ class ChannelGroup:
     blocked_by: list[str] = field(default_factory=list)
     residual: bool = False  # tied to other writers by a residual add: a trunk
     parent: "ChannelGroup | None" = field(default=None, repr=False)
+    blocks: dict[str, int] = field(default_factory=dict)  # writer/follower -> its channels per group channel
+
+    def block_of(self, member: str) -> int:
+        """Consecutive channels of ``member`` per channel of the group (r² before a pixel shuffle)."""
+        return self.blocks.get(member, 1)
 
     @property
     def prunable(self) -> bool:
@@ -292,6 +299,7 @@ class _Builder:
                 ra.readers += rb.readers
                 ra.blocked_by += [w for w in rb.blocked_by if w not in ra.blocked_by]
                 ra.residual = ra.residual or rb.residual
+                ra.blocks.update(rb.blocks)
             ra.residual = ra.residual or residual
         return a
 
@@ -373,6 +381,8 @@ class _Builder:
             return main
         if isinstance(module, nn.Flatten) and main is not None:
             return self.flatten(node, main, module.start_dim)
+        if isinstance(module, nn.PixelShuffle) and main is not None:
+            return self.pixel_shuffle(node, main, module.upscale_factor)
         self.unsupported(node, in_tags, type(module).__name__)
         return None
 
@@ -422,6 +432,9 @@ class _Builder:
             return self.permute(node, main, node.args[1])
         if target is nn.functional.pad and main is not None:
             return self.pad(node, main)
+        if target in (nn.functional.pixel_shuffle, torch.pixel_shuffle) and main is not None:
+            factor = node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
+            return self.pixel_shuffle(node, main, factor)
         if target is operator.getitem:
             return self.getitem(node, main)
         if target is getattr:
@@ -464,7 +477,9 @@ class _Builder:
             axis_from_end = len(tagged[0][0].meta["tensor_meta"].shape) - tag.axis
             if len(shape) < axis_from_end or shape[-axis_from_end] == 1:
                 return tag
-            self.block(tag, f"{node.name} scales channels by a tensor chanprune does not prune with them")
+            what = "adds to its channels" if residual else "scales its channels by"
+            self.block(tag, f"{node.name} {what} a tensor chanprune does not track (the model's input, or the "
+                            "output of an op it cannot follow)")
             return None
         return None
 
@@ -545,6 +560,24 @@ class _Builder:
         if in_shape == out_shape:
             return tag
         return self.flatten_blocked(node, tag)
+
+    def pixel_shuffle(self, node: fx.Node, tag: _Tag, factor: int) -> _Tag | None:
+        """Channel c of the output is channels c·r²..(c+1)·r²−1 of the input: the input's group
+        becomes one of r²-channel blocks for its writers and followers (nothing may read it before)."""
+        group = tag.segments[0].root()
+        earlier = [t for t in self.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
+        if len(tag.segments) != 1 or tag.axis != 1 or tag.flat_size is not None or group.readers or \
+                group.residual or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
+            self.block(tag, f"{node.name} (pixel shuffle) reads channels that are also used elsewhere")
+            return None
+        size = factor * factor
+        group.channels //= size
+        for member in dict.fromkeys([*group.writers, *group.followers]):
+            group.blocks[member] = group.block_of(member) * size
+        for n, t in list(self.tags.items()):  # values before the shuffle hold blocks of r² channels
+            if t in earlier:
+                self.tags[n] = _Tag(t.segments, t.axis, size)
+        return _Tag((group,), 1)
 
     def flatten_blocked(self, node: fx.Node, tag: _Tag) -> None:
         self.block(tag, f"{node.name} reshapes the channels")

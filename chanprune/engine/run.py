@@ -128,11 +128,14 @@ class PruneRun:
         group = unit.group
         if unit.reader is None:
             for name in group.writers:
-                self.plan.keep_outputs(self.work, name, keep)
-                previous = self.kept_outputs.get(name, torch.arange(group.channels))
-                self.kept_outputs[name] = previous[keep]
+                block = group.block_of(name)
+                outputs = block_indices(keep, block)
+                self.plan.keep_outputs(self.work, name, outputs)
+                previous = self.kept_outputs.get(name, torch.arange(group.channels * block))
+                self.kept_outputs[name] = previous[outputs]
             for name in group.followers:
-                self.plan.keep_channels(self.work, name, self.layer_index(name, group, keep))
+                self.plan.keep_channels(self.work, name,
+                                        block_indices(self.layer_index(name, group, keep), group.block_of(name)))
             self.widths[group.name] = len(keep)
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
 
