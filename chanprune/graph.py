@@ -47,6 +47,11 @@ PASSTHROUGH_FUNCTIONS = {
     nn.functional.adaptive_avg_pool2d, nn.functional.adaptive_max_pool2d, nn.functional.dropout,
     nn.functional.interpolate, torch.clamp, torch.nn.functional.dropout2d,
 }
+# Functions of model libraries that treat each sample (row) as a whole, so channel c passes through:
+# stochastic depth / drop path (identity in eval mode). Matched by module and name: the graph never
+# imports these libraries.
+PASSTHROUGH_LIBRARY_FUNCTIONS = {("torchvision.ops.stochastic_depth", "stochastic_depth"),
+                                 ("timm.layers.drop", "drop_path")}
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach",
                        "clamp", "clamp_", "hardtanh_", "float", "to"}
 TIE_FUNCTIONS = {operator.add: True, operator.iadd: True, torch.add: True, operator.sub: True,
@@ -417,7 +422,8 @@ class _Builder:
 
     def visit_function(self, node: fx.Node, main: _Tag | None, in_tags: list[_Tag | None]) -> _Tag | None:
         target = node.target
-        if target in PASSTHROUGH_FUNCTIONS:
+        if target in PASSTHROUGH_FUNCTIONS or \
+                (getattr(target, "__module__", None), getattr(target, "__name__", None)) in PASSTHROUGH_LIBRARY_FUNCTIONS:
             return main
         if target is torch.flatten and main is not None:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)

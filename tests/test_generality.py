@@ -311,3 +311,19 @@ def test_cli_prunes_a_constructor_spec(tmp_path, libraries):
     evaluated = CliRunner().invoke(main, ["eval", "--model", str(out)])
     assert evaluated.exit_code == 0, evaluated.output
     assert "flops" in evaluated.output
+
+
+def test_stochastic_depth_passes_channels_so_trunks_prune(libraries):
+    """torchvision's stochastic_depth scales whole samples: the residual trunks behind it are
+    pruned (they were left whole while it blocked them)."""
+    model = build("torchvision:efficientnet_b0", 32, libraries)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = build_graph(model, images(32)[:1])
+    assert not [w for w in caught if "stochastic_depth" in str(w.message)]
+    trunks = [g for g in graph.prunable() if g.residual]
+    assert len(trunks) == 5
+    _, report = prune(model, images(32), 2.0, trunk="joint", allocation="uniform",  # global keeps them here
+                      samples_per_image=SAMPLES_PER_IMAGE, progress=False)
+    assert any(layer.kind == "trunk" and layer.in_channels_after < layer.in_channels_before
+               for layer in report.layers)
