@@ -3,7 +3,7 @@
 The model is traced with ``torch.fx`` and shapes are propagated with an example input. Every
 dense Conv2d or Linear starts a *channel group* (its output channels). Channel-wise layers
 (BatchNorm, per-channel PReLU, depthwise convs) *follow* a group: their channel i is the
-group's channel i. Parameter-free channel-wise ops (activations, pooling, dropout, spatial
+group's channel i, and so does a per-channel parameter that multiplies it (layer scale), a *scale*. Parameter-free channel-wise ops (activations, pooling, dropout, spatial
 slicing and padding, reductions over space) pass it through. ``flatten`` turns it into blocks
 of H*W features, ``permute`` moves the channel axis (a Linear over the last axis reads it).
 ``pixel_shuffle`` by r makes each channel a block of r² consecutive channels of what its
@@ -97,6 +97,7 @@ class ChannelGroup:
     residual: bool = False  # tied to other writers by a residual add: a trunk
     parent: "ChannelGroup | None" = field(default=None, repr=False)
     blocks: dict[str, int] = field(default_factory=dict)  # writer/follower -> its channels per group channel
+    scales: list[str] = field(default_factory=list)  # per-channel parameters multiplying it (layer scale)
 
     def block_of(self, member: str) -> int:
         """Consecutive channels of ``member`` per channel of the group (r² before a pixel shuffle)."""
@@ -305,6 +306,7 @@ class _Builder:
                 ra.blocked_by += [w for w in rb.blocked_by if w not in ra.blocked_by]
                 ra.residual = ra.residual or rb.residual
                 ra.blocks.update(rb.blocks)
+                ra.scales += [a for a in rb.scales if a not in ra.scales]
             ra.residual = ra.residual or residual
         return a
 
@@ -483,11 +485,36 @@ class _Builder:
             axis_from_end = len(tagged[0][0].meta["tensor_meta"].shape) - tag.axis
             if len(shape) < axis_from_end or shape[-axis_from_end] == 1:
                 return tag
+            path = None if residual else self.channel_scale(other, shape, axis_from_end, tag)
+            if path is not None:
+                self.layouts[path] = list(tag.segments)
+                for g in tag.segments:
+                    g.root().scales.append(path)
+                return tag
             what = "adds to its channels" if residual else "scales its channels by"
             self.block(tag, f"{node.name} {what} a tensor chanprune does not track (the model's input, or the "
                             "output of an op it cannot follow)")
             return None
         return None
+
+    def channel_scale(self, other: fx.Node, shape: tuple[int, ...], axis_from_end: int, tag: _Tag) -> str | None:
+        """The attribute path of a per-channel parameter or buffer that ``other`` is (directly, or
+        through view / reshape / unsqueeze / indexing) when it broadcasts along the channel axis
+        only; None otherwise."""
+        if tag.flat_size is not None or shape[-axis_from_end] != tag.channels or \
+                any(d != 1 for i, d in enumerate(shape) if i != len(shape) - axis_from_end):
+            return None
+        source = other
+        while source.op in ("call_method", "call_function") and (
+                source.target in ("view", "reshape", "unsqueeze") or source.target is operator.getitem):
+            source = source.args[0]
+        if source.op != "get_attr":
+            return None
+        value = operator.attrgetter(source.target)(self.gm)
+        if not isinstance(value, torch.Tensor) or sorted(value.shape)[:-1] != [1] * (value.ndim - 1) or \
+                max(value.shape, default=0) != tag.channels or source.target in self.layouts:
+            return None
+        return source.target
 
     def note_shortcut(self, a: fx.Node, b: fx.Node) -> None:
         """When one operand of a residual add is a reader's (BN'd) output, remember the other."""

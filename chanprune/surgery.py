@@ -179,7 +179,7 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
     return added
 
 
-OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias")
+OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale")
 
 
 @dataclass(frozen=True)
@@ -226,9 +226,37 @@ class Plan:
     def add_bias(self, name: str) -> None:
         self.ops.append(PlanOp("add_bias", name))
 
+    def keep_scale(self, model: nn.Module, path: str, keep: torch.Tensor) -> None:
+        self.apply(model, PlanOp("keep_scale", path, tuple(keep.tolist())))
+
+
+def keep_scale(model: nn.Module, path: str, keep: torch.Tensor) -> None:
+    """Slice the per-channel parameter or buffer at ``path`` (one axis longer than 1) to ``keep``."""
+    owner_name, _, attr = path.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+        value = getattr(owner, attr)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.Tensor):
+        raise ChanpruneError(f"pruning plan names a channel scale {path!r} that the architecture lacks; "
+                             "the checkpoint does not match its architecture")
+    axis = max(range(value.ndim), key=lambda i: value.shape[i])
+    if len(keep) and int(keep.max()) >= value.shape[axis]:
+        raise ChanpruneError(f"pruning plan keeps channel {int(keep.max())} of {path!r}, which has fewer; "
+                             "the checkpoint does not match its architecture")
+    sliced = value.detach().index_select(axis, keep).clone()
+    if isinstance(value, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
+    else:
+        setattr(owner, attr, sliced)
+
 
 def apply_op(model: nn.Module, op: PlanOp) -> None:
     """Apply one recorded operation to ``model`` (shapes, and the weights of kept channels)."""
+    if op.op == "keep_scale":
+        keep_scale(model, op.layer, torch.tensor(op.keep, dtype=torch.long))
+        return
     try:
         layer = model.get_submodule(op.layer)
     except AttributeError:

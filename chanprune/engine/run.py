@@ -136,6 +136,8 @@ class PruneRun:
             for name in group.followers:
                 self.plan.keep_channels(self.work, name,
                                         block_indices(self.layer_index(name, group, keep), group.block_of(name)))
+            for path in group.scales:
+                self.plan.keep_scale(self.work, path, self.layer_index(path, group, keep))
             self.widths[group.name] = len(keep)
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
 
