@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +16,11 @@ from .recipes import RECIPES
 from .errors import ChanpruneError
 from .selection import STRATEGIES
 from .cli_options import data_options, device_option, json_kwargs, model_options
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .experiment import LoadedModel
 
 LATENCY_REPEATS = 10  # median of this many batch-1 forward passes in prune's summary and eval
 
@@ -272,7 +278,7 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     print_summary(report, out, written, resume_dir)
 
 
-def _original(loaded, spec: str | None, trust: bool, what: str):
+def _original(loaded: LoadedModel, spec: str | None, trust: bool, what: str) -> nn.Module:
     """The unpruned model ``loaded`` came from: ``spec`` if given, else what its file records."""
     from .experiment import load_model_spec
     from .io.checkpoint import load_original

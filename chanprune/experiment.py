@@ -129,7 +129,7 @@ def _load_file(spec: str, trust_checkpoint: bool) -> LoadedModel:
     if path.suffix == ".safetensors":
         model = load_model(path, trust=trust_checkpoint)
         record = provenance(model)
-        bundled = BUNDLED.get(record.arch.name) if record.arch.kind == "bundled" and record.weights is None else None
+        bundled = BUNDLED.get(record.arch.name) if record.arch.kind == "bundled" else None
         return LoadedModel(model, bundled, record.arch.name if record.arch.kind == "constructor" else None)
     if path.suffix in {".pt", ".pth"}:
         if not trust_checkpoint:

@@ -60,7 +60,8 @@ def load_original(record: Provenance, trust: bool = False) -> nn.Module:
             return create_model(record.arch.name)
         raise ChanpruneError(f"the model was pruned from {record.arch.name} with random weights (no --weights), so "
                              "there is no trained original to compare with or distill from; pass --original "
-                             "with the unpruned model, or prune a model loaded with --weights")
+                             "with the unpruned model, prune a model loaded with --weights, or fine-tune on labels "
+                             "only (--distill 0)")
     path = Path(record.weights.path)
     if not path.is_file() or file_sha256(path) != record.weights.sha256:
         state = "no longer exists" if not path.is_file() else "has changed since"
