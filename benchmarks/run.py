@@ -36,7 +36,8 @@ from benchmarks import latency, report
 from benchmarks.accuracy import Budget, arm_options, chanprune_arm, run_job
 from benchmarks.peers import require_torch_pruning
 from chanprune.analysis import analyze_layers
-from chanprune.io.checkpoint import load_model
+from chanprune.graph import build_graph
+from chanprune.io.checkpoint import load_model, save_model
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy
@@ -102,29 +103,36 @@ def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str]) ->
 
 
 def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
-    """Latency of the saved seed-0 chanprune models against their originals, one table per model,
+    """Latency of the seed-0 default-recipe models against their originals, one table per model,
     next to the same models pruned again with widths rounded to multiples of ``ROUND_TO`` (and,
-    for residual nets, the enhanced variant with its channel selects)."""
+    for residual nets, the paper's enhanced variant with its channel selects). The accuracy jobs
+    save those models; one that is missing (a run continued on another machine) is pruned again
+    the same way (same images and seed)."""
     warnings.simplefilter("ignore", SparseSamplesWarning)
     test = mnist_split("test")
-    images = calibration_subset(mnist_split("train"), size.budget.calib_images, 0)
+    images = calibration_subset(mnist_split("train"), size.budget.calib_images, size.seeds[0])
+    b = size.budget
     results = {}
     for name in size.models:
-        saved = sorted((out_dir / "models").glob(f"{name}-*.safetensors"))
         original = create_model(name)
-        arm = chanprune_arm(any(p.name.startswith(f"{name}-joint-") for p in saved))  # the default recipe
-        chosen = [p for p in saved if p.name.startswith(f"{name}-{arm}-")]
-        speedups = sorted(float(p.name.rsplit("-", 1)[1].removesuffix("x.safetensors")) for p in chosen)
-        if not speedups:
-            raise SystemExit(f"no saved {name} models in {out_dir / 'models'}; run the accuracy section first")
+        residual = any(g.residual for g in build_graph(original, images[:1], warn=False).groups)
+
+        def saved(arm: str, speedup: float) -> torch.nn.Module:
+            path = out_dir / "models" / f"{name}-{arm}-{speedup:g}x.safetensors"
+            if path.exists():
+                return load_model(path)
+            net = prune(original, images, speedup, seed=size.seeds[0], progress=False, **arm_options(arm, b, name))[0]
+            save_model(net, path)
+            return net
+
+        arm = chanprune_arm(residual)  # the default recipe
         pruned = {}
-        with_selects = out_dir / "models" / f"{name}-enhanced-{speedups[0]:g}x.safetensors"
-        if with_selects.exists():  # the paper's feature-map sampling: what its channel selects cost
-            pruned[f"enhanced-{speedups[0]:g}x"] = load_model(with_selects)
-        for s in speedups:
-            pruned[f"{arm}-{s:g}x"] = load_model(out_dir / "models" / f"{name}-{arm}-{s:g}x.safetensors")
+        if residual:  # the paper's feature-map sampling: what its channel selects cost
+            pruned[f"enhanced-{b.residual_speedups[0]:g}x"] = saved("enhanced", b.residual_speedups[0])
+        for s in sorted({*b.allocation_speedups, *b.peer_speedups, *(b.residual_speedups if residual else ())}):
+            pruned[f"{arm}-{s:g}x"] = saved(arm, s)
             pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(
-                original, images, s, round_to=ROUND_TO, progress=False, **arm_options(arm, size.budget))[0]
+                original, images, s, round_to=ROUND_TO, progress=False, **arm_options(arm, b, name))[0]
         print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
         rows = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
         for row, net in zip(rows, [original, *pruned.values()]):
