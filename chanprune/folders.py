@@ -28,38 +28,46 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test of a single tree
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to ``resize`` (none: keep, or resize to ``crop`` exactly when
-    ``resize`` is 0), centre crop to ``crop`` (H, W), scale to [0, 1], normalise per channel."""
+    """An eval transform: resize the shorter side to ``resize`` (None: keep the size) and centre
+    crop to ``crop`` (H, W; None: no crop), or with ``stretch`` resize to ``crop`` exactly; then
+    scale to [0, 1] and normalise per channel."""
 
     crop: tuple[int, int] | None
     resize: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bilinear"
+    stretch: bool = False
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
 
         method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[self.interpolation]
-        if self.crop is not None and self.resize == 0:
+        if self.stretch and self.crop is not None:
             image = image.resize((self.crop[1], self.crop[0]), method)
-        elif self.resize:
+        else:
+            image = self._resize_and_crop(image, method)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+        mean = torch.tensor(self.mean[: x.shape[0]]).view(-1, 1, 1)
+        std = torch.tensor(self.std[: x.shape[0]]).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def _resize_and_crop(self, image, method):
+        """torchvision's Resize(int) then CenterCrop arithmetic, so the pixels match its eval transform."""
+        if self.resize:
             w, h = image.size
             short, long = (w, h) if w <= h else (h, w)
-            size = (self.resize, int(self.resize * long / short))  # torchvision's Resize(int) arithmetic
+            size = (self.resize, int(self.resize * long / short))
             image = image.resize(size if w <= h else size[::-1], method)
-        if self.crop is not None and self.resize != 0:
+        if self.crop is not None:
             w, h = image.size
             if h < self.crop[0] or w < self.crop[1]:
                 raise ChanpruneError(f"an image of {w}x{h} is smaller than the {self.crop[1]}x{self.crop[0]} crop; "
                                      "use --preprocess imagenet or timm (which resize first)")
             top, left = int(round((h - self.crop[0]) / 2)), int(round((w - self.crop[1]) / 2))
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
-        mean = torch.tensor(self.mean[: x.shape[0]]).view(-1, 1, 1)
-        std = torch.tensor(self.std[: x.shape[0]]).view(-1, 1, 1)
-        return (x - mean) / std
+        return image
 
 
 def make_preprocess(kind: str, model: nn.Module, input_size: tuple[int, int] | None,
@@ -74,8 +82,8 @@ def make_preprocess(kind: str, model: nn.Module, input_size: tuple[int, int] | N
         raise ChanpruneError(f"unknown --preprocess {kind!r}; use one of {', '.join(PREPROCESS)}")
     grey = in_channels == 1
     if kind == "none":
-        return Preprocess(tuple(input_size) if input_size else None, 0 if input_size else None,
-                          (0.0,) * 3, (1.0,) * 3)
+        return Preprocess(tuple(input_size) if input_size else None, None, (0.0,) * 3, (1.0,) * 3,
+                          stretch=input_size is not None)
     if kind == "timm":
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         if not cfg:
