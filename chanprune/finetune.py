@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .data import LabelledData, first_images
+from .evaluate import model_device
 from .train import TrainConfig, train
 
 FINETUNE_DEFAULTS = TrainConfig(epochs=2, lr=0.01, warmup_epochs=0)
@@ -73,11 +74,12 @@ def renormalize_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
         sums[module] = (count + x.shape[1], total + x.sum(1), squares + (x * x).sum(1))
 
     handles = [m.register_forward_pre_hook(hook) for m in norms]
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(images), batch_size):
-            model(images[start : start + batch_size])
+            model(images[start : start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -107,6 +109,7 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
     """
     norms = _batchnorms(model)
     saved = [(m, m.momentum) for m in norms]
+    device = model_device(model)
     was_training = model.training
     for m in norms:
         m.reset_running_stats()
@@ -116,7 +119,7 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
         m.train()
     try:
         for start in range(0, len(images), batch_size):
-            model(images[start : start + batch_size])
+            model(images[start : start + batch_size].to(device))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
