@@ -35,15 +35,16 @@ FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "r
 def analyze_layers(model: nn.Module, images: torch.Tensor, split: LabelledData, speedups: tuple[float, ...],
                    methods: tuple[str, ...], samples_per_image: int | str | None = None, seed: int = 0,
                    progress: bool = True, ridge: float | str = 1e-6) -> list[dict[str, Any]]:
-    """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`."""
-    graph = build_graph(model, images[:1])
+    """One row per (conv group, method, speed-up); ``ridge`` as in :class:`PruneConfig`. Statistics
+    are gathered on the model's device."""
+    device = model_device(model)
+    graph = build_graph(model, images[:1].to(device))
     base_error = 1.0 - accuracy(model, split)
     groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
     rows = []
     base = PruneConfig(samples_per_image=samples_per_image, seed=seed)
     sampling = Sampling(base.positions_per_image, seed, base.heldout_every)
-    device = model_device(model)
     with BatchStore(default_budget(device), device) as store:
         # inputs come from the unpruned model: shared by every job of a group
         found = unpruned_moments(graph, images, base.batch_size, sampling, [g.readers for g in groups],
