@@ -224,7 +224,8 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     from .config import PruneConfig
     from .devices import resolve_device
     from .distributed import init_from_environment, writes_files
-    from .experiment import calibration_images, compare, labelled_splits, load_model_spec, probe_images
+    from .data import first_images
+    from .experiment import PROBE_IMAGES, calibration_images, compare, labelled_splits, load_model_spec
     from .io.checkpoint import save_model
     from .io.provenance import input_shape
     from .latency import measure_latency
@@ -258,7 +259,8 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     report.config.update(model=model_spec or arch, weights=str(weights) if weights else None, data=data_dir,
                          calib_data=calib_data, calib_images=report.calibration_images,
                          input_size=list(input_shape(pruned)[1:]), widths_file=str(widths_file) if widths_file else None)
-    measured = compare(loaded.model, pruned, splits.test if splits else None, probe_images(images))
+    measured = compare(loaded.model, pruned, splits.test if splits else None,
+                       first_images(images, PROBE_IMAGES))
     report.accuracy_before = measured["accuracy_before"]
     report.accuracy_after = measured["accuracy_after"]
     report.logit_rel_error = measured["logit_rel_error"]
@@ -270,7 +272,7 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     save_model(pruned, out)
     try:
         report.save_json(report_path)
-        written = write_report_files(report, loaded.model, pruned, report_path)
+        written = write_report_files(report, report_path)
     except ChanpruneError:
         out.unlink(missing_ok=True)  # a failed run leaves no output, not a model without its report
         report_path.unlink(missing_ok=True)
@@ -393,6 +395,7 @@ def eval_(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     from .evaluate import logit_rel_error, predict_labelled, top_k
     from .experiment import labelled_splits, load_model_spec
     from .flops import count_flops, count_params
+    from .io.checkpoint import has_trained_original
     from .io.provenance import input_shape, provenance
     from .latency import measure_latency
 
@@ -404,17 +407,17 @@ def eval_(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
     model = loaded.model.to(target)
     record = provenance(model)
     # a model pruned from random weights has no original to compare with, unless --original names one
-    known = record.weights is not None or record.arch.kind == "bundled"
     original = _original(loaded, original_spec, trust_checkpoint, "the logit error").to(target) \
-        if original_spec or (record.plan and known) else None
+        if original_spec or (record.plan and has_trained_original(record)) else None
     splits = labelled_splits(loaded, data_dir, val_split, test_split, preprocess, tuple(shape[1:]), split_seed)
     rows = []
     if splits is not None:
-        logits, labels = predict_labelled(model, splits.test)
+        outputs, labels = predict_labelled([model] if original is None else [model, original], splits.test)
+        logits = outputs[0]
         rows.append(f"test top-1 {100 * top_k(logits, labels, 1):.2f}%  top-5 {100 * top_k(logits, labels, 5):.2f}%  "
                     f"({len(labels)} images)")
         if original is not None:
-            reference, _ = predict_labelled(original, splits.test)
+            reference = outputs[1]
             rows.append(f"logit error vs. the original {logit_rel_error(logits, reference):.4f}  (original top-1 "
                         f"{100 * top_k(reference, labels, 1):.2f}%)")
     flops = count_flops(model, (1, *shape))
@@ -451,7 +454,8 @@ def analyze(model_spec: str | None, arch: str | None, arch_kwargs: str | None, w
     reconstruction error per method and speed-up; CSV, JSON and one PNG per layer."""
     from .analysis import analyze_layers, write_analysis
     from .devices import resolve_device
-    from .experiment import calibration_images, labelled_splits, load_model_spec, probe_images
+    from .data import first_images
+    from .experiment import calibration_images, labelled_splits, load_model_spec
     from .selection import STRATEGIES
 
     if model_spec is None and arch is None:
@@ -471,7 +475,7 @@ def analyze(model_spec: str | None, arch: str | None, arch_kwargs: str | None, w
         raise ChanpruneError(f"--speedups must be comma-separated numbers, got {speedups!r}") from None
     if any(s < 1 for s in speedup_list):
         raise ChanpruneError("every speed-up must be >= 1")
-    images = probe_images(calibration_images(loaded, None, calib_images, seed, None, splits), calib_images)
+    images = first_images(calibration_images(loaded, None, calib_images, seed, None, splits), calib_images)
     rows = analyze_layers(loaded.model.to(resolve_device(device)), images, splits.test, speedup_list, method_list,
                           _number_or_auto(samples_per_image, "--samples-per-image", int), seed,
                           ridge=_number_or_auto(ridge, "--ridge", float))

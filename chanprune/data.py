@@ -129,11 +129,16 @@ def _load_image_folder(folder: Path, input_size: tuple[int, int] | None,
     return torch.cat(list(image_folder_loader(folder, input_size, in_channels)))
 
 
+def image_paths(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (by suffix), sorted; empty when there are none. ``rglob``
+    does not descend into symlinked folders, so a link loop (``loop -> .``) is not followed; a link
+    named like an image that cannot be opened is refused by name when it is read."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder``, sorted. ``rglob`` does not descend into symlinked folders,
-    so a link loop (``loop -> .``) is not followed; a link named like an image that cannot be
-    opened is refused by name when it is read."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """:func:`image_paths`, refusing a folder without images."""
+    files = image_paths(folder)
     if not files:
         raise ChanpruneError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(folder)!r}; put images "
                              "with one of these suffixes in it, or pass a .npy/.pt tensor of shape (N, C, H, W)")
@@ -194,6 +199,12 @@ def open_image(file: Path, mode: str):
                              "remove it from the folder") from err
 
 
+def image_tensor(image) -> torch.Tensor:
+    """A decoded PIL image as a float (C, H, W) tensor in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+
+
 def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> torch.Tensor:
     """One image as a float (C, H, W) tensor in [0, 1], resized to ``input_size`` if given."""
     from PIL import Image
@@ -201,8 +212,7 @@ def _read_image(file: Path, mode: str, input_size: tuple[int, int] | None) -> to
     image = open_image(file, mode)
     if input_size is not None:
         image = image.resize((input_size[1], input_size[0]), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+    return image_tensor(image)
 
 
 def validate_images(images: torch.Tensor, in_channels: int | None, what: str = "calibration data") -> None:
@@ -294,13 +304,18 @@ def eval_loader(data: LabelledData, batch_size: int) -> DataLoader:
     return DataLoader(_dataset(data), batch_size=batch_size)
 
 
-def first_images(data: LabelledData, count: int) -> torch.Tensor:
-    """The first ``count`` images of ``data`` as one tensor."""
+def first_images(data: torch.Tensor | Iterable | LabelledData, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``data`` as one tensor: of calibration data (a tensor, or an
+    iterable of batches or (images, ...) tuples), or of labelled data (their labels unused)."""
     if isinstance(data, Split):
-        return data.images[:count]
+        data = data.images
+    elif isinstance(data, Dataset):
+        data = eval_loader(data, min(count, 250))
+    if isinstance(data, torch.Tensor):
+        return data[:count]
     batches, total = [], 0
-    for images, _ in eval_loader(data, min(count, 250)):
-        batches.append(images[: count - total])
+    for batch in iterate_batches(data, count):
+        batches.append(batch[: count - total])
         total += len(batches[-1])
         if total >= count:
             break

@@ -40,15 +40,20 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> to
 
 
 @torch.no_grad()
-def predict_labelled(model: nn.Module, data: LabelledData, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of ``model`` in eval mode on every image of ``data``, and the labels."""
-    device = model_device(model)
-    logits, labels = [], []
-    with evaluating(model):
+def predict_labelled(models: list[nn.Module], data: LabelledData,
+                     batch_size: int = 250) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Logits of each of ``models`` in eval mode on every image of ``data``, and the labels; the
+    images are read once for all of them (a folder is decoded once)."""
+    logits: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(evaluating(model))
         for images, targets in eval_loader(data, batch_size):
-            logits.append(model(images.to(device)).cpu())
+            for model, out in zip(models, logits):
+                out.append(model(images.to(model_device(model))).cpu())
             labels.append(targets)
-    return torch.cat(logits), torch.cat(labels)
+    return [torch.cat(out) for out in logits], torch.cat(labels)
 
 
 def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -59,7 +64,8 @@ def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
 
 def accuracy(model: nn.Module, data: LabelledData) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
-    return top_k(*predict_labelled(model, data))
+    (logits,), labels = predict_labelled([model], data)
+    return top_k(logits, labels)
 
 
 def logit_rel_error(logits: torch.Tensor, reference: torch.Tensor) -> float:

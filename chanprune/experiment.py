@@ -15,7 +15,7 @@ from .io.provenance import Provenance, attach, input_shape, provenance
 from .io.references import ArchRef, build_architecture, build_constructor, check_json_value, parse_constructor
 from .io.weights import load_weights
 from .data import (LabelledData, LabelledSplits, Split, calibration_indices, calibration_subset, image_folder_loader,
-                   iterate_batches, load_calibration_file, mnist_split, mnist_splits)
+                   load_calibration_file, mnist_split, mnist_splits)
 from .errors import ChanpruneError
 from .evaluate import logit_rel_error, predict, predict_labelled, top_k
 from .folders import folder_splits, make_preprocess
@@ -24,6 +24,7 @@ from .units import first_in_channels
 
 
 DEFAULT_CALIBRATION_IMAGES = 500
+PROBE_IMAGES = 256  # calibration images whose logits are compared when there are no labelled data
 
 
 @dataclass
@@ -180,8 +181,10 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
             g = torch.Generator().manual_seed(seed)
             images = images[torch.randperm(len(images), generator=g)[:n_images].sort().values]
         return images
-    if splits is not None and not isinstance(splits.train, Split):
+    if splits is not None:  # the training part, already loaded (a folder's is read as needed)
         train = splits.train
+        if isinstance(train, Split):
+            return calibration_subset(train, n_images or DEFAULT_CALIBRATION_IMAGES, seed)
         count = min(n_images or DEFAULT_CALIBRATION_IMAGES, len(train))
         chosen = calibration_indices(len(train), count, seed).tolist()
         return DataLoader(Subset(train, chosen), batch_size=64)
@@ -196,19 +199,6 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
     return calibration_subset(mnist_split("train"), n_images or DEFAULT_CALIBRATION_IMAGES, seed)
 
 
-def probe_images(data: torch.Tensor | DataLoader, limit: int = 256) -> torch.Tensor:
-    """Up to ``limit`` calibration images as one tensor (to compare logits of user models)."""
-    if isinstance(data, torch.Tensor):
-        return data[:limit]
-    batches, count = [], 0
-    for batch in iterate_batches(data, limit):
-        batches.append(batch[: limit - count])
-        count += len(batches[-1])
-        if count >= limit:
-            break
-    return torch.cat(batches)
-
-
 def _recorded_channels(model: nn.Module) -> int | None:
     shape = input_shape(model)
     return int(shape[0]) if shape else None
@@ -221,8 +211,7 @@ def compare(original: nn.Module, pruned: nn.Module, split: LabelledData | None,
     if split is None:
         result["logit_rel_error"] = logit_rel_error(predict(pruned, images), predict(original, images))
         return result
-    before, labels = predict_labelled(original, split)
-    after, _ = predict_labelled(pruned, split)
+    (before, after), labels = predict_labelled([original, pruned], split)
     result.update(logit_rel_error=logit_rel_error(after, before), accuracy_before=top_k(before, labels),
                   accuracy_after=top_k(after, labels))
     return result

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import IMAGE_SUFFIXES, LabelledSplits
+from .data import IMAGE_SUFFIXES, LabelledSplits, image_paths, image_tensor
 from .errors import ChanpruneError
 
 PREPROCESS = ("imagenet", "timm", "none")
@@ -47,8 +47,7 @@ class Preprocess:
             image = image.resize((self.crop[1], self.crop[0]), method)
         else:
             image = self._resize_and_crop(image, method)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        x = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+        x = image_tensor(image)
         mean = torch.tensor(self.mean[: x.shape[0]]).view(-1, 1, 1)
         std = torch.tensor(self.std[: x.shape[0]]).view(-1, 1, 1)
         return (x - mean) / std
@@ -122,8 +121,7 @@ def class_files(root: Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise ChanpruneError(f"labelled data {str(root)!r} is not a folder; give an ImageFolder tree: one "
                              "subfolder per class holding its images")
-    classes = {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-               for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {d.name: image_paths(d) for d in sorted(root.iterdir()) if d.is_dir()}
     classes = {name: files for name, files in classes.items() if files}
     if not classes:
         raise ChanpruneError(f"{str(root)!r} has no class subfolders with images ({', '.join(sorted(IMAGE_SUFFIXES))}); "

@@ -3,7 +3,8 @@
 The model is traced with ``torch.fx`` and shapes are propagated with an example input. Every
 dense Conv2d or Linear starts a *channel group* (its output channels). Channel-wise layers
 (BatchNorm, per-channel PReLU, depthwise convs) *follow* a group: their channel i is the
-group's channel i, and so does a per-channel parameter that multiplies it (layer scale), a *scale*. Parameter-free channel-wise ops (activations, pooling, dropout, spatial
+group's channel i, and so does a per-channel parameter that multiplies it (layer scale), a
+*scale*. Parameter-free channel-wise ops (activations, pooling, dropout, spatial
 slicing and padding, reductions over space) pass it through. ``flatten`` turns it into blocks
 of H*W features, ``permute`` moves the channel axis (a Linear over the last axis reads it).
 ``pixel_shuffle`` by r makes each channel a block of r² consecutive channels of what its

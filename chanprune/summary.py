@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from torch import nn
 
 from .errors import ChanpruneError
 from .files import write_atomically, write_text_atomic
@@ -83,7 +82,7 @@ def plot(report: PruneReport, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report_files(report: PruneReport, original: nn.Module, pruned: nn.Module, report_path: Path) -> list[str]:
+def write_report_files(report: PruneReport, report_path: Path) -> list[str]:
     """Write REPORT.md and REPORT.png next to ``report_path`` (same name, other suffixes); returns
     what was written, or why the plot was not (matplotlib is an extra)."""
     image = report_path.with_suffix(".png")

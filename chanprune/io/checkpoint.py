@@ -50,18 +50,24 @@ def load_model(path: str | Path, model: nn.Module | None = None, trust: bool = F
     return attach(rebuilt, record).eval()
 
 
+def has_trained_original(record: Provenance) -> bool:
+    """Whether :func:`load_original` can rebuild the model ``record`` came from: it was loaded with
+    trained weights, or it is a bundled model with its shipped checkpoint (not random weights)."""
+    return record.weights is not None or record.arch.kind == "bundled"
+
+
 def load_original(record: Provenance, trust: bool = False) -> nn.Module:
     """The unpruned model a pruned one came from: its architecture with the trained weights file it
     was loaded from (checked to be the same bytes), or a bundled model's shipped checkpoint."""
-    if record.weights is None:
-        if record.arch.kind == "bundled":
-            from ..models import create_model
-
-            return create_model(record.arch.name)
+    if not has_trained_original(record):
         raise ChanpruneError(f"the model was pruned from {record.arch.name} with random weights (no --weights), so "
                              "there is no trained original to compare with or distill from; pass --original "
                              "with the unpruned model, prune a model loaded with --weights, or fine-tune on labels "
                              "only (--distill 0)")
+    if record.weights is None:
+        from ..models import create_model
+
+        return create_model(record.arch.name)
     path = Path(record.weights.path)
     if not path.is_file() or file_sha256(path) != record.weights.sha256:
         state = "no longer exists" if not path.is_file() else "has changed since"
