@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.allocation import preset_for
 from benchmarks.peers import CRITERIA, tp_prune
 from benchmarks.residual import VARIANTS
 from chanprune.io.checkpoint import save_model
@@ -41,11 +42,10 @@ from chanprune.models import create_model
 from chanprune.pruner import prune
 from chanprune.train import TrainConfig
 
-DEFAULT_ARM = "default"  # chanprune's default recipe, next to the paper's rows
+DEFAULT_ARM = "default"  # chanprune's default recipe, next to the paper's rows; it meets the peers
 TABLE1_METHODS = (DEFAULT_ARM, "lasso", "max_response", "first_k")
 RESIDUAL_ARMS = ("plain", "enhanced", "joint", DEFAULT_ARM)
 ALLOCATION_ARMS = {"uniform": "uniform", "preset": None, DEFAULT_ARM: "global"}  # arm -> allocation (None: the model's preset)
-PRESET = {"vgg16-mnist": "vgg-paper"}  # the paper's preset widths of each model; resnet-paper for the others
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,9 @@ def arm_options(arm: str, budget: Budget, model: str = "") -> dict[str, Any]:
     if arm == DEFAULT_ARM:
         return {"recipe": "default"}
     if arm in ALLOCATION_ARMS:
-        return {"recipe": "default", "allocation": ALLOCATION_ARMS[arm] or PRESET.get(model, "resnet-paper")}
+        return {"recipe": "default", "allocation": ALLOCATION_ARMS[arm] or preset_for(model)}
     paper = {"recipe": "paper", "ridge": budget.ridge, "samples_per_image": budget.samples_per_image}
     return {**paper, "method": "lasso", **VARIANTS[arm]} if arm in VARIANTS else {**paper, "method": arm}
-
-
-def chanprune_arm(residual: bool) -> str:
-    """The chanprune row that meets the peers: the default recipe."""
-    return DEFAULT_ARM
 
 
 class Job:

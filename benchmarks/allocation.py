@@ -39,13 +39,18 @@ RESULTS = Path(__file__).parent / "results"
 RIDGE = {"paper": "auto"}  # the paper's fixed ridge fails on 500 images; every arm gets the same
 
 
+def preset_for(model: str) -> str:
+    """The paper's preset widths for a bundled model: vgg-paper for VGG-16, resnet-paper otherwise."""
+    return PRESET.get(model, "resnet-paper")
+
+
 def options(arm: str, model: str) -> dict[str, Any]:
     """prune() options of one arm: an allocation (``global:WEIGHT`` for a global weighting), with
     ``+rN`` / ``+rauto`` for ``round_to`` N or "auto" (every other arm keeps any width: round_to 1)."""
     arm, _, rounding = arm.partition("+r")
     round_to = {"round_to": 1 if not rounding else rounding if rounding == "auto" else int(rounding)}
     if arm == "preset":
-        return {"allocation": PRESET.get(model, "resnet-paper"), **round_to}
+        return {"allocation": preset_for(model), **round_to}
     allocation, _, weight = arm.partition(":")
     return {"allocation": allocation, **({"global_weight": weight} if weight else {}), **round_to}
 

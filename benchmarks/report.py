@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.accuracy import ALLOCATION_ARMS, PRESET, RESIDUAL_ARMS, TABLE1_METHODS, chanprune_arm  # noqa: E402
+from benchmarks.accuracy import ALLOCATION_ARMS, DEFAULT_ARM, RESIDUAL_ARMS, TABLE1_METHODS  # noqa: E402
+from benchmarks.allocation import PRESET  # noqa: E402
 from benchmarks.latency import table as latency_table  # noqa: E402
 from benchmarks.summary import mean_sd  # noqa: E402
 
@@ -106,8 +107,8 @@ def target_checks(arms: list[dict], latency_rows: dict[str, list[dict]]) -> list
     """The issue's targets, each as a measured yes/no line."""
     lines = []
     peers = peer_arms(arms)
+    ours = DEFAULT_ARM  # the chanprune row that meets the peers
     for model in dict.fromkeys(r["model"] for r in arms):
-        ours = chanprune_arm(bool(select(arms, model=model, arm="joint")))
         for s in sorted({r["speedup"] for r in select(arms, model=model, family="torch-pruning")}):
             mine = select(arms, model=model, arm=ours, speedup=s)
             best = max(peers, key=lambda a: statistics.mean(accs(select(arms, model=model, arm=a, speedup=s), "ft")))
@@ -132,7 +133,6 @@ def target_checks(arms: list[dict], latency_rows: dict[str, list[dict]]) -> list
     if tuned:
         lines.append(f"- fine-tuned ≥ not fine-tuned on validation: {len(kept)} of {len(tuned)} rows: "
                      f"{'met' if len(kept) == len(tuned) else 'NOT met'}")
-    ours = chanprune_arm(False)
     vgg4 = select(arms, model="vgg16-mnist", arm=ours, speedup=4.0)
     if vgg4:
         for stage, limit in (("as_is", 0.2), ("ft", 0.3)):
@@ -252,7 +252,7 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
         parts += ["#### Residual analog: the paper's variants, joint trunk pruning and the default recipe",
                   stage_table(residual_arms, RESIDUAL_ARMS, set(b.residual_speedups))]
     if arms:
-        ours = [r for r in arms if r["family"] == "chanprune" and r["arm"] == chanprune_arm(r["model"] not in vgg)]
+        ours = [r for r in arms if r["family"] == "chanprune" and r["arm"] == DEFAULT_ARM]
         peers = [r for r in arms if r["family"] == "torch-pruning"]
         presets = ", ".join(f"{v} for {k}" for k, v in PRESET.items())
         parts += ["#### Width allocations: the default recipe with global, uniform and preset widths",
@@ -260,7 +260,7 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
                   f"accuracy fine-tuned; preset: {presets}, resnet-paper for the others; 'refused': the preset "
                   "cannot reach the speed-up in blocks of 8 channels.", allocation_table(arms, refused),
                   "#### Torch-Pruning at equal FLOPs (same models, calibration images and fine-tuning)",
-                  stage_table(ours + peers, (chanprune_arm(False), *peer_arms(arms)), set(b.peer_speedups))]
+                  stage_table(ours + peers, (DEFAULT_ARM, *peer_arms(arms)), set(b.peer_speedups))]
     if curves:
         for key in CURVE_KEYS:
             plot_curves(curves, key, out_dir / f"single_layer_{key}.png")

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import latency, report
-from benchmarks.accuracy import Budget, arm_options, chanprune_arm, run_job
+from benchmarks.accuracy import DEFAULT_ARM, Budget, arm_options, run_job
 from benchmarks.peers import require_torch_pruning
 from chanprune.analysis import analyze_layers
 from chanprune.graph import build_graph
@@ -125,7 +125,7 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
             save_model(net, path)
             return net
 
-        arm = chanprune_arm(residual)  # the default recipe
+        arm = DEFAULT_ARM
         pruned = {}
         if residual:  # the paper's feature-map sampling: what its channel selects cost
             pruned[f"enhanced-{b.residual_speedups[0]:g}x"] = saved("enhanced", b.residual_speedups[0])
