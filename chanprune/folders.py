@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import IMAGE_SUFFIXES, LabelledSplits, image_paths, image_tensor
+from .data import IMAGE_SUFFIXES, LabelledSplits, image_paths, image_tensor, open_image
 from .errors import ChanpruneError
 
 PREPROCESS = ("imagenet", "timm", "none")
@@ -111,8 +111,6 @@ class LabelledFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from .data import open_image
-
         return self.preprocess(open_image(self.files[index], self.mode)), self.labels[index]
 
 
