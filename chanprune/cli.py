@@ -172,8 +172,8 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="--allocation global: compare layers by error relative to their output energy, or also "
                    "weighted by the measured sensitivity of the model's output.")
 @click.option("--trunk", type=click.Choice(TRUNK_MODES), default=None,
-              help="Channels tied by residual adds: keep them whole (paper) or prune them jointly [default: the "
-                   "recipe's].")
+              help="Channels tied by residual adds: keep them whole (paper), prune them jointly, or fine (FCP: "
+                   "each layer reads and writes its own subset, the adds stay full width) [default: the recipe's].")
 @click.option("--residual-correction/--no-residual-correction", default=None,
               help="The last layer of a residual branch also makes up for its shortcut's error [default: the "
                    "recipe's].")

@@ -15,7 +15,7 @@ from .errors import ChanpruneError
 from .recipes import RECIPE_FIELDS, RECIPES
 from .selection import STRATEGIES
 
-TRUNK_MODES = ("keep", "joint")
+TRUNK_MODES = ("keep", "joint", "fine")
 GLOBAL_WEIGHTS = ("energy", "sensitivity")
 AUTO_RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # relative to trace(G)/dim
 
@@ -25,7 +25,9 @@ class PruneConfig:
     """Every option of a pruning run; stored in the report so the run can be repeated.
 
     ``trunk`` says what happens to channels tied by residual adds: "keep" leaves them whole (the
-    paper), "joint" prunes them with one selection over all their readers. With
+    paper), "joint" prunes them with one selection over all their readers, "fine" (FCP) keeps
+    the trunk's width but lets every layer reading it read its own subset (a channel select)
+    and every branch's last layer write its own subset (a scatter before the add). With
     ``feature_map_sampling`` a conv reading channels that stay whole reads a chosen subset of
     them through a channel select. ``residual_correction`` makes the last layer of a residual
     branch also make up for the error on its shortcut.

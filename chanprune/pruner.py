@@ -121,7 +121,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         flops_before=flops_before, flops_after=count_flops(pruned, input_shape),
         params_before=count_params(original), params_after=count_params(pruned),
         seconds=0.0, config=cfg.to_dict(),
-        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept))
+        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept, run.errors))
     report.calibration_images = calibration.images
     report.resumed_units = resumed
     report.peak_activation_bytes = store.peak_bytes

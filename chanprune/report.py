@@ -94,12 +94,24 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
     return reports
 
 
-def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor]) -> list[LayerReport]:
-    """One entry per pruned residual trunk: the channels every writer and reader of it lost."""
-    return [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
-                        in_channels_after=len(kept[u.name]), out_channels_before=u.channels,
-                        out_channels_after=len(kept[u.name]), kept_indices=kept[u.name].tolist())
-            for u in units if u.kind == "trunk"]
+def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor],
+                 errors: dict[str, dict[str, Any]]) -> list[LayerReport]:
+    """One entry per pruned residual trunk (the channels every writer and reader of it lost) and
+    per fine-grained trunk writer (the trunk channels it still writes, and its error on the block
+    output, dropped channels included)."""
+    reports = [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
+                           in_channels_after=len(kept[u.name]), out_channels_before=u.channels,
+                           out_channels_after=len(kept[u.name]), kept_indices=kept[u.name].tolist())
+               for u in units if u.kind == "trunk"]
+    for u in units:
+        if u.kind == "write" and u.name in errors:
+            err = errors[u.name]
+            reports.append(LayerReport(
+                name=u.name, kind="write", in_channels_before=u.channels, in_channels_after=u.channels,
+                out_channels_before=u.channels, out_channels_after=len(err["kept_indices"]),
+                kept_indices=err["kept_indices"], rel_error=err["rel_error"],
+                rel_error_heldout=err["rel_error_heldout"], samples=err["samples"]))
+    return reports
 
 
 def _in_channels(layer: nn.Module) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ChanpruneError
-from .layers import SelectedConv2d, conv_like
+from .layers import ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -124,6 +124,34 @@ def select_inputs(module: nn.Module, index: torch.Tensor) -> SelectedConv2d:
     return new
 
 
+MAX_SCATTER_WIDTH = 1 << 16  # more trunk channels than any CNN has: a plan asking for more is damaged
+
+
+def scatter_outputs(module: nn.Module, keep: torch.Tensor, channels: int) -> nn.Module:
+    """The same Conv2d or BatchNorm2d writing its outputs into positions ``keep`` of ``channels``
+    (see :class:`~chanprune.layers.ScatteredConv2d`)."""
+    width = module.out_channels if type(module) is nn.Conv2d else getattr(module, "num_features", None)
+    if channels > MAX_SCATTER_WIDTH:
+        raise ChanpruneError(f"pruning plan scatters outputs into {channels} channels (at most {MAX_SCATTER_WIDTH}); "
+                             "the checkpoint does not match its architecture")
+    if type(module) not in (nn.Conv2d, nn.BatchNorm2d) or width != len(keep) or len(set(keep.tolist())) != len(keep):
+        raise ChanpruneError(f"cannot scatter the outputs of a {type(module).__name__} with {width} channels to "
+                             f"{len(keep)} distinct positions; the checkpoint does not match its architecture")
+    if isinstance(module, nn.Conv2d):
+        new: nn.Module = ScatteredConv2d(keep, channels, module.in_channels, module.kernel_size, module.stride,
+                                         module.padding, module.dilation, module.groups, module.bias is not None,
+                                         module.padding_mode)
+    else:
+        new = ScatteredBatchNorm2d(keep, channels, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+    new.load_state_dict(module.state_dict(), strict=False)  # the scatter's buffers are new
+    param = next(module.parameters(), None)
+    if param is not None:
+        new.to(param.device, param.dtype)
+    new.train(module.training)
+    return new
+
+
 def with_bias(module: nn.Module) -> nn.Module:
     """The same Conv2d / Linear with a (zero) bias parameter added."""
     if module.bias is not None:
@@ -179,13 +207,14 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
     return added
 
 
-OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale")
+OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs")
 
 
 @dataclass(frozen=True)
 class PlanOp:
     """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
-    (and, for a Linear after flatten, the ``channel_size`` features each channel owns)."""
+    (and, for a Linear after flatten, the ``channel_size`` features each channel owns; for
+    ``scatter_outputs``, the width the outputs are scattered into)."""
 
     op: str
     layer: str
@@ -196,7 +225,7 @@ class PlanOp:
         out: dict[str, Any] = {"op": self.op, "layer": self.layer}
         if self.op != "add_bias":
             out["keep"] = list(self.keep)
-        if self.op == "keep_inputs":
+        if self.op in ("keep_inputs", "scatter_outputs"):
             out["channel_size"] = self.channel_size
         return out
 
@@ -228,6 +257,9 @@ class Plan:
 
     def keep_scale(self, model: nn.Module, path: str, keep: torch.Tensor) -> None:
         self.apply(model, PlanOp("keep_scale", path, tuple(keep.tolist())))
+
+    def scatter_outputs(self, model: nn.Module, name: str, keep: torch.Tensor, channels: int) -> None:
+        self.apply(model, PlanOp("scatter_outputs", name, tuple(keep.tolist()), channels))
 
 
 def keep_scale(model: nn.Module, path: str, keep: torch.Tensor) -> None:
@@ -274,6 +306,8 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
         replace_module(model, op.layer, keep_channels(layer, keep))
     elif op.op == "select_inputs":
         replace_module(model, op.layer, select_inputs(layer, keep))
+    elif op.op == "scatter_outputs":
+        replace_module(model, op.layer, scatter_outputs(layer, keep, op.channel_size))
     elif op.op == "add_bias":
         with_bias(layer)
     else:
@@ -283,6 +317,8 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
 def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
     """How many channels ``op`` may index in ``layer``."""
     weight = getattr(layer, "weight", None)
+    if op.op == "scatter_outputs":
+        return op.channel_size
     if op.op == "keep_outputs":
         return weight.shape[0] if weight is not None else getattr(layer, "num_features", 0)
     if op.op in ("keep_inputs", "select_inputs"):

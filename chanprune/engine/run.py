@@ -21,7 +21,7 @@ from ..config import AUTO_RIDGES, PruneConfig
 from ..errors import ChanpruneError
 from ..graph import ChannelGraph, ChannelGroup, Reader
 from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
-from ..solvers import block_indices, heldout_least_squares, least_squares, relative_error
+from ..solvers import block_indices, heldout_least_squares, least_squares, output_errors, relative_error
 from ..stats import Moments
 from ..surgery import Plan, PlanOp, folded_weight, replay, write_folded
 from .calibration import Calibration
@@ -49,7 +49,7 @@ def prune_units(run: "PruneRun", calibration: Calibration, units: list[Unit], wi
             if resume is not None:
                 resume.save(run.unit_record(i, unit, keep, run.plan.ops[start:]))
         run.shrink(unit, keep)
-        if unit.reader is None:
+        if unit.narrows_group:
             calibration.drop_channels(unit.group.name, keep, widths_before)
         if i + 1 < len(units):
             calibration.advance(calibration.reader_position(units[i + 1].readers))
@@ -109,11 +109,14 @@ class PruneRun:
                                moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
         """Choose the kept channels of ``unit`` and refit its readers (their input channels shrink);
         the writers and followers keep every channel until :meth:`shrink`."""
+        if unit.writer is not None:
+            return self.select_outputs(unit, n_keep, *moments[unit.writer.name])
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
-        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
-                                   for w in group.writers], 1)
+        writer_weight = torch.cat([torch.zeros(self.widths[group.name], 0, dtype=torch.float32)] +
+                                  [self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
+                                   for w in group.writers if f"write:{w}" not in self.kept], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
         keep = STRATEGIES[cfg.method](problem)
         if len(keep) != n_keep:
@@ -126,7 +129,7 @@ class PruneRun:
         """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
         (after its readers were reconstructed)."""
         group = unit.group
-        if unit.reader is None:
+        if unit.narrows_group:
             for name in group.writers:
                 block = group.block_of(name)
                 outputs = block_indices(keep, block)
@@ -139,7 +142,56 @@ class PruneRun:
             for path in group.scales:
                 self.plan.keep_scale(self.work, path, self.layer_index(path, group, keep))
             self.widths[group.name] = len(keep)
+        elif unit.writer is not None:
+            self.kept_outputs[unit.writer.name] = self.kept_outputs.get(unit.writer.name,
+                                                                        torch.arange(unit.channels))[keep]
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
+
+    def select_outputs(self, unit: Unit, n_keep: int, fit: Moments, heldout: Moments) -> torch.Tensor:
+        """FCP's fine-grained trunk writer: refit the writer on its current inputs, keep the
+        ``n_keep`` outputs whose loss would cost the block output most, and scatter them into the
+        trunk's width (the others add the mean they had). Least squares is separable by output,
+        so keeping the outputs with the largest ||T_j - t̄_j||² - ||T_j - Ŷ_j||² is exact."""
+        writer = unit.writer
+        rp = reader_problem(self.work, writer, fit, heldout)
+        every = torch.arange(fit.dim_x // rp.k)
+        w, b = rp.weight, rp.bias
+        ridge = self.cfg.ridge
+        if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
+            w, b, ridge = heldout_least_squares(fit, heldout, every, rp.k, AUTO_RIDGES, (w, b))
+        elif self.cfg.reconstruct:
+            ridge = 1e-6 if ridge == "auto" else ridge
+            w, b = least_squares(fit, every, rp.k, ridge)
+        energy = fit.centred_yy()
+        keep = (energy - output_errors(fit, every, rp.k, w, b)).topk(n_keep).indices.sort().values
+        dropped = torch.ones(len(energy), dtype=torch.bool)
+        dropped[keep] = False
+
+        def error(m: Moments) -> float:
+            if m.count == 0 or m.yty <= 0:
+                return float("nan")
+            lost = m.centred_yy()[dropped].sum() + m.count * (m.mean_y - fit.mean_y)[dropped].square().sum()
+            return float((output_errors(m, every, rp.k, w, b)[keep].sum() + lost) / m.yty) ** 0.5
+
+        layer = self.work.get_submodule(writer.name)
+        if self.cfg.reconstruct:
+            bn = self.work.get_submodule(writer.bn) if writer.bn else None
+            if write_folded(layer, bn, w, b):
+                self.plan.add_bias(writer.name)
+        channels = self.widths[unit.group.name]
+        self.plan.keep_outputs(self.work, writer.name, keep)
+        last = writer.name
+        if writer.bn:
+            self.plan.keep_channels(self.work, writer.bn, keep)
+            last = writer.bn
+        self.plan.scatter_outputs(self.work, last, keep, channels)
+        with torch.no_grad():
+            fill = self.work.get_submodule(last).scatter_fill
+            fill[dropped] = fit.mean_y[dropped].to(fill)
+        self.errors[unit.name] = {
+            "kept_indices": keep.tolist(), "samples": fit.count, "inputs": fit.dim_x, "ridge": ridge,
+            "rel_error": error(fit), "rel_error_heldout": error(heldout)}
+        return keep
 
     def unit_record(self, index: int, unit: Unit, keep: torch.Tensor, ops: list[PlanOp]) -> UnitRecord:
         """What :meth:`select_and_reconstruct` just did to ``unit``'s readers, for a resumed run."""
@@ -149,7 +201,8 @@ class PruneRun:
                 if name:
                     tensors.update({f"{name}.{k}": v.clone() for k, v in self.work.get_submodule(name).state_dict().items()})
         return UnitRecord(index, unit.name, tuple(keep.tolist()), tuple(ops), tensors,
-                          {r.name: self.errors[r.name] for r in unit.readers if r.name in self.errors},
+                          {name: self.errors[name] for name in (unit.name, *(r.name for r in unit.readers))
+                           if name in self.errors},
                           self.generator.get_state())
 
     def replay_readers(self, unit: Unit, record: UnitRecord) -> torch.Tensor:
