@@ -2,8 +2,8 @@
 
 For a reader layer, X holds input patches from the model pruned so far and Y the same layer's
 output in the original model (pre-activation, BatchNorm folded) at the same positions. Only
-G = X^T X, B = X^T Y, ||Y||^2 (in total and per output) and the sums of X and Y are kept, in float64, so memory is
-O((c*k)^2) whatever the number of images. Per-batch products run in float32.
+G = X^T X, B = X^T Y, ||Y||^2 (in total and per output) and the sums of X and Y are kept, in
+float64, so memory is O((c*k)^2) whatever the number of images. Per-batch products run in float32.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ class Moments:
         dx, dy = x.sum(0).double(), y.sum(0).double()  # float32 pairwise sums of the shifted samples
         self.sum_x += dx + len(x) * sx
         self.sum_y += dy + len(x) * sy
-        yy = y.square().sum(0).double() + 2 * sy * dy + len(x) * sy * sy
-        self.yy += yy
-        self.yty += float(yy.sum())
+        squares = y.square()
+        self.yty += float(squares.sum()) + 2 * float(sy @ dy) + len(x) * float(sy @ sy)
+        self.yy += squares.sum(0).double() + 2 * sy * dy + len(x) * sy * sy
         self._pending_sums[0].add_(dx)
         self._pending_sums[1].add_(dy)
         if self._pending is None:
@@ -183,8 +183,8 @@ class Moments:
         b_o = self.xty[other]
         sub.xty = sub.xty - self.xtx[cols][:, other] @ w_other.T
         sub.sum_y = self.sum_y - w_other @ self.sum_x[other]
+        sub.yty = self.yty - 2 * float((w_other * b_o.T).sum()) + float(((w_other @ g_oo) * w_other).sum())
         sub.yy = self.yy - 2 * (w_other * b_o.T).sum(1) + ((w_other @ g_oo) * w_other).sum(1)
-        sub.yty = float(sub.yy.sum())
         return sub
 
     @property
