@@ -3,7 +3,8 @@
 Torch-Pruning removes the same fraction of channels from every dependency group it finds
 (residual trunks included), ranked by an importance criterion. Its pruning ratio is found by
 bisection until the FLOPs speed-up (counted the way chanprune counts it) is within ``tolerance``
-of the target. The final classifier's outputs are never pruned.
+of the target. The outputs of the final layer (the last Linear, else the last conv: an image
+model's output channels) are never pruned.
 
 Criteria: ``l1`` / ``l2`` group magnitude, ``bn_scale`` (|γ| of the BatchNorm after each conv)
 and ``taylor`` (|w · ∂loss/∂w| with the cross-entropy on the labelled calibration images).
@@ -47,9 +48,10 @@ def _pruned_at(model: nn.Module, criterion: str, ratio: float, example: torch.Te
     import torch_pruning as tp
 
     net = copy.deepcopy(model).eval()
-    classifier = [m for m in net.modules() if isinstance(m, nn.Linear)][-1:]
+    final = [m for m in net.modules() if isinstance(m, nn.Linear)][-1:] or \
+        [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1:]
     pruner = tp.pruner.MetaPruner(net, example, importance=_importance(criterion), pruning_ratio=ratio,
-                                  ignored_layers=classifier)
+                                  ignored_layers=final)
     if criterion == "taylor":
         gradient_batch(net)
     pruner.step()

@@ -59,35 +59,54 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 @main.command()
 @click.option("--model", "model_name", default="vgg16-mnist", show_default=True, help="Bundled model name.")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--lr", default=0.05, show_default=True)
+@click.option("--epochs", default=20, show_default=True, help="Epochs of an MNIST model.")
+@click.option("--steps", default=None, type=int,
+              help="Steps of the super-resolution model (msrresnet-photos) [default: 3000].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.05 (MNIST), 0.001 (photos)].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the checkpoint (default: the package's bundled checkpoint).")
 @device_option
-def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None, device: str) -> None:
-    """Train a bundled reference model on the bundled MNIST split and save its checkpoint."""
+def train(model_name: str, epochs: int, steps: int | None, lr: float | None, seed: int, out: Path | None,
+          device: str) -> None:
+    """Train a bundled reference model on its bundled data (MNIST digits, or patches of the bundled
+    photographs for the super-resolution model) and save its checkpoint."""
     from dataclasses import asdict
 
     from .devices import resolve_device
     from .io.state_file import save_state_file
-    from .data import mnist_split
-    from .evaluate import accuracy
     from .models import bundled_model
-    from .train import TrainConfig, train as run_training
 
     entry = bundled_model(model_name)
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     torch_seed(seed)
     model = entry.build().to(resolve_device(device))
-    result = run_training(model, mnist_split("train"), mnist_split("val"), config)
-    result["test_accuracy"] = accuracy(model, mnist_split("test"))
-    command = f"chanprune train --model {model_name} --epochs {epochs} --lr {lr} --seed {seed}"
+    if entry.dataset == "photos":
+        from .photos import photo_split
+        from .sr import SRConfig, score, train_sr
+
+        config = SRConfig(**{k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}, seed=seed)
+        split = photo_split()
+        result = train_sr(model, split, config, keep_best=True)
+        result.update({f"test_{k}": v for k, v in asdict(score(model, split.test, config.scale)).items()})
+        result.update({f"bicubic_test_{k}": v for k, v in asdict(score(None, split.test, config.scale)).items()})
+        command = f"chanprune train --model {model_name} --steps {config.steps} --lr {config.lr} --seed {seed}"
+        summary = (f"val PSNR {result['val_psnr']:.2f} dB  test PSNR {result['test_psnr']:.2f} dB, SSIM "
+                   f"{result['test_ssim']:.4f} (bicubic {result['bicubic_test_psnr']:.2f} dB, "
+                   f"{result['bicubic_test_ssim']:.4f})")
+    else:
+        from .data import mnist_split
+        from .evaluate import accuracy
+        from .train import TrainConfig, train as run_training
+
+        config = TrainConfig(epochs=epochs, lr=0.05 if lr is None else lr, seed=seed)
+        result = run_training(model, mnist_split("train"), mnist_split("val"), config)
+        result["test_accuracy"] = accuracy(model, mnist_split("test"))
+        command = f"chanprune train --model {model_name} --epochs {epochs} --lr {config.lr} --seed {seed}"
+        summary = f"val accuracy {result['val_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}"
     out = out or entry.checkpoint
     save_state_file(out, model.state_dict(), {"model": model_name, "recipe": asdict(config),
                                               "command": command, "result": result})
-    click.echo(f"val accuracy {result['val_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}"
-               f"  -> {out}")
+    click.echo(f"{summary}  -> {out}")
 
 
 def torch_seed(seed: int) -> None:
