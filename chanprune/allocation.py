@@ -89,23 +89,28 @@ class FlopModel:
 
     def layer_flops(self, widths: dict[str, int], layers: Iterable[str]) -> dict[str, float]:
         """Estimated FLOPs of each of ``layers`` (pruned-aware layers) at ``widths``."""
-        channels = self._channels
         out = {}
         for name in layers:
-            layout = self.graph.layouts.get(name)
-            frac_in = 1.0
-            if f"select:{name}" in widths:
-                frac_in = widths[f"select:{name}"] / channels[layout[0]]
-            elif layout:
-                frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
-            frac_out = 1.0
-            if f"write:{name}" in widths:
-                frac_out = widths[f"write:{name}"] / channels[self._writer_group[name]]
-            elif name not in self.graph.depthwise and name in self._writer_group:
-                group = self._writer_group[name]
-                frac_out = widths.get(group, channels[group]) / channels[group]
+            frac_in, frac_out = self.fractions(widths, name)
             out[name] = self.per_layer[name] * frac_in * frac_out
         return out
+
+    def fractions(self, widths: dict[str, int], name: str) -> tuple[float, float]:
+        """Kept fractions of layer ``name``'s (input, output) channels at ``widths``."""
+        channels = self._channels
+        layout = self.graph.layouts.get(name)
+        frac_in = 1.0
+        if f"select:{name}" in widths:
+            frac_in = widths[f"select:{name}"] / channels[layout[0]]
+        elif layout:
+            frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
+        frac_out = 1.0
+        if f"write:{name}" in widths:
+            frac_out = widths[f"write:{name}"] / channels[self._writer_group[name]]
+        elif name not in self.graph.depthwise and name in self._writer_group:
+            group = self._writer_group[name]
+            frac_out = widths.get(group, channels[group]) / channels[group]
+        return frac_in, frac_out
 
     def touched(self, unit: str, narrowest: int) -> list[str]:
         """The layers whose FLOPs change when ``unit`` narrows (to ``narrowest`` channels)."""

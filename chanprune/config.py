@@ -12,6 +12,7 @@ from torch import nn
 
 from .allocators import ALLOCATIONS
 from .errors import ChanpruneError
+from .factorize import FACTORIZATIONS
 from .recipes import RECIPE_FIELDS, RECIPES
 from .selection import STRATEGIES
 
@@ -30,7 +31,9 @@ class PruneConfig:
     and every branch's last layer write its own subset (a scatter before the add). With
     ``feature_map_sampling`` a conv reading channels that stay whole reads a chosen subset of
     them through a channel select. ``residual_correction`` makes the last layer of a residual
-    branch also make up for the error on its shortcut.
+    branch also make up for the error on its shortcut. ``factorize`` adds spatial and/or channel
+    factorization of every reconstructed conv (3C, see :mod:`chanprune.factorize`); each technique
+    then takes an equal share of the speed-up.
     """
 
     speedup: float | None = 4.0
@@ -51,6 +54,7 @@ class PruneConfig:
     residual_correction: bool | None = None
     feature_map_sampling: bool | None = None
     round_to: int | str | None = None  # widths in blocks of this many channels (8 or 16 suit CPU kernels), or "auto"
+    factorize: tuple[str, ...] = ()  # 3C: "spatial" and/or "channel" factorization of reconstructed convs
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -74,6 +78,13 @@ class PruneConfig:
             raise ChanpruneError(f"unknown global weight {self.global_weight!r}; use one of {', '.join(GLOBAL_WEIGHTS)}")
         if self.trunk not in TRUNK_MODES:
             raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
+        unknown = set(self.factorize) - set(FACTORIZATIONS)
+        if unknown or len(set(self.factorize)) != len(self.factorize):
+            raise ChanpruneError(f"factorize takes each of {', '.join(FACTORIZATIONS)} at most once, got "
+                                 f"{', '.join(self.factorize) or 'nothing'}; e.g. factorize=('spatial', 'channel')")
+        if self.factorize and (not self.reconstruct or self.speedup is None):
+            raise ChanpruneError("factorization fits the factorized layers by least squares to meet a speed-up: it "
+                                 "needs reconstruct=True and a speed-up target")
         if self.speedup is None and self.widths is None:
             raise ChanpruneError("give a speed-up target or explicit widths")
         if self.speedup is not None:
@@ -109,6 +120,7 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["exclude"] = list(self.exclude)
+        out["factorize"] = list(self.factorize)
         return out
 
 

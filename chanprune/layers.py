@@ -81,6 +81,25 @@ class ScatteredBatchNorm2d(_Scatter, nn.BatchNorm2d):
         return self.scatter(super().forward(x))
 
 
+class FactorizedConv2d(nn.Sequential):
+    """A conv replaced by a chain of thinner convs with the same receptive field and outputs (3C,
+    see :mod:`chanprune.factorize`): the first conv reads the inputs (input channels are removed
+    there), the last writes the outputs and carries the bias (output channels are removed there)."""
+
+    @property
+    def in_channels(self) -> int:
+        return self[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self[-1].out_channels
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The last conv's weights: one row per output channel, what filter-ranking criteria read."""
+        return self[-1].weight
+
+
 def conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int | None = None,
               index: torch.Tensor | None = None) -> nn.Conv2d:
     """A fresh conv with ``conv``'s geometry and new channel counts; keeps (or sets) a channel select."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import replace
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .engine.run import PruneRun, prune_units
 from .engine.store import BatchStore, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
 from .evaluate import evaluating, model_device
+from .factorize import channel_speedup, plan_ranks
 from .flops import count_flops, count_params, flop_breakdown
 from .global_allocation import ErrorCurve
 from .graph import Reader, build_graph
@@ -57,6 +59,7 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     start = time.perf_counter()
     cfg = PruneConfig(speedup=speedup, method=method, **options)
     cfg.exclude = tuple(cfg.exclude)
+    cfg.factorize = tuple(cfg.factorize)
     cfg.validate()
     cfg.check_model(model)
     stream = iterate_batches(calib_data, cfg.batch_size)
@@ -97,8 +100,11 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         calibration = calibrate(units)
         return error_curves(calibration, run, units, narrowest, cfg.global_weight, progress)
 
-    widths = resolve_widths(cfg, graph, units, flop_model, curves)
+    pruning = cfg if not cfg.factorize else replace(cfg, speedup=channel_speedup(cfg.speedup, cfg.factorize))
+    widths = resolve_widths(pruning, graph, units, flop_model, curves)
     todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
+    if cfg.factorize:
+        run.ranks = plan_ranks(original, flop_model, todo, widths, cfg.factorize, cfg.speedup)
     if calibration is None:
         calibration = calibrate(todo)
     else:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocation import Unit
 from .files import write_text_atomic
-from .layers import SelectedConv2d
+from .layers import FactorizedConv2d, SelectedConv2d
 
 
 @dataclass
@@ -81,8 +81,11 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
         shape_before, shape_after = tuple(before.weight.shape[:2]), tuple(after.weight.shape[:2])
         if shape_before == shape_after and name not in errors:
             continue
-        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(after, SelectedConv2d) \
+        first = after[0] if isinstance(after, FactorizedConv2d) else after
+        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(first, SelectedConv2d) \
             else "conv"
+        if isinstance(after, FactorizedConv2d):
+            kind += f" factorized ({'-'.join(str(c.out_channels) for c in after[:-1])})"
         err = errors.get(name, {})
         reports.append(LayerReport(
             name=name, kind=kind,
@@ -115,4 +118,4 @@ def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor],
 
 
 def _in_channels(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+    return layer.in_channels if isinstance(layer, (nn.Conv2d, FactorizedConv2d)) else layer.in_features

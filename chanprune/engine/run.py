@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..allocation import Unit
 from ..config import AUTO_RIDGES, PruneConfig
 from ..errors import ChanpruneError
+from ..factorize import Ranks, channel_factors, least_squares_on, spatial_factors, window_map
 from ..graph import ChannelGraph, ChannelGroup, Reader
 from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
 from ..solvers import block_indices, heldout_least_squares, least_squares, output_errors, relative_error
@@ -69,6 +70,7 @@ class PruneRun:
         self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
         self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
         self.errors: dict[str, dict[str, Any]] = {}
+        self.ranks: dict[str, Ranks] = {}  # reader -> its factorization (3C), applied when it is reconstructed
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
@@ -241,7 +243,10 @@ class PruneRun:
             self.plan.select_inputs(self.work, name, index)
         else:
             self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
-        if self.cfg.reconstruct:
+        if self.cfg.reconstruct and name in self.ranks:
+            w_kept, b_kept = self.factorize(rp.reader, self.ranks[name], fit, w_kept, b_kept,
+                                            1e-6 if ridge in (None, "auto") else ridge)
+        elif self.cfg.reconstruct:
             bn = self.work.get_submodule(rp.reader.bn) if rp.reader.bn else None
             if write_folded(self.work.get_submodule(name), bn, w_kept, b_kept):
                 self.plan.add_bias(name)
@@ -250,6 +255,34 @@ class PruneRun:
             "rel_error": relative_error(fit, all_kept, k, w_kept, b_kept),
             "rel_error_heldout": relative_error(heldout, all_kept, k, w_kept, b_kept), "ridge": ridge,
         }
+
+    def factorize(self, reader: Reader, ranks: Ranks, fit: Moments, weight: torch.Tensor, bias: torch.Tensor,
+                  ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace a reconstructed reader by its factorized chain (:mod:`chanprune.factorize`),
+        fitted to the same targets on the same moments (``fit``, restricted to its kept inputs);
+        returns the chain's end-to-end (weight, bias) in the reader's input features."""
+        name = reader.name
+        layer = self.work.get_submodule(name)
+        kernel = tuple(layer.kernel_size)
+        through = torch.eye(weight.shape[1], dtype=weight.dtype)  # chain so far as a map of the input features
+        if ranks.spatial is not None:
+            vertical, fit = spatial_factors(weight, fit, layer.in_channels, kernel, ranks.spatial, ridge)
+            through = window_map(vertical, kernel[1])
+            weight, bias = least_squares_on(fit, ridge)
+            self.plan.factorize(self.work, name, "spatial", ranks.spatial)
+            first = self.work.get_submodule(name)[0]
+            first.weight.data.copy_(vertical.reshape(first.weight.shape))
+        if ranks.channel is not None:
+            first_factor, weight, bias = channel_factors(weight, bias, fit, ranks.channel, ridge)
+            through = first_factor @ through
+            self.plan.factorize(self.work, name, "channel", ranks.channel)
+            narrow = self.work.get_submodule(name)[-2]
+            narrow.weight.data.copy_(first_factor.reshape(narrow.weight.shape))
+        chain = self.work.get_submodule(name)
+        bn = self.work.get_submodule(reader.bn) if reader.bn else None
+        if write_folded(chain[-1], bn, weight, bias):
+            self.plan.add_bias(f"{name}.{len(chain) - 1}")
+        return weight @ through, bias
 
     def result(self, original: nn.Module) -> nn.Module:
         """The user's model class with this run's surgery replayed and the working weights loaded."""
