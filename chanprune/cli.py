@@ -220,6 +220,8 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--factorize", default="",
               help="3C: also factorize every reconstructed conv, 'spatial' (kxk -> kx1 + 1xk), 'channel' (a thinner "
                    "conv + 1x1) or 'spatial,channel'; each technique takes an equal share of the speed-up.")
+@click.option("--channel-pruning/--no-channel-pruning", default=True, show_default=True,
+              help="With --factorize: --no-channel-pruning lets the factorization alone make the speed-up.")
 @data_options
 @device_option
 @click.option("--memory-budget", type=click.IntRange(min=0), default=None,
@@ -236,9 +238,9 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
           feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
           calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,
-          round_to: str | None, factorize: str, data_dir: str | None, val_split: str | None,
-          test_split: str | None, preprocess: str, split_seed: int, device: str, memory_budget: int | None,
-          resume_dir: Path | None, out: Path, report_path: Path) -> None:
+          round_to: str | None, factorize: str, channel_pruning: bool, data_dir: str | None,
+          val_split: str | None, test_split: str | None, preprocess: str, split_seed: int, device: str,
+          memory_budget: int | None, resume_dir: Path | None, out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
 
     Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process keeps every
@@ -263,7 +265,8 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
                    reconstruct=not no_reconstruction, ridge=_number_or_auto(ridge, "--ridge", float),
                    lasso_rounds=lasso_rounds, trunk=trunk, residual_correction=residual_correction,
                    feature_map_sampling=feature_map_sampling, round_to=_number_or_auto(round_to, "--round-to", int),
-                   factorize=tuple(k.strip() for k in factorize.split(",") if k.strip()))
+                   factorize=tuple(k.strip() for k in factorize.split(",") if k.strip()),
+                   channel_pruning=channel_pruning)
     config = PruneConfig(speedup=speedup, method=method, **options)
     config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint, input_size, weights, arch, json_kwargs(arch_kwargs))

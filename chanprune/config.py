@@ -33,7 +33,7 @@ class PruneConfig:
     them through a channel select. ``residual_correction`` makes the last layer of a residual
     branch also make up for the error on its shortcut. ``factorize`` adds spatial and/or channel
     factorization of every reconstructed conv (3C, see :mod:`chanprune.factorize`); each technique
-    then takes an equal share of the speed-up.
+    then takes an equal share of the speed-up (``channel_pruning=False``: factorization alone).
     """
 
     speedup: float | None = 4.0
@@ -55,6 +55,7 @@ class PruneConfig:
     feature_map_sampling: bool | None = None
     round_to: int | str | None = None  # widths in blocks of this many channels (8 or 16 suit CPU kernels), or "auto"
     factorize: tuple[str, ...] = ()  # 3C: "spatial" and/or "channel" factorization of reconstructed convs
+    channel_pruning: bool = True  # False (with factorize): the factorization alone makes the whole speed-up
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -82,6 +83,9 @@ class PruneConfig:
         if unknown or len(set(self.factorize)) != len(self.factorize):
             raise ChanpruneError(f"factorize takes each of {', '.join(FACTORIZATIONS)} at most once, got "
                                  f"{', '.join(self.factorize) or 'nothing'}; e.g. factorize=('spatial', 'channel')")
+        if not self.channel_pruning and not self.factorize:
+            raise ChanpruneError("channel_pruning=False leaves nothing to do without factorize; add factorize=... "
+                                 "or prune channels")
         if self.factorize and (not self.reconstruct or self.speedup is None):
             raise ChanpruneError("factorization fits the factorized layers by least squares to meet a speed-up: it "
                                  "needs reconstruct=True and a speed-up target")

@@ -60,9 +60,10 @@ def layer_cost(c: int, n: int, kernel: tuple[int, int], ranks: Ranks) -> float:
     return c * n * kh * kw
 
 
-def channel_speedup(speedup: float, kinds: tuple[str, ...]) -> float:
-    """The share of ``speedup`` channel pruning takes when ``kinds`` factorizations join it."""
-    return speedup ** (1 / (1 + len(kinds)))
+def channel_speedup(speedup: float, kinds: tuple[str, ...], channel_pruning: bool = True) -> float:
+    """The share of ``speedup`` channel pruning takes when ``kinds`` factorizations join it (1:
+    none, when factorization alone makes the speed-up)."""
+    return speedup ** (1 / (1 + len(kinds))) if channel_pruning else 1.0
 
 
 def plan_ranks(model: nn.Module, flop_model: FlopModel, units: list[Unit], widths: dict[str, int],

@@ -100,11 +100,15 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         calibration = calibrate(units)
         return error_curves(calibration, run, units, narrowest, cfg.global_weight, progress)
 
-    pruning = cfg if not cfg.factorize else replace(cfg, speedup=channel_speedup(cfg.speedup, cfg.factorize))
-    widths = resolve_widths(pruning, graph, units, flop_model, curves)
-    todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
-    if cfg.factorize:
-        run.ranks = plan_ranks(original, flop_model, todo, widths, cfg.factorize, cfg.speedup)
+    if cfg.channel_pruning:
+        share = channel_speedup(cfg.speedup, cfg.factorize) if cfg.factorize else cfg.speedup
+        widths = resolve_widths(replace(cfg, speedup=share), graph, units, flop_model, curves)
+    else:
+        widths = {u.name: u.channels for u in units}
+    if cfg.factorize:  # every unit with a factorized reader is refitted, pruned or not
+        run.ranks = plan_ranks(original, flop_model, units, widths, cfg.factorize, cfg.speedup)
+    todo = [u for u in units if (u.name in widths and widths[u.name] < u.channels)
+            or any(r.name in run.ranks for r in u.readers)]
     if calibration is None:
         calibration = calibrate(todo)
     else:

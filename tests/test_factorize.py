@@ -133,3 +133,16 @@ def test_a_plan_that_factorizes_wrongly_is_refused():
                         (PlanOp("factorize_channel", "0", (1, 2)), "ranks")]:
         with pytest.raises(ChanpruneError, match=message):
             apply_op(model, op)
+
+
+def test_factorization_alone_keeps_every_channel():
+    model, x = make_tiny(), random_images(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, report = prune(model, x, 1.5, factorize=("channel",), channel_pruning=False, round_to=1,
+                               progress=False)
+    assert abs(report.speedup_achieved / 1.5 - 1) <= 0.02
+    assert pruned.conv2.in_channels == 8 and pruned.conv3.in_channels == 12 and pruned.conv3.out_channels == 16
+    assert isinstance(pruned.conv2, FactorizedConv2d) and pruned.conv2[0].out_channels < 12
+    with pytest.raises(ChanpruneError, match="nothing to do"):
+        prune(model, x, 1.5, channel_pruning=False, progress=False)

@@ -120,7 +120,8 @@ class PruneRun:
                                   [self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
                                    for w in group.writers if f"write:{w}" not in self.kept], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
-        keep = STRATEGIES[cfg.method](problem)
+        # a unit kept whole is here only to be refitted (and factorized): nothing to choose
+        keep = torch.arange(n_keep) if n_keep == self.widths[group.name] else STRATEGIES[cfg.method](problem)
         if len(keep) != n_keep:
             raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
         for rp in full:
@@ -239,7 +240,7 @@ class PruneRun:
         elif self.cfg.reconstruct:
             ridge = 1e-6 if ridge == "auto" else ridge
             w_kept, b_kept = least_squares(fit, all_kept, k, ridge)
-        if select:
+        if select and len(keep) < len(self.kept.get(group.name, torch.arange(group.channels))):
             self.plan.select_inputs(self.work, name, index)
         else:
             self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
