@@ -240,7 +240,7 @@ class PruneRun:
         elif self.cfg.reconstruct:
             ridge = 1e-6 if ridge == "auto" else ridge
             w_kept, b_kept = least_squares(fit, all_kept, k, ridge)
-        if select and len(keep) < len(self.kept.get(group.name, torch.arange(group.channels))):
+        if select and len(keep) < self.widths[group.name]:  # a select of every channel would copy for nothing
             self.plan.select_inputs(self.work, name, index)
         else:
             self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
