@@ -3,6 +3,8 @@ training that keeps its best validation step, and the bundled x2 model through t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -83,6 +85,8 @@ def test_the_bundled_sr_model_beats_bicubic_by_a_decibel(split):
 def test_the_cli_prunes_the_sr_model_on_its_own_patches(tmp_path):
     out = tmp_path / "pruned.safetensors"
     result = CliRunner().invoke(main, ["prune", "--model", "msrresnet-photos", "--speedup", "2", "--calib-images",
-                                       "64", "--trunk", "fine", "--out", str(out)])
+                                       "64", "--trunk", "fine", "--out", str(out), "--report",
+                                       str(tmp_path / "report.json")])
     assert result.exit_code == 0, result.output
-    assert out.exists() and "2.0" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert out.exists() and abs(report["speedup_achieved"] / 2 - 1) <= 0.02 and report["config"]["trunk"] == "fine"
