@@ -9,6 +9,8 @@ from whichever of the two has the higher validation accuracy. Arms:
   every model          chanprune's default recipe with its data-driven (global) widths, next to
                        the same recipe with uniform widths and with the paper's preset widths;
                        Torch-Pruning criteria at FLOPs matched to chanprune's speed-ups
+  FCP's models         the default recipe with its trunks kept (feature-map sampling only),
+                       pruned jointly (the default) and fine-grained (FCP), up to FCP's 4.6×
 The calibration seed also seeds fine-tuning, so seeds give independent repeats of everything.
 Each finished row is appended to the job's rows file at once, and a rerun skips the rows the file
 already holds, so a run that stops continues where it stopped.
@@ -46,6 +48,7 @@ DEFAULT_ARM = "default"  # chanprune's default recipe, next to the paper's rows;
 TABLE1_METHODS = (DEFAULT_ARM, "lasso", "max_response", "first_k")
 RESIDUAL_ARMS = ("plain", "enhanced", "joint", DEFAULT_ARM)
 ALLOCATION_ARMS = {"uniform": "uniform", "preset": None, DEFAULT_ARM: "global"}  # arm -> allocation (None: the model's preset)
+TRUNK_ARMS = {"trunk-keep": "keep", DEFAULT_ARM: "joint", "trunk-fine": "fine"}  # arm -> trunk mode
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Budget:
     allocation_speedups: tuple[float, ...] = (2.0, 4.0, 5.0)
     residual_speedups: tuple[float, ...] = (2.0,)
     peer_speedups: tuple[float, ...] = (2.0, 4.0)
+    trunk_models: tuple[str, ...] = ("resnet56-mnist", "resnet50-mnist", "xception50-mnist")
+    trunk_speedups: tuple[float, ...] = (2.0, 4.0, 4.6)  # 4.6×: FCP's 78% of FLOPs removed
     criteria: tuple[str, ...] = CRITERIA
     ft_epochs: tuple[tuple[str, int], ...] = (("vgg16-mnist", 2),)
     ft_epochs_default: int = 1
@@ -72,10 +77,13 @@ class Budget:
 
 def arm_options(arm: str, budget: Budget, model: str = "") -> dict[str, Any]:
     """The prune() options of a chanprune arm: the default recipe as it is or with other widths
-    (``uniform``, ``preset``: ``model``'s preset), or the paper's recipe with the budget's ridge and
-    positions per image and a Table 1 method or a residual variant (lasso)."""
+    (``uniform``, ``preset``: ``model``'s preset) or another trunk mode (``trunk-keep``,
+    ``trunk-fine``), or the paper's recipe with the budget's ridge and positions per image and a
+    Table 1 method or a residual variant (lasso)."""
     if arm == DEFAULT_ARM:
         return {"recipe": "default"}
+    if arm in TRUNK_ARMS:
+        return {"recipe": "default", "trunk": TRUNK_ARMS[arm]}
     if arm in ALLOCATION_ARMS:
         return {"recipe": "default", "allocation": ALLOCATION_ARMS[arm] or preset_for(model)}
     paper = {"recipe": "paper", "ridge": budget.ridge, "samples_per_image": budget.samples_per_image}
@@ -199,6 +207,10 @@ class Job:
         for speedup in b.peer_speedups:
             for criterion in b.criteria:
                 self.peer(criterion, speedup)
+        if self.name in b.trunk_models:
+            for speedup in b.trunk_speedups:
+                for arm in TRUNK_ARMS:
+                    self.chanprune(arm, speedup)
         return self.rows
 
 

@@ -24,7 +24,7 @@ from chanprune.errors import SparseSamplesWarning
 from chanprune.export import export_onnx, select_cost_onnx
 from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
-from chanprune.layers import SelectedConv2d
+from chanprune.layers import ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d
 from chanprune.models import create_model
 from chanprune.pruner import prune
 
@@ -42,7 +42,8 @@ def engines() -> list[str]:
 
 def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> tuple[dict[str, float], float]:
     """Milliseconds per forward pass of ``net`` for every engine of :func:`engines`, and the share
-    of ONNX Runtime's kernel time (batch 32) spent in channel selects (Gather nodes)."""
+    of ONNX Runtime's kernel time (batch 32) spent copying channels: channel selects and
+    fine-grained trunk scatters (Gather and Pad nodes)."""
     ms: dict[str, float] = {}
     for b in BATCHES:
         for fmt in ("nchw", "channels_last"):
@@ -56,7 +57,7 @@ def timings(net: nn.Module, shape: tuple[int, ...], repeats: int) -> tuple[dict[
     if torch.cuda.is_available():
         for b in BATCHES:
             ms[f"cuda b{b}"] = 1e3 * measure_latency(net, shape, b, repeats, device="cuda")
-    return ms, cost["gather_share"]
+    return ms, cost["gather_share"] + cost["pad_share"]
 
 
 def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int, ...], repeats: int) -> list[dict]:
@@ -64,10 +65,11 @@ def compare(original: nn.Module, pruned: dict[str, nn.Module], shape: tuple[int,
     flops0 = count_flops(original, (1, *shape))
     rows = []
     for label, net in {"original": original, **pruned}.items():
-        ms, gather_share = timings(net, shape, repeats)
+        ms, copy_share = timings(net, shape, repeats)
         rows.append({"model": label, "flops_speedup": flops0 / count_flops(net, (1, *shape)), "ms": ms,
                      "selects": sum(isinstance(m, SelectedConv2d) for m in net.modules()),
-                     "onnx_select_share": gather_share})
+                     "scatters": sum(isinstance(m, (ScatteredConv2d, ScatteredBatchNorm2d)) for m in net.modules()),
+                     "onnx_copy_share": copy_share})
     for row in rows:
         row["speedup"] = {k: rows[0]["ms"][k] / v for k, v in row["ms"].items()}
     return rows
@@ -78,10 +80,11 @@ def table(rows: list[dict]) -> str:
     names = list(rows[0]["ms"])
     acc = "test_acc" in rows[0]
     lines = ["| model | " + ("test acc | " if acc else "") + "FLOPs speed-up | " + " | ".join(names) +
-             " | channel selects (ORT b32 time share) |", "|---|---|" + "---|" * (len(names) + acc + 1)]
+             " | channel selects + scatters (ORT b32 time share) |", "|---|---|" + "---|" * (len(names) + acc + 1)]
     for r in rows:
         cells = [f"{r['speedup'][k]:.2f}x ({r['ms'][k]:.2f} ms)" for k in names]
-        selects = f"{r['selects']} ({100 * r['onnx_select_share']:.1f}%)" if r["selects"] else "0"
+        copies = r["selects"] + r.get("scatters", 0)
+        selects = f"{r['selects']} + {r.get('scatters', 0)} ({100 * r['onnx_copy_share']:.1f}%)" if copies else "0"
         lines.append(f"| {r['model']} | " + (f"{100 * r['test_acc']:.1f}% | " if acc else "") +
                      f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + f" | {selects} |")
     return "\n".join(lines)

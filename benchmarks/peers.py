@@ -3,7 +3,8 @@
 Torch-Pruning removes the same fraction of channels from every dependency group it finds
 (residual trunks included), ranked by an importance criterion. Its pruning ratio is found by
 bisection until the FLOPs speed-up (counted the way chanprune counts it) is within ``tolerance``
-of the target. The final classifier's outputs are never pruned.
+of the target. The outputs of the final layer (the last Linear, else the last conv: an image
+model's output channels) are never pruned.
 
 Criteria: ``l1`` / ``l2`` group magnitude, ``bn_scale`` (|γ| of the BatchNorm after each conv)
 and ``taylor`` (|w · ∂loss/∂w| with the cross-entropy on the labelled calibration images).
@@ -43,13 +44,14 @@ def require_torch_pruning() -> None:
 
 
 def _pruned_at(model: nn.Module, criterion: str, ratio: float, example: torch.Tensor,
-               gradient_batch: Callable[[nn.Module], None]) -> nn.Module:
+               gradient_batch: Callable[[nn.Module], None], ignored: tuple[str, ...]) -> nn.Module:
     import torch_pruning as tp
 
     net = copy.deepcopy(model).eval()
-    classifier = [m for m in net.modules() if isinstance(m, nn.Linear)][-1:]
+    final = [m for m in net.modules() if isinstance(m, nn.Linear)][-1:] or \
+        [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1:]
     pruner = tp.pruner.MetaPruner(net, example, importance=_importance(criterion), pruning_ratio=ratio,
-                                  ignored_layers=classifier)
+                                  ignored_layers=final + [net.get_submodule(name) for name in ignored])
     if criterion == "taylor":
         gradient_batch(net)
     pruner.step()
@@ -57,9 +59,10 @@ def _pruned_at(model: nn.Module, criterion: str, ratio: float, example: torch.Te
     return net
 
 
-def tp_prune(model: nn.Module, criterion: str, speedup: float, images: torch.Tensor, labels: torch.Tensor,
-             tolerance: float = 0.03, steps: int = 20) -> tuple[nn.Module, float]:
-    """Torch-Pruning's model at ``speedup`` (± ``tolerance``) and the FLOPs speed-up it reached."""
+def tp_prune(model: nn.Module, criterion: str, speedup: float, images: torch.Tensor, labels: torch.Tensor | None,
+             tolerance: float = 0.03, steps: int = 20, ignored: tuple[str, ...] = ()) -> tuple[nn.Module, float]:
+    """Torch-Pruning's model at ``speedup`` (± ``tolerance``) and the FLOPs speed-up it reached;
+    the layers named in ``ignored`` keep their output channels (besides the final layer)."""
     if criterion not in CRITERIA:
         raise ChanpruneError(f"unknown Torch-Pruning criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
     require_torch_pruning()
@@ -75,7 +78,7 @@ def tp_prune(model: nn.Module, criterion: str, speedup: float, images: torch.Ten
     best: tuple[float, nn.Module, float] | None = None
     for _ in range(steps):
         ratio = 0.5 * (low + high)
-        net = _pruned_at(model, criterion, ratio, example, gradient_batch)
+        net = _pruned_at(model, criterion, ratio, example, gradient_batch, ignored)
         reached = flops0 / count_flops(net, shape)
         if best is None or abs(reached / speedup - 1) < abs(best[2] / speedup - 1):
             best = (ratio, net, reached)

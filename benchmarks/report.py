@@ -24,6 +24,7 @@ from benchmarks.summary import mean_sd  # noqa: E402
 
 STAGES = {"as_is": "as is", "bn": "BN re-estimated", "ft": "fine-tuned"}
 ALLOCATION_LABELS = {"uniform": "uniform", "preset": "preset", "default": "global"}
+TRUNK_LABELS = {"trunk-keep": "keep", "default": "joint", "trunk-fine": "fine"}
 LABELS = {"default": "chanprune default recipe", "lasso": "lasso (chanprune, the paper)", "max_response": "max response (filter pruning, Li et al.)",
           "first_k": "first k", "scratch": "trained from scratch", "plain": "plain (paper, trunk kept)",
           "enhanced": "enhanced (paper: residual correction + sampling)", "joint": "joint trunk (chanprune)",
@@ -80,15 +81,16 @@ def stage_table(arms: list[dict], arm_names: tuple[str, ...], speedups: set[floa
     return "\n".join(lines)
 
 
-def allocation_table(arms: list[dict], refused: list[dict]) -> str:
-    """The default recipe with global, uniform and preset widths: test logit error and accuracy
-    as is, and accuracy fine-tuned, per (model, speed-up)."""
-    head = " | ".join(f"{ALLOCATION_LABELS[a]} {what}" for a in ALLOCATION_ARMS for what in ("logit error", "acc.", "FT acc."))
-    lines = [f"| model | speed-up | {head} |", "|---|---|" + "---|" * 3 * len(ALLOCATION_ARMS)]
-    for model in dict.fromkeys(r["model"] for r in arms):
-        for s in sorted({r["speedup"] for r in select(arms, model=model, arm="uniform")}):
+def comparison_table(arms: list[dict], refused: list[dict], labels: dict[str, str]) -> str:
+    """Arms side by side (``labels``: arm -> column label): test logit error and accuracy as is,
+    and accuracy fine-tuned, per (model, speed-up) where the first arm ran."""
+    head = " | ".join(f"{label} {what}" for label in labels.values() for what in ("logit error", "acc.", "FT acc."))
+    lines = [f"| model | speed-up | {head} |", "|---|---|" + "---|" * 3 * len(labels)]
+    first = next(iter(labels))
+    for model in dict.fromkeys(r["model"] for r in select(arms, arm=first)):
+        for s in sorted({r["speedup"] for r in select(arms, model=model, arm=first)}):
             cells = []
-            for arm in ALLOCATION_ARMS:
+            for arm in labels:
                 sel = select(arms, model=model, arm=arm, speedup=s)
                 if not sel:
                     cells += ["refused" if select(refused, model=model, arm=arm, speedup=s) else "–"] * 3
@@ -258,9 +260,15 @@ def write(out_dir: Path, size: Any, command: str, machine: str, minutes: dict[st
         parts += ["#### Width allocations: the default recipe with global, uniform and preset widths",
                   f"Test logit error against the unpruned model and test accuracy without fine-tuning, and "
                   f"accuracy fine-tuned; preset: {presets}, resnet-paper for the others; 'refused': the preset "
-                  "cannot reach the speed-up in blocks of 8 channels.", allocation_table(arms, refused),
+                  "cannot reach the speed-up in blocks of 8 channels.", comparison_table(arms, refused, ALLOCATION_LABELS),
                   "#### Torch-Pruning at equal FLOPs (same models, calibration images and fine-tuning)",
                   stage_table(ours + peers, (DEFAULT_ARM, *peer_arms(arms)), set(b.peer_speedups))]
+    if select(arms, arm="trunk-fine"):
+        parts += ["#### Residual trunks: kept, pruned jointly, fine-grained (FCP)",
+                  "The default recipe with `trunk=\"keep\"` (trunk readers still read chosen subsets through "
+                  "channel selects), `\"joint\"` (the default) and `\"fine\"` (readers read, and branch ends "
+                  "write, their own subsets); 4.6× is FCP's 78% of FLOPs removed. Columns as above.",
+                  comparison_table(arms, refused, TRUNK_LABELS)]
     if curves:
         for key in CURVE_KEYS:
             plot_curves(curves, key, out_dir / f"single_layer_{key}.png")

@@ -67,6 +67,7 @@ FULL = Size(models=("vgg16-mnist", "resnet20-mnist", "resnet56-mnist", "resnet50
 QUICK = Size(models=("vgg16-mnist", "resnet20-mnist"), seeds=(0,),
              budget=Budget(calib_images=200, samples_per_image=5, table1_speedups=(2.0, 4.0),
                            allocation_speedups=(4.0,), peer_speedups=(4.0,),
+                           trunk_models=("resnet20-mnist",), trunk_speedups=(4.0,),
                            criteria=("l1", "taylor"), ft_epochs=(), ft_epochs_default=1, scratch_epochs=1),
              curve_speedups=(2.0, 4.0), curve_methods=("lasso", "first_k"), latency_repeats=5)
 
@@ -105,7 +106,8 @@ def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str]) ->
 def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
     """Latency of the seed-0 default-recipe models against their originals, one table per model,
     next to the same models pruned again with widths rounded to multiples of ``ROUND_TO`` (and,
-    for residual nets, the paper's enhanced variant with its channel selects). The accuracy jobs
+    for residual nets, the paper's enhanced variant with its channel selects, and for FCP's models
+    the fine-grained trunks with their selects and scatters). The accuracy jobs
     save those models; one that is missing (a run continued on another machine) is pruned again
     the same way (same images and seed)."""
     warnings.simplefilter("ignore", SparseSamplesWarning)
@@ -133,6 +135,11 @@ def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
             pruned[f"{arm}-{s:g}x"] = saved(arm, s)
             pruned[f"{arm}-{s:g}x round-to {ROUND_TO}"] = prune(
                 original, images, s, round_to=ROUND_TO, progress=False, **arm_options(arm, b, name))[0]
+        if name in b.trunk_models:  # what fine-grained trunks' gathers and scatters cost, at joint's FLOPs
+            for s in b.trunk_speedups:
+                if f"{arm}-{s:g}x" not in pruned:
+                    pruned[f"{arm}-{s:g}x"] = saved(arm, s)
+                pruned[f"trunk-fine-{s:g}x"] = saved("trunk-fine", s)
         print(f"latency: {name} ({len(pruned)} pruned)", file=sys.stderr, flush=True)
         rows = latency.compare(original, pruned, (1, 32, 32), size.latency_repeats)
         for row, net in zip(rows, [original, *pruned.values()]):

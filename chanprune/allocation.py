@@ -32,14 +32,20 @@ class Unit:
 
     A plain unit prunes the group (writers, followers and readers all lose the channels). A
     *select* unit (``reader`` set) is the paper's feature-map sampling: one reader of a group
-    that keeps every channel reads a subset of it through a channel select.
+    that keeps every channel reads a subset of it through a channel select. A *write* unit
+    (``writer`` set: the writer's own reader entry, which carries its BN and shortcut) is FCP's
+    fine-grained trunk: one writer of a residual trunk computes a subset of the trunk's channels
+    and adds only those (``trunk="fine"``).
     """
 
     group: ChannelGroup
     reader: Reader | None = None
+    writer: Reader | None = None
 
     @property
     def name(self) -> str:
+        if self.writer:
+            return f"write:{self.writer.name}"
         return f"select:{self.reader.name}" if self.reader else self.group.name
 
     @property
@@ -48,10 +54,20 @@ class Unit:
 
     @property
     def readers(self) -> list[Reader]:
+        """The layers whose statistics the unit needs: its reader, its writer, or the group's readers."""
+        if self.writer:
+            return [self.writer]
         return [self.reader] if self.reader else self.group.readers
 
     @property
+    def narrows_group(self) -> bool:
+        """Whether the group itself loses channels (every member, and the values carried along)."""
+        return self.reader is None and self.writer is None
+
+    @property
     def kind(self) -> str:
+        if self.writer:
+            return "write"
         return "select" if self.reader else "trunk" if self.group.residual else "group"
 
 
@@ -73,21 +89,28 @@ class FlopModel:
 
     def layer_flops(self, widths: dict[str, int], layers: Iterable[str]) -> dict[str, float]:
         """Estimated FLOPs of each of ``layers`` (pruned-aware layers) at ``widths``."""
-        channels = self._channels
         out = {}
         for name in layers:
-            layout = self.graph.layouts.get(name)
-            frac_in = 1.0
-            if f"select:{name}" in widths:
-                frac_in = widths[f"select:{name}"] / channels[layout[0]]
-            elif layout:
-                frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
-            frac_out = 1.0
-            if name not in self.graph.depthwise and name in self._writer_group:
-                group = self._writer_group[name]
-                frac_out = widths.get(group, channels[group]) / channels[group]
+            frac_in, frac_out = self.fractions(widths, name)
             out[name] = self.per_layer[name] * frac_in * frac_out
         return out
+
+    def fractions(self, widths: dict[str, int], name: str) -> tuple[float, float]:
+        """Kept fractions of layer ``name``'s (input, output) channels at ``widths``."""
+        channels = self._channels
+        layout = self.graph.layouts.get(name)
+        frac_in = 1.0
+        if f"select:{name}" in widths:
+            frac_in = widths[f"select:{name}"] / channels[layout[0]]
+        elif layout:
+            frac_in = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
+        frac_out = 1.0
+        if f"write:{name}" in widths:
+            frac_out = widths[f"write:{name}"] / channels[self._writer_group[name]]
+        elif name not in self.graph.depthwise and name in self._writer_group:
+            group = self._writer_group[name]
+            frac_out = widths.get(group, channels[group]) / channels[group]
+        return frac_in, frac_out
 
     def touched(self, unit: str, narrowest: int) -> list[str]:
         """The layers whose FLOPs change when ``unit`` narrows (to ``narrowest`` channels)."""
@@ -140,7 +163,7 @@ def resnet_paper_preset(unit: Unit, graph: ChannelGraph) -> float | None:
     matches = [_RESNET_LAYER.match(r.name) for r in unit.readers]
     if not blocks or not any(matches):
         return None
-    if unit.kind == "trunk":
+    if unit.kind in ("trunk", "write"):
         return 0.7
     weights = [_branch_weight(m, graph, blocks) if m else None for m in matches]
     return None if None in weights else max(weights)
@@ -386,10 +409,13 @@ def _nearest(flop_model: FlopModel, boxes: dict[str, list[int]], speedup: float,
 
 def check_widths(widths: dict[str, int], graph: ChannelGraph, units: list[Unit]) -> dict[str, int]:
     """Validate explicit widths keyed by reader name (the layer whose input channels are kept) or
-    by ``group:NAME`` (a group named by its first writer: one part of a concatenation); returns
-    them keyed by unit name."""
-    unit_of = {f"group:{u.name}": u for u in units if u.reader is None}
-    unit_of.update({r.name: u for u in units for r in u.readers if len(graph.layouts[r.name]) == 1})
+    by ``group:NAME`` (a group named by its first writer: one part of a concatenation) or by
+    ``write:NAME`` (the trunk channels a fine-grained trunk writer keeps); returns them keyed by
+    unit name."""
+    unit_of = {f"group:{u.name}": u for u in units if u.reader is None and u.writer is None}
+    unit_of.update({r.name: u for u in units if u.writer is None for r in u.readers
+                    if len(graph.layouts[r.name]) == 1})
+    unit_of.update({u.name: u for u in units if u.writer is not None})
     group_of = {r.name: g for g in graph.groups for r in g.readers}
     resolved: dict[str, int] = {}
     for key, value in widths.items():

@@ -59,35 +59,54 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 @main.command()
 @click.option("--model", "model_name", default="vgg16-mnist", show_default=True, help="Bundled model name.")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--lr", default=0.05, show_default=True)
+@click.option("--epochs", default=20, show_default=True, help="Epochs of an MNIST model.")
+@click.option("--steps", default=None, type=int,
+              help="Steps of the super-resolution model (msrresnet-photos) [default: 3000].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.05 (MNIST), 0.001 (photos)].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the checkpoint (default: the package's bundled checkpoint).")
 @device_option
-def train(model_name: str, epochs: int, lr: float, seed: int, out: Path | None, device: str) -> None:
-    """Train a bundled reference model on the bundled MNIST split and save its checkpoint."""
+def train(model_name: str, epochs: int, steps: int | None, lr: float | None, seed: int, out: Path | None,
+          device: str) -> None:
+    """Train a bundled reference model on its bundled data (MNIST digits, or patches of the bundled
+    photographs for the super-resolution model) and save its checkpoint."""
     from dataclasses import asdict
 
     from .devices import resolve_device
     from .io.state_file import save_state_file
-    from .data import mnist_split
-    from .evaluate import accuracy
     from .models import bundled_model
-    from .train import TrainConfig, train as run_training
 
     entry = bundled_model(model_name)
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     torch_seed(seed)
     model = entry.build().to(resolve_device(device))
-    result = run_training(model, mnist_split("train"), mnist_split("val"), config)
-    result["test_accuracy"] = accuracy(model, mnist_split("test"))
-    command = f"chanprune train --model {model_name} --epochs {epochs} --lr {lr} --seed {seed}"
+    if entry.dataset == "photos":
+        from .photos import photo_split
+        from .sr import SRConfig, score, train_sr
+
+        config = SRConfig(**{k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}, seed=seed)
+        split = photo_split()
+        result = train_sr(model, split, config, keep_best=True)
+        result.update({f"test_{k}": v for k, v in asdict(score(model, split.test, config.scale)).items()})
+        result.update({f"bicubic_test_{k}": v for k, v in asdict(score(None, split.test, config.scale)).items()})
+        command = f"chanprune train --model {model_name} --steps {config.steps} --lr {config.lr} --seed {seed}"
+        summary = (f"val PSNR {result['val_psnr']:.2f} dB  test PSNR {result['test_psnr']:.2f} dB, SSIM "
+                   f"{result['test_ssim']:.4f} (bicubic {result['bicubic_test_psnr']:.2f} dB, "
+                   f"{result['bicubic_test_ssim']:.4f})")
+    else:
+        from .data import mnist_split
+        from .evaluate import accuracy
+        from .train import TrainConfig, train as run_training
+
+        config = TrainConfig(epochs=epochs, lr=0.05 if lr is None else lr, seed=seed)
+        result = run_training(model, mnist_split("train"), mnist_split("val"), config)
+        result["test_accuracy"] = accuracy(model, mnist_split("test"))
+        command = f"chanprune train --model {model_name} --epochs {epochs} --lr {config.lr} --seed {seed}"
+        summary = f"val accuracy {result['val_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}"
     out = out or entry.checkpoint
     save_state_file(out, model.state_dict(), {"model": model_name, "recipe": asdict(config),
                                               "command": command, "result": result})
-    click.echo(f"val accuracy {result['val_accuracy']:.4f}  test accuracy {result['test_accuracy']:.4f}"
-               f"  -> {out}")
+    click.echo(f"{summary}  -> {out}")
 
 
 def torch_seed(seed: int) -> None:
@@ -172,8 +191,8 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="--allocation global: compare layers by error relative to their output energy, or also "
                    "weighted by the measured sensitivity of the model's output.")
 @click.option("--trunk", type=click.Choice(TRUNK_MODES), default=None,
-              help="Channels tied by residual adds: keep them whole (paper) or prune them jointly [default: the "
-                   "recipe's].")
+              help="Channels tied by residual adds: keep them whole (paper), prune them jointly, or fine (FCP: "
+                   "each layer reads and writes its own subset, the adds stay full width) [default: the recipe's].")
 @click.option("--residual-correction/--no-residual-correction", default=None,
               help="The last layer of a residual branch also makes up for its shortcut's error [default: the "
                    "recipe's].")
@@ -198,6 +217,11 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--round-to", default=None,
               help="Keep multiples of this many channels per layer (8 or 16 suit vectorised CPU kernels), or "
                    "'auto': blocks of 8 in layers of 64 channels or more [default: the recipe's].")
+@click.option("--factorize", default="",
+              help="3C: also factorize every reconstructed conv, 'spatial' (kxk -> kx1 + 1xk), 'channel' (a thinner "
+                   "conv + 1x1) or 'spatial,channel'; each technique takes an equal share of the speed-up.")
+@click.option("--channel-pruning/--no-channel-pruning", default=True, show_default=True,
+              help="With --factorize: --no-channel-pruning lets the factorization alone make the speed-up.")
 @data_options
 @device_option
 @click.option("--memory-budget", type=click.IntRange(min=0), default=None,
@@ -214,9 +238,9 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
           feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
           calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,
-          round_to: str | None, data_dir: str | None, val_split: str | None, test_split: str | None,
-          preprocess: str, split_seed: int, device: str, memory_budget: int | None, resume_dir: Path | None,
-          out: Path, report_path: Path) -> None:
+          round_to: str | None, factorize: str, channel_pruning: bool, data_dir: str | None,
+          val_split: str | None, test_split: str | None, preprocess: str, split_seed: int, device: str,
+          memory_budget: int | None, resume_dir: Path | None, out: Path, report_path: Path) -> None:
     """Prune a model to a speed-up and write the pruned model and a JSON report.
 
     Under torchrun (``torchrun --nproc-per-node K -m chanprune prune ...``) each process keeps every
@@ -240,7 +264,9 @@ def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, wei
                    samples_per_image=_number_or_auto(samples_per_image, "--samples-per-image", int), seed=seed,
                    reconstruct=not no_reconstruction, ridge=_number_or_auto(ridge, "--ridge", float),
                    lasso_rounds=lasso_rounds, trunk=trunk, residual_correction=residual_correction,
-                   feature_map_sampling=feature_map_sampling, round_to=_number_or_auto(round_to, "--round-to", int))
+                   feature_map_sampling=feature_map_sampling, round_to=_number_or_auto(round_to, "--round-to", int),
+                   factorize=tuple(k.strip() for k in factorize.split(",") if k.strip()),
+                   channel_pruning=channel_pruning)
     config = PruneConfig(speedup=speedup, method=method, **options)
     config.validate()
     loaded = load_model_spec(model_spec, trust_checkpoint, input_size, weights, arch, json_kwargs(arch_kwargs))

@@ -12,10 +12,11 @@ from torch import nn
 
 from .allocators import ALLOCATIONS
 from .errors import ChanpruneError
+from .factorize import FACTORIZATIONS
 from .recipes import RECIPE_FIELDS, RECIPES
 from .selection import STRATEGIES
 
-TRUNK_MODES = ("keep", "joint")
+TRUNK_MODES = ("keep", "joint", "fine")
 GLOBAL_WEIGHTS = ("energy", "sensitivity")
 AUTO_RIDGES = (1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # relative to trace(G)/dim
 
@@ -25,10 +26,14 @@ class PruneConfig:
     """Every option of a pruning run; stored in the report so the run can be repeated.
 
     ``trunk`` says what happens to channels tied by residual adds: "keep" leaves them whole (the
-    paper), "joint" prunes them with one selection over all their readers. With
+    paper), "joint" prunes them with one selection over all their readers, "fine" (FCP) keeps
+    the trunk's width but lets every layer reading it read its own subset (a channel select)
+    and every branch's last layer write its own subset (a scatter before the add). With
     ``feature_map_sampling`` a conv reading channels that stay whole reads a chosen subset of
     them through a channel select. ``residual_correction`` makes the last layer of a residual
-    branch also make up for the error on its shortcut.
+    branch also make up for the error on its shortcut. ``factorize`` adds spatial and/or channel
+    factorization of every reconstructed conv (3C, see :mod:`chanprune.factorize`); each technique
+    then takes an equal share of the speed-up (``channel_pruning=False``: factorization alone).
     """
 
     speedup: float | None = 4.0
@@ -49,6 +54,8 @@ class PruneConfig:
     residual_correction: bool | None = None
     feature_map_sampling: bool | None = None
     round_to: int | str | None = None  # widths in blocks of this many channels (8 or 16 suit CPU kernels), or "auto"
+    factorize: tuple[str, ...] = ()  # 3C: "spatial" and/or "channel" factorization of reconstructed convs
+    channel_pruning: bool = True  # False (with factorize): the factorization alone makes the whole speed-up
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -72,6 +79,16 @@ class PruneConfig:
             raise ChanpruneError(f"unknown global weight {self.global_weight!r}; use one of {', '.join(GLOBAL_WEIGHTS)}")
         if self.trunk not in TRUNK_MODES:
             raise ChanpruneError(f"unknown trunk mode {self.trunk!r}; use one of {', '.join(TRUNK_MODES)}")
+        unknown = set(self.factorize) - set(FACTORIZATIONS)
+        if unknown or len(set(self.factorize)) != len(self.factorize):
+            raise ChanpruneError(f"factorize takes each of {', '.join(FACTORIZATIONS)} at most once, got "
+                                 f"{', '.join(self.factorize) or 'nothing'}; e.g. factorize=('spatial', 'channel')")
+        if not self.channel_pruning and not self.factorize:
+            raise ChanpruneError("channel_pruning=False leaves nothing to do without factorize; add factorize=... "
+                                 "or prune channels")
+        if self.factorize and (not self.reconstruct or self.speedup is None):
+            raise ChanpruneError("factorization fits the factorized layers by least squares to meet a speed-up: it "
+                                 "needs reconstruct=True and a speed-up target")
         if self.speedup is None and self.widths is None:
             raise ChanpruneError("give a speed-up target or explicit widths")
         if self.speedup is not None:
@@ -107,6 +124,7 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["exclude"] = list(self.exclude)
+        out["factorize"] = list(self.factorize)
         return out
 
 

@@ -168,7 +168,7 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
                        splits: LabelledSplits | None = None) -> torch.Tensor | DataLoader:
     """Calibration images: from ``calib_data`` if given (a folder is streamed, file by file, as a
     DataLoader), else a seeded sample of the training part of ``splits`` (its labels unused), else
-    the bundled model's train split."""
+    the bundled model's train split (for the super-resolution model: patches of its training photos)."""
     if n_images is not None and n_images < 1:
         raise ChanpruneError(f"--calib-images must be at least 1, got {n_images}; give the number of images to "
                              "calibrate on (500 for bundled models)")
@@ -196,6 +196,12 @@ def calibration_images(loaded: LoadedModel, calib_data: str | None, n_images: in
     if loaded.entry is None:
         raise ChanpruneError("this model has no bundled data set; pass --data DIR (labelled images in class "
                              "subfolders) or --calib-data (a folder of images or a .npy/.pt tensor of shape N,C,H,W)")
+    if loaded.entry.dataset == "photos":  # the super-resolution model: low-resolution patches of its photographs
+        from .photos import photo_split
+        from .sr import low_res_patches
+
+        size = loaded.entry.input_size[0]
+        return low_res_patches(photo_split().train, n_images or DEFAULT_CALIBRATION_IMAGES, 2 * size, 2, seed)
     return calibration_subset(mnist_split("train"), n_images or DEFAULT_CALIBRATION_IMAGES, seed)
 
 

@@ -303,7 +303,9 @@ def export_program(model: nn.Module, path: str | Path, input_shape: Sequence[int
 
 def select_cost_onnx(path: str | Path, input_shape: Sequence[int] | None = None, batch_size: int = 1,
                      repeats: int = 50, warmup: int = 5, threads: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Latency of an ONNX file in ONNX Runtime (CPU) and the share of it spent in Gather nodes.
+    """Latency of an ONNX file in ONNX Runtime (CPU) and the share of it spent in Gather nodes
+    (channel selects, and the gathers of fine-grained trunk writers) and in Pad nodes (the zero
+    channel those scatters gather from).
 
     ``ms_median`` is the median wall-clock time of one run over ``repeats`` runs after ``warmup``
     (a session without profiling). ``gather_share`` comes from ONNX Runtime's profiler: the summed
@@ -334,6 +336,8 @@ def select_cost_onnx(path: str | Path, input_shape: Sequence[int] | None = None,
              and e.get("ts", 0) >= start_ts]
     total = sum(e.get("dur", 0) for e in nodes)
     gather = sum(e.get("dur", 0) for e in nodes if e.get("args", {}).get("op_name") == "Gather")
+    pad = sum(e.get("dur", 0) for e in nodes if e.get("args", {}).get("op_name") == "Pad")
     return {"ms_median": 1e3 * statistics.median(times), "gather_share": gather / total if total else 0.0,
+            "pad_share": pad / total if total else 0.0,
             "gather_ms": gather / 1e3 / repeats, "kernel_ms": total / 1e3 / repeats,
             "batch_size": int(batch_size), "threads": threads, "repeats": repeats}

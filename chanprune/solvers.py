@@ -147,6 +147,16 @@ def squared_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Te
     return max(fit + moments.count * float(offset @ offset), 0.0)
 
 
+def output_errors(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """||Y_j - Ŷ_j||^2 of every output j (the terms :func:`squared_error` adds up), clamped at zero."""
+    cols = block_indices(keep, k)
+    xtx, xty, _ = moments.centred()
+    fit = moments.centred_yy() - 2.0 * (weight * _rows(xty, cols).T).sum(1) + ((weight @ _block(xtx, cols)) * weight).sum(1)
+    offset = moments.mean_y - weight @ moments.mean_x[cols] - bias
+    return (fit + moments.count * offset.square()).clamp_min(0.0)
+
+
 def relative_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.Tensor,
                    bias: torch.Tensor) -> float:
     """||Y - Ŷ|| / ||Y|| from the moments."""

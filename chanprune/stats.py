@@ -2,8 +2,8 @@
 
 For a reader layer, X holds input patches from the model pruned so far and Y the same layer's
 output in the original model (pre-activation, BatchNorm folded) at the same positions. Only
-G = X^T X, B = X^T Y, t = ||Y||^2 and the sums of X and Y are kept, in float64, so memory is
-O((c*k)^2) whatever the number of images. Per-batch products run in float32.
+G = X^T X, B = X^T Y, ||Y||^2 (in total and per output) and the sums of X and Y are kept, in
+float64, so memory is O((c*k)^2) whatever the number of images. Per-batch products run in float32.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ MIN_SHIFT_SAMPLES = 64  # a batch that sets the float32 shift must have at least
 
 @dataclass
 class Moments:
-    """Running sums over samples: count, sum x, sum y, X^T X, X^T Y and ||Y||^2.
+    """Running sums over samples: count, sum x, sum y, X^T X, X^T Y and ||Y||^2 (``yty``), also
+    per output (``yy``: what a writer that drops an output loses, see ``trunk="fine"``).
 
     A pure, additive value: ``a.merge(b)`` is the moments of both sample sets, which is what
     ranks all-reduce. Products run in float32 (the fast BLAS path) into float32 buffers that are
@@ -48,6 +49,7 @@ class Moments:
         self.device = dev
         self.sum_x = torch.zeros(self.dim_x, dtype=f64, device=dev)
         self.sum_y = torch.zeros(self.dim_y, dtype=f64, device=dev)
+        self.yy = torch.zeros(self.dim_y, dtype=f64, device=dev)
         self._xtx = torch.zeros(self.dim_x, self.dim_x, dtype=f64, device=dev)
         self._xty = torch.zeros(self.dim_x, self.dim_y, dtype=f64, device=dev)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -66,6 +68,7 @@ class Moments:
             xd, yd = x.double(), y.double()
             self.sum_x += xd.sum(0)
             self.sum_y += yd.sum(0)
+            self.yy += yd.square().sum(0)
             self.yty += float(yd.square().sum())
             self._xtx.addmm_(xd.T, xd)
             self._xty.addmm_(xd.T, yd)
@@ -77,7 +80,9 @@ class Moments:
         dx, dy = x.sum(0).double(), y.sum(0).double()  # float32 pairwise sums of the shifted samples
         self.sum_x += dx + len(x) * sx
         self.sum_y += dy + len(x) * sy
-        self.yty += float(y.square().sum()) + 2 * float(sy @ dy) + len(x) * float(sy @ sy)
+        squares = y.square()
+        self.yty += float(squares.sum()) + 2 * float(sy @ dy) + len(x) * float(sy @ sy)
+        self.yy += squares.sum(0).double() + 2 * sy * dy + len(x) * sy * sy
         self._pending_sums[0].add_(dx)
         self._pending_sums[1].add_(dy)
         if self._pending is None:
@@ -131,6 +136,7 @@ class Moments:
         self.xtx += other.xtx.to(self.device)
         self.xty += other.xty.to(self.device)
         self.yty += other.yty
+        self.yy += other.yy.to(self.device)
         return self
 
     def all_reduce(self) -> "Moments":
@@ -140,7 +146,7 @@ class Moments:
 
         self.fold()
         scalars = torch.tensor([float(self.count), self.yty], dtype=torch.float64, device=self.device)
-        for tensor in (self.sum_x, self.sum_y, self._xtx, self._xty, scalars):
+        for tensor in (self.sum_x, self.sum_y, self.yy, self._xtx, self._xty, scalars):
             dist.all_reduce(tensor)
         self.count, self.yty = int(round(float(scalars[0]))), float(scalars[1])
         return self
@@ -154,6 +160,7 @@ class Moments:
         moved.device = torch.device(device)
         moved.sum_x, moved.sum_y = self.sum_x.to(device), self.sum_y.to(device)
         moved.xtx, moved.xty, moved.yty = self.xtx.to(device), self.xty.to(device), self.yty
+        moved.yy = self.yy.to(device)
         return moved
 
     def restrict(self, cols: torch.Tensor) -> "Moments":
@@ -161,7 +168,7 @@ class Moments:
         self.fold()
         sub = Moments(len(cols), self.dim_y, device="meta")
         sub.device = self.device
-        sub.count, sub.yty = self.count, self.yty
+        sub.count, sub.yty, sub.yy = self.count, self.yty, self.yy.clone()
         sub.sum_x, sub.sum_y = self.sum_x[cols], self.sum_y.clone()
         sub.xtx, sub.xty = self.xtx[cols][:, cols], self.xty[cols]
         return sub
@@ -177,6 +184,7 @@ class Moments:
         sub.xty = sub.xty - self.xtx[cols][:, other] @ w_other.T
         sub.sum_y = self.sum_y - w_other @ self.sum_x[other]
         sub.yty = self.yty - 2 * float((w_other * b_o.T).sum()) + float(((w_other @ g_oo) * w_other).sum())
+        sub.yy = self.yy - 2 * (w_other * b_o.T).sum(1) + ((w_other @ g_oo) * w_other).sum(1)
         return sub
 
     @property
@@ -198,6 +206,10 @@ class Moments:
             xty = torch.addr(self.xty, mx, my, alpha=-n)
             self._centred = (key, (xtx, xty, self.yty - n * float(my @ my)))
         return self._centred[1]
+
+    def centred_yy(self) -> torch.Tensor:
+        """||Y_j - ȳ_j||^2 of every output j."""
+        return (self.yy - self.count * self.mean_y.square()).clamp_min(0.0)
 
 
 @dataclass

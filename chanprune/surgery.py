@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ChanpruneError
-from .layers import SelectedConv2d, conv_like
+from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -35,8 +35,10 @@ def _like(param: torch.Tensor | None, value: torch.Tensor | None) -> nn.Paramete
 
 
 def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A copy of a Conv2d / Linear / BatchNorm with only the output channels ``keep``."""
+    """A copy of a Conv2d / Linear / BatchNorm (or a factorized conv) with only the output channels ``keep``."""
     keep = keep.to(torch.long)
+    if isinstance(module, FactorizedConv2d):
+        return _with_end(module, -1, keep_outputs(module[-1], keep))
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         new = conv_like(module, module.in_channels, len(keep))
     elif isinstance(module, nn.Linear):
@@ -62,6 +64,8 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
     """A copy of a Conv2d / Linear reading only input channels ``keep`` (a channel owns
     ``channel_size`` consecutive input features of a Linear after flatten)."""
     keep = keep.to(torch.long)
+    if isinstance(module, FactorizedConv2d):
+        return _with_end(module, 0, keep_inputs(module[0], keep))
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         index = module.index[keep] if isinstance(module, SelectedConv2d) else None
         new = conv_like(module, len(keep), module.out_channels, index=index)
@@ -110,9 +114,11 @@ def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
-def select_inputs(module: nn.Module, index: torch.Tensor) -> SelectedConv2d:
+def select_inputs(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """A conv reading only input channels ``index`` through a channel select; the tensor it reads
     keeps every channel (feature-map sampling)."""
+    if isinstance(module, FactorizedConv2d):
+        return _with_end(module, 0, select_inputs(module[0], index))
     if not (isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, SelectedConv2d):
         raise ChanpruneError(f"cannot put a channel select in front of {type(module).__name__}")
     index = index.to(torch.long)
@@ -122,6 +128,85 @@ def select_inputs(module: nn.Module, index: torch.Tensor) -> SelectedConv2d:
         new.bias = _like(module.bias, module.bias)
     new.train(module.training)
     return new
+
+
+MAX_SCATTER_WIDTH = 1 << 16  # more trunk channels than any CNN has: a plan asking for more is damaged
+
+
+def scatter_outputs(module: nn.Module, keep: torch.Tensor, channels: int) -> nn.Module:
+    """The same Conv2d or BatchNorm2d writing its outputs into positions ``keep`` of ``channels``
+    (see :class:`~chanprune.layers.ScatteredConv2d`)."""
+    width = module.out_channels if type(module) is nn.Conv2d else getattr(module, "num_features", None)
+    if channels > MAX_SCATTER_WIDTH:
+        raise ChanpruneError(f"pruning plan scatters outputs into {channels} channels (at most {MAX_SCATTER_WIDTH}); "
+                             "the checkpoint does not match its architecture")
+    if type(module) not in (nn.Conv2d, nn.BatchNorm2d) or width != len(keep) or len(set(keep.tolist())) != len(keep):
+        raise ChanpruneError(f"cannot scatter the outputs of a {type(module).__name__} with {width} channels to "
+                             f"{len(keep)} distinct positions; the checkpoint does not match its architecture")
+    if isinstance(module, nn.Conv2d):
+        new: nn.Module = ScatteredConv2d(keep, channels, module.in_channels, module.kernel_size, module.stride,
+                                         module.padding, module.dilation, module.groups, module.bias is not None,
+                                         module.padding_mode)
+    else:
+        new = ScatteredBatchNorm2d(keep, channels, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+    new.load_state_dict(module.state_dict(), strict=False)  # the scatter's buffers are new
+    param = next(module.parameters(), None)
+    if param is not None:
+        new.to(param.device, param.dtype)
+    new.train(module.training)
+    return new
+
+
+def _with_end(chain: FactorizedConv2d, at: int, conv: nn.Module) -> FactorizedConv2d:
+    """A copy of ``chain`` whose conv at ``at`` (0: the first, -1: the last) is ``conv``."""
+    convs = list(chain)
+    convs[at] = conv
+    return FactorizedConv2d(*convs)
+
+
+MAX_RANK = 1 << 16  # no factorized layer is this wide: a plan asking for more is damaged
+
+
+def factorize_spatial(module: nn.Module, rank: int) -> FactorizedConv2d:
+    """A kh×kw conv (stride 1) as a kh×1 conv with ``rank`` outputs and no bias, then a 1×kw conv
+    with the original outputs and bias (weights to be written)."""
+    kh, kw = module.kernel_size if isinstance(module, nn.Conv2d) else (0, 0)
+    if type(module) not in (nn.Conv2d, SelectedConv2d) or module.groups != 1 or min(kh, kw) < 2 or \
+            tuple(module.stride) != (1, 1) or isinstance(module.padding, str) or module.padding_mode != "zeros" \
+            or not 1 <= rank <= min(module.in_channels * kh, module.out_channels * kw, MAX_RANK):
+        raise ChanpruneError(f"cannot factorize {type(module).__name__} spatially at rank {rank}; the checkpoint "
+                             "does not match its architecture")
+    (ph, pw), (dh, dw) = module.padding, module.dilation
+    vertical = nn.Conv2d(module.in_channels, rank, (kh, 1), 1, (ph, 0), (dh, 1), bias=False)
+    if isinstance(module, SelectedConv2d):
+        vertical = SelectedConv2d(module.index, rank, (kh, 1), 1, (ph, 0), (dh, 1), bias=False)
+    horizontal = nn.Conv2d(rank, module.out_channels, (1, kw), 1, (0, pw), (1, dw), bias=module.bias is not None)
+    return _placed(FactorizedConv2d(vertical, horizontal), module)
+
+
+def factorize_channel(module: nn.Module, rank: int) -> FactorizedConv2d:
+    """A conv (or the last conv of a factorized one) as the same conv with ``rank`` outputs and no
+    bias, then a 1×1 conv with the original outputs and bias (weights to be written)."""
+    last = module[-1] if isinstance(module, FactorizedConv2d) else module
+    if type(last) not in (nn.Conv2d, SelectedConv2d) or last.groups != 1 or not 1 <= rank <= min(last.out_channels,
+                                                                                                   MAX_RANK):
+        raise ChanpruneError(f"cannot factorize {type(last).__name__} over channels at rank {rank}; the checkpoint "
+                             "does not match its architecture")
+    narrow = conv_like(last, last.in_channels, rank)
+    if narrow.bias is not None:
+        narrow.bias = None
+    pointwise = nn.Conv2d(rank, last.out_channels, 1, bias=last.bias is not None)
+    convs = [*(module[:-1] if isinstance(module, FactorizedConv2d) else []), narrow, pointwise]
+    return _placed(FactorizedConv2d(*convs), module)
+
+
+def _placed(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` on ``old``'s device and dtype, in its training mode."""
+    param = next(old.parameters(), None)
+    if param is not None:
+        new.to(param.device, param.dtype)
+    return new.train(old.training)
 
 
 def with_bias(module: nn.Module) -> nn.Module:
@@ -179,13 +264,15 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
     return added
 
 
-OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale")
+OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
+       "factorize_spatial", "factorize_channel")
 
 
 @dataclass(frozen=True)
 class PlanOp:
     """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
-    (and, for a Linear after flatten, the ``channel_size`` features each channel owns)."""
+    (and, for a Linear after flatten, the ``channel_size`` features each channel owns; for
+    ``scatter_outputs``, the width the outputs are scattered into)."""
 
     op: str
     layer: str
@@ -196,7 +283,7 @@ class PlanOp:
         out: dict[str, Any] = {"op": self.op, "layer": self.layer}
         if self.op != "add_bias":
             out["keep"] = list(self.keep)
-        if self.op == "keep_inputs":
+        if self.op in ("keep_inputs", "scatter_outputs"):
             out["channel_size"] = self.channel_size
         return out
 
@@ -228,6 +315,12 @@ class Plan:
 
     def keep_scale(self, model: nn.Module, path: str, keep: torch.Tensor) -> None:
         self.apply(model, PlanOp("keep_scale", path, tuple(keep.tolist())))
+
+    def factorize(self, model: nn.Module, name: str, kind: str, rank: int) -> None:
+        self.apply(model, PlanOp(f"factorize_{kind}", name, (rank,)))
+
+    def scatter_outputs(self, model: nn.Module, name: str, keep: torch.Tensor, channels: int) -> None:
+        self.apply(model, PlanOp("scatter_outputs", name, tuple(keep.tolist()), channels))
 
 
 def keep_scale(model: nn.Module, path: str, keep: torch.Tensor) -> None:
@@ -274,6 +367,14 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
         replace_module(model, op.layer, keep_channels(layer, keep))
     elif op.op == "select_inputs":
         replace_module(model, op.layer, select_inputs(layer, keep))
+    elif op.op in ("factorize_spatial", "factorize_channel"):
+        if len(op.keep) != 1:
+            raise ChanpruneError(f"pruning plan factorizes {op.layer!r} with {len(op.keep)} ranks, not one; the "
+                                 "checkpoint does not match its architecture")
+        factorize = factorize_spatial if op.op == "factorize_spatial" else factorize_channel
+        replace_module(model, op.layer, factorize(layer, op.keep[0]))
+    elif op.op == "scatter_outputs":
+        replace_module(model, op.layer, scatter_outputs(layer, keep, op.channel_size))
     elif op.op == "add_bias":
         with_bias(layer)
     else:
@@ -283,6 +384,13 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
 def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
     """How many channels ``op`` may index in ``layer``."""
     weight = getattr(layer, "weight", None)
+    if op.op == "scatter_outputs":
+        return op.channel_size
+    if op.op.startswith("factorize_"):
+        return MAX_RANK + 1  # ranks are checked by the factorization itself
+    if isinstance(layer, FactorizedConv2d):
+        layer = layer[-1] if op.op == "keep_outputs" else layer[0]
+        weight = layer.weight
     if op.op == "keep_outputs":
         return weight.shape[0] if weight is not None else getattr(layer, "num_features", 0)
     if op.op in ("keep_inputs", "select_inputs"):

@@ -14,7 +14,7 @@ from .allocators import ALLOCATIONS, Curves
 from .config import PruneConfig
 from .engine.store import available_memory
 from .errors import ChanpruneError
-from .graph import ChannelGraph
+from .graph import ChannelGraph, ChannelGroup, Reader
 from .stats import reader_dim
 
 
@@ -33,21 +33,39 @@ def _excluded(names: list[str], exclude: tuple[str, ...]) -> bool:
 def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
     """What this run may prune, in execution order.
 
-    Prunable groups become units, except residual trunks under ``trunk="keep"``. With
-    feature-map sampling, each conv reading a group that stays whole (a kept trunk, or channels
-    blocked by an op chanprune cannot prune through) becomes a select unit of its own.
+    Prunable groups become units, except residual trunks under ``trunk="keep"`` or ``"fine"``.
+    With feature-map sampling, each conv reading a group that stays whole (a kept trunk, or
+    channels blocked by an op chanprune cannot prune through) becomes a select unit of its own;
+    under ``trunk="fine"`` every conv reading a trunk does, and every writer that can write a
+    subset of it (:func:`fine_writers`) becomes a write unit, after the unit that refits it.
     """
     units: list[Unit] = []
     for g in graph.groups:
         if not g.readers:
             continue
-        whole = not g.prunable or (g.residual and cfg.trunk == "keep") or _excluded(g.members, cfg.exclude)
+        excluded = _excluded(g.members, cfg.exclude)
+        fine = g.residual and cfg.trunk == "fine" and g.prunable and not excluded
+        whole = not g.prunable or (g.residual and cfg.trunk != "joint") or excluded
         if not whole:
             units.append(Unit(g))
-        elif cfg.feature_map_sampling:
+        elif cfg.feature_map_sampling or fine:
             units += [Unit(g, r) for r in g.readers
                       if r.kind == "conv" and len(graph.layouts[r.name]) == 1 and not _excluded([r.name], cfg.exclude)]
-    return sorted(units, key=lambda u: min(graph.order[r.name] for r in u.readers))
+        if fine:
+            units += [Unit(g, writer=w) for w in fine_writers(graph, g) if not _excluded([w.name], cfg.exclude)]
+    return sorted(units, key=lambda u: (min(graph.order[r.name] for r in u.readers), u.kind == "write"))
+
+
+def fine_writers(graph: ChannelGraph, trunk: ChannelGroup) -> list[Reader]:
+    """Writers of a residual trunk that can compute a subset of its channels: dense convs whose
+    output (after their BatchNorm, if any) goes straight into a residual add, and that do not
+    read the trunk themselves. Returned as their reader entries (which know the BN and the
+    shortcut); the stem and anything with an op between it and the add keep writing every channel."""
+    entries = {r.name: r for g in graph.groups for r in g.readers}
+    reads_trunk = {r.name for r in trunk.readers}
+    return [entries[w] for w in trunk.writers
+            if w in entries and entries[w].shortcut and entries[w].kind == "conv" and trunk.block_of(w) == 1
+            and w not in graph.depthwise and w not in reads_trunk]
 
 
 def statistics_bytes(model: nn.Module, unit: Unit) -> int:

@@ -25,7 +25,7 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
     assert " 4x " not in rerun.stderr  # every row was already saved: nothing is pruned again
     assert json.loads((out / "accuracy.json").read_text()) == arms
     assert {r["arm"] for r in arms} == {"plain", "enhanced", "joint", "default", "uniform", "preset",
-                                             "tp-l1", "tp-taylor"}
+                                             "tp-l1", "tp-taylor", "trunk-keep", "trunk-fine"}
     for r in arms:
         assert abs(r["achieved"] / r["speedup"] - 1) <= 0.03
         assert r["ft"]["epochs"] == 1 and 0.0 <= r["ft"]["test_acc"] <= 1.0
@@ -36,11 +36,12 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
         assert ours4["ft"]["test_acc"] >= 0.0 and ours4["ft"]["best_epoch"] in (0, 1)
     latency = json.loads((out / "latency.json").read_text())["resnet20-mnist"]
     assert [r["model"] for r in latency] == ["original", "enhanced-2x", "default-2x", "default-2x round-to 8",
-                                             "default-4x", "default-4x round-to 8"]
-    assert latency[1]["selects"] > 0 and 0 < latency[1]["onnx_select_share"] < 0.5
+                                             "default-4x", "default-4x round-to 8", "trunk-fine-4x"]
+    assert latency[1]["selects"] > 0 and 0 < latency[1]["onnx_copy_share"] < 0.5
     assert all(0.5 < r["test_acc"] <= 1 for r in latency)
     report = (out / "report.md").read_text()
     assert len((out / "rows" / "resnet20-mnist-seed0.jsonl").read_text().splitlines()) == len(arms)
-    for heading in ("Residual analog", "Width allocations", "Torch-Pruning at equal FLOPs", "Latency", "Targets"):
+    for heading in ("Residual analog", "Width allocations", "Torch-Pruning at equal FLOPs", "Residual trunks",
+                    "Latency", "Targets"):
         assert heading in report
     assert (out / "latency.png").stat().st_size > 0

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from ..allocation import Unit
 from ..config import AUTO_RIDGES, PruneConfig
 from ..errors import ChanpruneError
+from ..factorize import Ranks, channel_factors, least_squares_on, spatial_factors, window_map
 from ..graph import ChannelGraph, ChannelGroup, Reader
 from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
-from ..solvers import block_indices, heldout_least_squares, least_squares, relative_error
+from ..solvers import block_indices, heldout_least_squares, least_squares, output_errors, relative_error
 from ..stats import Moments
 from ..surgery import Plan, PlanOp, folded_weight, replay, write_folded
 from .calibration import Calibration
@@ -49,7 +50,7 @@ def prune_units(run: "PruneRun", calibration: Calibration, units: list[Unit], wi
             if resume is not None:
                 resume.save(run.unit_record(i, unit, keep, run.plan.ops[start:]))
         run.shrink(unit, keep)
-        if unit.reader is None:
+        if unit.narrows_group:
             calibration.drop_channels(unit.group.name, keep, widths_before)
         if i + 1 < len(units):
             calibration.advance(calibration.reader_position(units[i + 1].readers))
@@ -69,6 +70,7 @@ class PruneRun:
         self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
         self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
         self.errors: dict[str, dict[str, Any]] = {}
+        self.ranks: dict[str, Ranks] = {}  # reader -> its factorization (3C), applied when it is reconstructed
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
@@ -109,13 +111,17 @@ class PruneRun:
                                moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
         """Choose the kept channels of ``unit`` and refit its readers (their input channels shrink);
         the writers and followers keep every channel until :meth:`shrink`."""
+        if unit.writer is not None:
+            return self.select_outputs(unit, n_keep, *moments[unit.writer.name])
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
-        writer_weight = torch.cat([self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
-                                   for w in group.writers], 1)
+        writer_weight = torch.cat([torch.zeros(self.widths[group.name], 0, dtype=torch.float32)] +
+                                  [self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
+                                   for w in group.writers if f"write:{w}" not in self.kept], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
-        keep = STRATEGIES[cfg.method](problem)
+        # a unit kept whole is here only to be refitted (and factorized): nothing to choose
+        keep = torch.arange(n_keep) if n_keep == self.widths[group.name] else STRATEGIES[cfg.method](problem)
         if len(keep) != n_keep:
             raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
         for rp in full:
@@ -126,7 +132,7 @@ class PruneRun:
         """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
         (after its readers were reconstructed)."""
         group = unit.group
-        if unit.reader is None:
+        if unit.narrows_group:
             for name in group.writers:
                 block = group.block_of(name)
                 outputs = block_indices(keep, block)
@@ -139,7 +145,56 @@ class PruneRun:
             for path in group.scales:
                 self.plan.keep_scale(self.work, path, self.layer_index(path, group, keep))
             self.widths[group.name] = len(keep)
+        elif unit.writer is not None:
+            self.kept_outputs[unit.writer.name] = self.kept_outputs.get(unit.writer.name,
+                                                                        torch.arange(unit.channels))[keep]
         self.kept[unit.name] = self.kept.get(group.name, torch.arange(group.channels))[keep]
+
+    def select_outputs(self, unit: Unit, n_keep: int, fit: Moments, heldout: Moments) -> torch.Tensor:
+        """FCP's fine-grained trunk writer: refit the writer on its current inputs, keep the
+        ``n_keep`` outputs whose loss would cost the block output most, and scatter them into the
+        trunk's width (the others add the mean they had). Least squares is separable by output,
+        so keeping the outputs with the largest ||T_j - t̄_j||² - ||T_j - Ŷ_j||² is exact."""
+        writer = unit.writer
+        rp = reader_problem(self.work, writer, fit, heldout)
+        every = torch.arange(fit.dim_x // rp.k)
+        w, b = rp.weight, rp.bias
+        ridge = self.cfg.ridge
+        if self.cfg.reconstruct and ridge == "auto" and heldout.count > 0:
+            w, b, ridge = heldout_least_squares(fit, heldout, every, rp.k, AUTO_RIDGES, (w, b))
+        elif self.cfg.reconstruct:
+            ridge = 1e-6 if ridge == "auto" else ridge
+            w, b = least_squares(fit, every, rp.k, ridge)
+        energy = fit.centred_yy()
+        keep = (energy - output_errors(fit, every, rp.k, w, b)).topk(n_keep).indices.sort().values
+        dropped = torch.ones(len(energy), dtype=torch.bool)
+        dropped[keep] = False
+
+        def error(m: Moments) -> float:
+            if m.count == 0 or m.yty <= 0:
+                return float("nan")
+            lost = m.centred_yy()[dropped].sum() + m.count * (m.mean_y - fit.mean_y)[dropped].square().sum()
+            return float((output_errors(m, every, rp.k, w, b)[keep].sum() + lost) / m.yty) ** 0.5
+
+        layer = self.work.get_submodule(writer.name)
+        if self.cfg.reconstruct:
+            bn = self.work.get_submodule(writer.bn) if writer.bn else None
+            if write_folded(layer, bn, w, b):
+                self.plan.add_bias(writer.name)
+        channels = self.widths[unit.group.name]
+        self.plan.keep_outputs(self.work, writer.name, keep)
+        last = writer.name
+        if writer.bn:
+            self.plan.keep_channels(self.work, writer.bn, keep)
+            last = writer.bn
+        self.plan.scatter_outputs(self.work, last, keep, channels)
+        with torch.no_grad():
+            fill = self.work.get_submodule(last).scatter_fill
+            fill[dropped] = fit.mean_y[dropped].to(fill)
+        self.errors[unit.name] = {
+            "kept_indices": keep.tolist(), "samples": fit.count, "inputs": fit.dim_x, "ridge": ridge,
+            "rel_error": error(fit), "rel_error_heldout": error(heldout)}
+        return keep
 
     def unit_record(self, index: int, unit: Unit, keep: torch.Tensor, ops: list[PlanOp]) -> UnitRecord:
         """What :meth:`select_and_reconstruct` just did to ``unit``'s readers, for a resumed run."""
@@ -149,7 +204,8 @@ class PruneRun:
                 if name:
                     tensors.update({f"{name}.{k}": v.clone() for k, v in self.work.get_submodule(name).state_dict().items()})
         return UnitRecord(index, unit.name, tuple(keep.tolist()), tuple(ops), tensors,
-                          {r.name: self.errors[r.name] for r in unit.readers if r.name in self.errors},
+                          {name: self.errors[name] for name in (unit.name, *(r.name for r in unit.readers))
+                           if name in self.errors},
                           self.generator.get_state())
 
     def replay_readers(self, unit: Unit, record: UnitRecord) -> torch.Tensor:
@@ -184,11 +240,14 @@ class PruneRun:
         elif self.cfg.reconstruct:
             ridge = 1e-6 if ridge == "auto" else ridge
             w_kept, b_kept = least_squares(fit, all_kept, k, ridge)
-        if select:
+        if select and len(keep) < self.widths[group.name]:  # a select of every channel would copy for nothing
             self.plan.select_inputs(self.work, name, index)
         else:
             self.plan.keep_inputs(self.work, name, index, rp.reader.channel_size)
-        if self.cfg.reconstruct:
+        if self.cfg.reconstruct and name in self.ranks:
+            w_kept, b_kept = self.factorize(rp.reader, self.ranks[name], fit, w_kept, b_kept,
+                                            1e-6 if ridge in (None, "auto") else ridge)
+        elif self.cfg.reconstruct:
             bn = self.work.get_submodule(rp.reader.bn) if rp.reader.bn else None
             if write_folded(self.work.get_submodule(name), bn, w_kept, b_kept):
                 self.plan.add_bias(name)
@@ -197,6 +256,34 @@ class PruneRun:
             "rel_error": relative_error(fit, all_kept, k, w_kept, b_kept),
             "rel_error_heldout": relative_error(heldout, all_kept, k, w_kept, b_kept), "ridge": ridge,
         }
+
+    def factorize(self, reader: Reader, ranks: Ranks, fit: Moments, weight: torch.Tensor, bias: torch.Tensor,
+                  ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace a reconstructed reader by its factorized chain (:mod:`chanprune.factorize`),
+        fitted to the same targets on the same moments (``fit``, restricted to its kept inputs);
+        returns the chain's end-to-end (weight, bias) in the reader's input features."""
+        name = reader.name
+        layer = self.work.get_submodule(name)
+        kernel = tuple(layer.kernel_size)
+        through = torch.eye(weight.shape[1], dtype=weight.dtype)  # chain so far as a map of the input features
+        if ranks.spatial is not None:
+            vertical, fit = spatial_factors(weight, fit, layer.in_channels, kernel, ranks.spatial, ridge)
+            through = window_map(vertical, kernel[1])
+            weight, bias = least_squares_on(fit, ridge)
+            self.plan.factorize(self.work, name, "spatial", ranks.spatial)
+            first = self.work.get_submodule(name)[0]
+            first.weight.data.copy_(vertical.reshape(first.weight.shape))
+        if ranks.channel is not None:
+            first_factor, weight, bias = channel_factors(weight, bias, fit, ranks.channel, ridge)
+            through = first_factor @ through
+            self.plan.factorize(self.work, name, "channel", ranks.channel)
+            narrow = self.work.get_submodule(name)[-2]
+            narrow.weight.data.copy_(first_factor.reshape(narrow.weight.shape))
+        chain = self.work.get_submodule(name)
+        bn = self.work.get_submodule(reader.bn) if reader.bn else None
+        if write_folded(chain[-1], bn, weight, bias):
+            self.plan.add_bias(f"{name}.{len(chain) - 1}")
+        return weight @ through, bias
 
     def result(self, original: nn.Module) -> nn.Module:
         """The user's model class with this run's surgery replayed and the working weights loaded."""

@@ -13,6 +13,7 @@ from ..io.provenance import Provenance, attach
 from ..io.references import ArchRef
 from ..io.state_file import load_state_file
 from .resnet import resnet20, resnet50_small, resnet56
+from .srresnet import msrresnet_small
 from .vgg import vgg16_half
 from .xception import xception50_small
 
@@ -21,7 +22,8 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A reference architecture, the data it is trained on, and where its checkpoint lives."""
+    """A reference architecture, the data it is trained on ("mnist": classification of the bundled
+    digits; "photos": x2 super-resolution of the bundled photographs), and where its checkpoint lives."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -40,6 +42,8 @@ BUNDLED: dict[str, BundledModel] = {
     "resnet56-mnist": BundledModel("resnet56-mnist", resnet56, "mnist", (32, 32), 1),
     "resnet50-mnist": BundledModel("resnet50-mnist", resnet50_small, "mnist", (32, 32), 1),
     "xception50-mnist": BundledModel("xception50-mnist", xception50_small, "mnist", (32, 32), 1),
+    # x2 super-resolution of the bundled photographs (chanprune.photos): FCP's second experiment
+    "msrresnet-photos": BundledModel("msrresnet-photos", msrresnet_small, "photos", (32, 32), 3),
 }
 
 
