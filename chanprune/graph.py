@@ -21,7 +21,6 @@ pruned wrongly.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,38 +30,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError
+from .graph_ops import FOLLOWER_NORMS, OPS, Tag
 from .layers import SelectedConv2d
 
-# Modules whose output channel c depends only on input channel c and has no parameters.
-PASSTHROUGH_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.ZeroPad2d, nn.Upsample,
-)
-PASSTHROUGH_FUNCTIONS = {
-    torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
-    nn.functional.silu, nn.functional.hardswish, nn.functional.leaky_relu, nn.functional.elu,
-    nn.functional.mish, nn.functional.hardtanh, nn.functional.softplus, torch.sigmoid, torch.tanh,
-    nn.functional.sigmoid, nn.functional.hardsigmoid, nn.functional.max_pool2d, nn.functional.avg_pool2d,
-    nn.functional.adaptive_avg_pool2d, nn.functional.adaptive_max_pool2d, nn.functional.dropout,
-    nn.functional.interpolate, torch.clamp, torch.nn.functional.dropout2d,
-}
-# Functions of model libraries that treat each sample (row) as a whole, so channel c passes through:
-# stochastic depth / drop path (identity in eval mode). Matched by module and name: the graph never
-# imports these libraries.
-PASSTHROUGH_LIBRARY_FUNCTIONS = {("torchvision.ops.stochastic_depth", "stochastic_depth"),
-                                 ("timm.layers.drop", "drop_path")}
-PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach",
-                       "clamp", "clamp_", "hardtanh_", "float", "to"}
-TIE_FUNCTIONS = {operator.add: True, operator.iadd: True, torch.add: True, operator.sub: True,
-                 torch.sub: True, operator.mul: False, operator.imul: False, torch.mul: False}
-TIE_METHODS = {"add": True, "add_": True, "sub": True, "mul": False, "mul_": False}
-REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax"}
-FOLLOWER_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-COUPLING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-SHAPE_QUERIES = {"size", "dim"}
 OUTPUT_REASON = "its channels are a model output"
+WEIGHTED = (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS, nn.PReLU)  # modules whose weights follow their channels
 
 
 @dataclass
@@ -166,19 +138,6 @@ class ChannelGraph:
         return min(self.order[r.name] for r in group.readers)
 
 
-@dataclass(frozen=True)
-class _Tag:
-    """What a traced value holds along its channel axis: groups side by side, maybe flattened."""
-
-    segments: tuple[ChannelGroup, ...]
-    axis: int = 1
-    flat_size: int | None = None  # H*W per channel once flattened
-
-    @property
-    def channels(self) -> int:
-        return sum(g.root().channels for g in self.segments)
-
-
 class _Tracer(fx.Tracer):
     """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of BatchNorm
     and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise activation)."""
@@ -250,6 +209,15 @@ def _size_that_runs(gm: fx.GraphModule, example: torch.Tensor) -> int | None:
     return None
 
 
+def _op_name(node: fx.Node, module: nn.Module | None) -> str:
+    """How a warning names an op: the module's class, the function's name or ``.method``."""
+    if module is not None:
+        return type(module).__name__
+    if node.op == "call_method":
+        return f".{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
 def _first_line(err: BaseException) -> str:
     """The first line of an exception's message (torch's often run to many lines)."""
     lines = str(err).strip().splitlines()
@@ -262,7 +230,7 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.tags: dict[fx.Node, _Tag | None] = {}
+        self.tags: dict[fx.Node, Tag | None] = {}
         self.created: list[ChannelGroup] = []
         self.layouts: dict[str, list[ChannelGroup]] = {}
         self.layer_kinds: dict[str, str] = {}
@@ -274,7 +242,7 @@ class _Builder:
         self.shared = {name for name, count in calls.items() if count > 1}
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def block(self, tag: _Tag | None, why: str) -> None:
+    def block(self, tag: Tag | None, why: str) -> None:
         if tag is None:
             return
         for g in tag.segments:
@@ -282,13 +250,13 @@ class _Builder:
             if why not in root.blocked_by:
                 root.blocked_by.append(why)
 
-    def new_group(self, node: fx.Node, axis: int = 1) -> _Tag:
+    def new_group(self, node: fx.Node, axis: int = 1) -> Tag:
         shape = node.meta["tensor_meta"].shape
         group = ChannelGroup(name=node.target, channels=int(shape[axis]), writers=[node.target])
         self.created.append(group)
-        return _Tag((group,), axis % len(shape))
+        return Tag((group,), axis % len(shape))
 
-    def merge(self, a: _Tag, b: _Tag, residual: bool, node: fx.Node) -> _Tag | None:
+    def merge(self, a: Tag, b: Tag, residual: bool, node: fx.Node) -> Tag | None:
         """Tie two tags channel by channel (residual add, gating multiply)."""
         sizes_a = [g.root().channels for g in a.segments]
         sizes_b = [g.root().channels for g in b.segments]
@@ -311,211 +279,20 @@ class _Builder:
             ra.residual = ra.residual or residual
         return a
 
-    def follow(self, name: str, tag: _Tag) -> None:
+    def follow(self, name: str, tag: Tag) -> None:
         self.layouts[name] = list(tag.segments)
         for g in tag.segments:
             g.root().followers.append(name)
 
-    def read(self, node: fx.Node, tag: _Tag, reader: Reader) -> None:
+    def read(self, node: fx.Node, tag: Tag, kind: str, channel_size: int = 1, layout: str = "nchw") -> None:
+        """Make the layer called by ``node`` a reader of the groups in ``tag``."""
         if len({g.root() for g in tag.segments}) != len(tag.segments):
             self.block(tag, f"{node.target} reads the same channels twice")
             return
-        reader.input_node = node.args[0].name
-        reader.output_node = node.name
+        reader = Reader(node.target, kind, channel_size, layout, input_node=node.args[0].name, output_node=node.name)
         self.readers[reader.name] = (reader, list(tag.segments))
         for g in tag.segments:
             g.root().readers.append(reader)
-
-    def unsupported(self, node: fx.Node, in_tags: list[_Tag | None], what: str) -> None:
-        for t in in_tags:
-            self.block(t, f"{node.name} ({what}) is not supported")
-
-    # -- the walk ------------------------------------------------------------------------
-    def visit(self, node: fx.Node) -> None:
-        in_tags = [self.tags.get(a) for a in node.all_input_nodes]
-        main = self.tags.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if node.op == "call_module":
-            self.order.setdefault(node.target, len(self.order))
-            out = self.visit_module(node, main, in_tags)
-        elif node.op == "call_function":
-            out = self.visit_function(node, main, in_tags)
-        elif node.op == "call_method":
-            out = self.visit_method(node, main, in_tags)
-        elif node.op == "output":
-            for t in in_tags:
-                self.block(t, OUTPUT_REASON)
-            out = None
-        else:
-            out = None
-        self.tags[node] = out
-
-    def visit_module(self, node: fx.Node, main: _Tag | None, in_tags: list[_Tag | None]) -> _Tag | None:
-        name, module = node.target, self.modules[node.target]
-        if name in self.shared and isinstance(module, (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS, nn.PReLU)):
-            for t in in_tags:
-                self.block(t, f"{name} is called more than once")
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                out = self.new_group(node, -1 if isinstance(module, nn.Linear) else 1)
-                self.block(out, f"{name} is called more than once")
-                return out
-            return None
-        if isinstance(module, SelectedConv2d):
-            self.layer_kinds[name] = "conv"
-            self.block(main, f"{name} already reads a channel subset (feature-map sampling)")
-            return self.new_group(node)
-        if isinstance(module, nn.Conv2d):
-            return self.visit_conv(node, module, main)
-        if isinstance(module, nn.Linear):
-            self.layer_kinds[name] = "linear"
-            self.visit_linear(node, main)
-            return self.new_group(node, -1)
-        if isinstance(module, FOLLOWER_NORMS) and main is not None and main.flat_size is None and main.axis == 1:
-            self.follow(name, main)
-            source = node.args[0]
-            if source.op == "call_module" and len(source.users) == 1 and type(module) in FOLLOWER_NORMS and \
-                    isinstance(self.modules[source.target], (nn.Conv2d, nn.Linear)):
-                self.bn_after[source.target] = node  # a plain BN folds into its producer's targets
-            return main
-        if isinstance(module, nn.PReLU) and main is not None and main.flat_size is None:
-            if module.num_parameters == 1:
-                return main
-            if main.axis == 1:
-                self.follow(name, main)
-                return main
-        if isinstance(module, COUPLING_NORMS):
-            self.block(main, f"{name} ({type(module).__name__}) couples every channel it normalises")
-            return None
-        if isinstance(module, PASSTHROUGH_MODULES):
-            return main
-        if isinstance(module, nn.Flatten) and main is not None:
-            return self.flatten(node, main, module.start_dim)
-        if isinstance(module, nn.PixelShuffle) and main is not None:
-            return self.pixel_shuffle(node, main, module.upscale_factor)
-        self.unsupported(node, in_tags, type(module).__name__)
-        return None
-
-    def visit_conv(self, node: fx.Node, conv: nn.Conv2d, main: _Tag | None) -> _Tag | None:
-        name = node.target
-        self.layer_kinds[name] = "conv"
-        usable = main is not None and main.flat_size is None and main.axis == 1
-        if conv.groups == 1:
-            if usable and conv.padding_mode == "zeros":
-                self.read(node, main, Reader(name, "conv"))
-            else:
-                self.block(main, f"{name} reads channels that are not on axis 1 or pads them non-zero")
-            return self.new_group(node)
-        if conv.groups == conv.in_channels == conv.out_channels and usable:
-            self.depthwise.add(name)
-            self.follow(name, main)
-            return main
-        self.block(main, f"{name} is a grouped conv ({conv.groups} groups)")
-        out = self.new_group(node)
-        self.block(out, f"{name} is a grouped conv ({conv.groups} groups)")
-        return out
-
-    def visit_linear(self, node: fx.Node, main: _Tag | None) -> None:
-        if main is None:
-            return
-        shape = node.args[0].meta["tensor_meta"].shape
-        size = main.flat_size or 1
-        if main.axis != len(shape) - 1 or shape[-1] != main.channels * size or len(shape) not in (2, 4):
-            self.block(main, f"{node.target} reads a tensor whose last axis is not the channels")
-            return
-        self.read(node, main, Reader(node.target, "linear", size, "nc" if len(shape) == 2 else "nhwc"))
-
-    def visit_function(self, node: fx.Node, main: _Tag | None, in_tags: list[_Tag | None]) -> _Tag | None:
-        target = node.target
-        if target in PASSTHROUGH_FUNCTIONS or \
-                (getattr(target, "__module__", None), getattr(target, "__name__", None)) in PASSTHROUGH_LIBRARY_FUNCTIONS:
-            return main
-        if target is torch.flatten and main is not None:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self.flatten(node, main, start)
-        if target in TIE_FUNCTIONS:
-            return self.tie(node, TIE_FUNCTIONS[target])
-        if target is torch.cat:
-            return self.concat(node)
-        if target in REDUCTIONS and main is not None:
-            return self.reduce(node, main, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        if target is torch.permute and main is not None:
-            return self.permute(node, main, node.args[1])
-        if target is nn.functional.pad and main is not None:
-            return self.pad(node, main)
-        if target in (nn.functional.pixel_shuffle, torch.pixel_shuffle) and main is not None:
-            factor = node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
-            return self.pixel_shuffle(node, main, factor)
-        if target is operator.getitem:
-            return self.getitem(node, main)
-        if target is getattr:
-            return None
-        self.unsupported(node, in_tags, getattr(target, "__name__", str(target)))
-        return None
-
-    def visit_method(self, node: fx.Node, main: _Tag | None, in_tags: list[_Tag | None]) -> _Tag | None:
-        target = node.target
-        if target in PASSTHROUGH_METHODS:
-            return main
-        if target in SHAPE_QUERIES:
-            return None
-        if target in TIE_METHODS:
-            return self.tie(node, TIE_METHODS[target])
-        if target in {"mean", "sum", "amax"} and main is not None:
-            return self.reduce(node, main, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        if target == "permute" and main is not None:
-            dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
-            return self.permute(node, main, dims)
-        if target in {"flatten", "view", "reshape"} and main is not None:
-            return self.flatten(node, main, None)
-        self.unsupported(node, in_tags, f".{target}")
-        return None
-
-    # -- operations on tags ----------------------------------------------------------------
-    def tie(self, node: fx.Node, residual: bool) -> _Tag | None:
-        operands = [a for a in node.args[:2]]
-        tagged = [(a, self.tags.get(a)) for a in operands if isinstance(a, fx.Node) and self.tags.get(a)]
-        if len(tagged) == 2:
-            out = self.merge(tagged[0][1], tagged[1][1], residual, node)
-            if out is not None and residual and node.target in (operator.add, operator.iadd, torch.add, "add", "add_"):
-                self.note_shortcut(*operands)
-            return out
-        if len(tagged) == 1:
-            tag = tagged[0][1]
-            other = next((a for a in operands if a is not tagged[0][0]), None)
-            meta = other.meta.get("tensor_meta") if isinstance(other, fx.Node) else None
-            shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
-            axis_from_end = len(tagged[0][0].meta["tensor_meta"].shape) - tag.axis
-            if len(shape) < axis_from_end or shape[-axis_from_end] == 1:
-                return tag
-            path = None if residual else self.channel_scale(other, shape, axis_from_end, tag)
-            if path is not None:
-                self.layouts[path] = list(tag.segments)
-                for g in tag.segments:
-                    g.root().scales.append(path)
-                return tag
-            what = "adds to its channels" if residual else "scales its channels by"
-            self.block(tag, f"{node.name} {what} a tensor chanprune does not track (the model's input, or the "
-                            "output of an op it cannot follow)")
-            return None
-        return None
-
-    def channel_scale(self, other: fx.Node, shape: tuple[int, ...], axis_from_end: int, tag: _Tag) -> str | None:
-        """The attribute path of a per-channel parameter or buffer that ``other`` is (directly, or
-        through view / reshape / unsqueeze / indexing) when it broadcasts along the channel axis
-        only; None otherwise."""
-        if tag.flat_size is not None or shape[-axis_from_end] != tag.channels or \
-                any(d != 1 for i, d in enumerate(shape) if i != len(shape) - axis_from_end):
-            return None
-        source = other
-        while source.op in ("call_method", "call_function") and (
-                source.target in ("view", "reshape", "unsqueeze") or source.target is operator.getitem):
-            source = source.args[0]
-        if source.op != "get_attr":
-            return None
-        value = operator.attrgetter(source.target)(self.gm)
-        if not isinstance(value, torch.Tensor) or sorted(value.shape)[:-1] != [1] * (value.ndim - 1) or \
-                max(value.shape, default=0) != tag.channels or source.target in self.layouts:
-            return None
-        return source.target
 
     def note_shortcut(self, a: fx.Node, b: fx.Node) -> None:
         """When one operand of a residual add is a reader's (BN'd) output, remember the other."""
@@ -533,89 +310,44 @@ class _Builder:
                 entry[0].output_node = branch.name
                 return
 
-    def concat(self, node: fx.Node) -> _Tag | None:
-        parts = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        tags = [self.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
-        ndim = len(node.meta["tensor_meta"].shape)
-        if all(t is not None and t.axis == 1 and t.flat_size is None for t in tags) and dim % ndim == 1:
-            return _Tag(tuple(g for t in tags for g in t.segments))
-        for t in tags:
-            self.block(t, f"{node.name} concatenates channels chanprune cannot track")
-        return None
+    def unsupported(self, node: fx.Node, in_tags: list[Tag | None], what: str) -> None:
+        """Block every group ``node`` touches: chanprune cannot say where its channels go."""
+        for t in in_tags:
+            self.block(t, f"{node.name} ({what}) is not supported")
 
-    def reduce(self, node: fx.Node, tag: _Tag, dims) -> _Tag | None:
-        ndim = len(node.args[0].meta["tensor_meta"].shape)
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        dims = {d % ndim for d in dims}
-        if tag.flat_size is not None or not dims or tag.axis in dims:
-            self.block(tag, f"{node.name} reduces over the channel axis")
+    # -- the walk ------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> None:
+        """Tag ``node``'s output by the handler of its op (:data:`graph_ops.OPS`)."""
+        in_tags = [self.tags.get(a) for a in node.all_input_nodes]
+        main = self.tags.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        module = self.modules[node.target] if node.op == "call_module" else None
+        out = None
+        if node.op == "output":
+            for t in in_tags:
+                self.block(t, OUTPUT_REASON)
+        elif isinstance(module, WEIGHTED) and node.target in self.shared:
+            self.order.setdefault(node.target, len(self.order))
+            out = self.shared_call(node, module, in_tags)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            if module is not None:
+                self.order.setdefault(node.target, len(self.order))
+            handler = OPS.lookup(node, module)
+            if handler is None:
+                self.unsupported(node, in_tags, _op_name(node, module))
+            else:
+                out = handler(self, node, main, in_tags)
+        self.tags[node] = out
+
+    def shared_call(self, node: fx.Node, module: nn.Module, in_tags: list[Tag | None]) -> Tag | None:
+        """A module with weights called more than once blocks what it touches: its weights cannot
+        be narrowed for one call only."""
+        for t in in_tags:
+            self.block(t, f"{node.target} is called more than once")
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
             return None
-        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return _Tag(tag.segments, tag.axis if keepdim else tag.axis - sum(d < tag.axis for d in dims))
-
-    def permute(self, node: fx.Node, tag: _Tag, dims) -> _Tag | None:
-        if tag.flat_size is not None:
-            self.block(tag, f"{node.name} permutes flattened channels")
-            return None
-        ndim = len(dims)
-        return _Tag(tag.segments, [d % ndim for d in dims].index(tag.axis))
-
-    def pad(self, node: fx.Node, tag: _Tag) -> _Tag | None:
-        """``F.pad`` pads the last len(pad) // 2 axes, last axis first: the channels pass through
-        unless the channel axis's pair is non-zero, whatever the rank (on an (N, C) tensor it is
-        the first pair)."""
-        pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
-        ndim = len(node.args[0].meta["tensor_meta"].shape)
-        pair = pad[2 * (ndim - 1 - tag.axis):][:2]
-        if any(p != 0 for p in pair):
-            self.block(tag, f"{node.name} pads the channel axis")
-            return None
-        return tag
-
-    def getitem(self, node: fx.Node, tag: _Tag | None) -> _Tag | None:
-        index = node.args[1]
-        if tag is None:
-            return None
-        if isinstance(index, tuple) and len(index) > tag.axis and tag.flat_size is None and \
-                all(isinstance(i, slice) or i is Ellipsis for i in index[: tag.axis + 1]) and \
-                index[tag.axis] == slice(None) and Ellipsis not in index[: tag.axis]:
-            return tag
-        self.block(tag, f"{node.name} indexes the channel axis")
-        return None
-
-    def flatten(self, node: fx.Node, tag: _Tag, start_dim) -> _Tag | None:
-        """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; anything else blocks."""
-        in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
-        out_shape = tuple(node.meta["tensor_meta"].shape)
-        if tag.flat_size is None and tag.axis == 1 and len(in_shape) == 4 and len(out_shape) == 2 and \
-                out_shape[0] == in_shape[0] and start_dim in (None, 1):
-            return _Tag(tag.segments, 1, in_shape[2] * in_shape[3])
-        if in_shape == out_shape:
-            return tag
-        return self.flatten_blocked(node, tag)
-
-    def pixel_shuffle(self, node: fx.Node, tag: _Tag, factor: int) -> _Tag | None:
-        """Channel c of the output is channels c·r²..(c+1)·r²−1 of the input: the input's group
-        becomes one of r²-channel blocks for its writers and followers (nothing may read it before)."""
-        group = tag.segments[0].root()
-        earlier = [t for t in self.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
-        if len(tag.segments) != 1 or tag.axis != 1 or tag.flat_size is not None or group.readers or \
-                group.residual or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
-            self.block(tag, f"{node.name} (pixel shuffle) reads channels that are also used elsewhere")
-            return None
-        size = factor * factor
-        group.channels //= size
-        for member in dict.fromkeys([*group.writers, *group.followers]):
-            group.blocks[member] = group.block_of(member) * size
-        for n, t in list(self.tags.items()):  # values before the shuffle hold blocks of r² channels
-            if t in earlier:
-                self.tags[n] = _Tag(t.segments, t.axis, size)
-        return _Tag((group,), 1)
-
-    def flatten_blocked(self, node: fx.Node, tag: _Tag) -> None:
-        self.block(tag, f"{node.name} reshapes the channels")
-        return None
+        out = self.new_group(node, -1 if isinstance(module, nn.Linear) else 1)
+        self.block(out, f"{node.target} is called more than once")
+        return out
 
     # -- result ----------------------------------------------------------------------------
     def finish(self, input_shape: tuple[int, ...], warn: bool) -> ChannelGraph:

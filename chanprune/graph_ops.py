@@ -1,0 +1,401 @@
+"""What each traced operation does to the channels it carries: one handler per op, in one registry.
+
+A handler receives the graph builder, the fx node, the tag of its first tensor argument and the
+tags of all its tensor inputs, and returns the tag of its output (None when the output carries no
+channel group chanprune tracks). A handler either passes channels through, makes a layer follow
+or read them, ties, lays side by side or reshapes them, or blocks them with the reason. Ops are
+registered by module type (matched along the module's class hierarchy, most specific first), by
+function (or by a library function's module and name, so the graph never imports those
+libraries) and by tensor method name. An op without a handler blocks what it touches.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx, nn
+
+from .layers import SelectedConv2d
+
+if TYPE_CHECKING:
+    from .graph import ChannelGroup, _Builder
+
+FOLLOWER_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Tag:
+    """What a traced value holds along its channel axis: groups side by side, maybe flattened."""
+
+    segments: tuple[ChannelGroup, ...]
+    axis: int = 1
+    flat_size: int | None = None  # H*W per channel once flattened
+
+    @property
+    def channels(self) -> int:
+        return sum(g.root().channels for g in self.segments)
+
+
+Handler = Callable[["_Builder", fx.Node, "Tag | None", "list[Tag | None]"], "Tag | None"]
+
+
+class OpRegistry:
+    """Handlers keyed by module type, function, library function (module, name) and method name."""
+
+    def __init__(self) -> None:
+        self.modules: dict[type, Handler] = {}
+        self.functions: dict[object, Handler] = {}
+        self.library_functions: dict[tuple[str, str], Handler] = {}
+        self.methods: dict[str, Handler] = {}
+
+    def register(self, modules: Iterable[type] = (), functions: Iterable[object] = (),
+                 library_functions: Iterable[tuple[str, str]] = (), methods: Iterable[str] = ()
+                 ) -> Callable[[Handler], Handler]:
+        """Decorator: ``handler`` handles every op named."""
+        def add(handler: Handler) -> Handler:
+            for table, keys in ((self.modules, modules), (self.functions, functions),
+                                (self.library_functions, library_functions), (self.methods, methods)):
+                for key in keys:
+                    if table.get(key, handler) is not handler:  # aliases (F.x is torch.x) may repeat
+                        raise ValueError(f"{key} already has a handler")
+                    table[key] = handler
+            return handler
+        return add
+
+    def lookup(self, node: fx.Node, module: nn.Module | None) -> Handler | None:
+        """The handler of ``node`` (``module``: what a call_module node calls), or None."""
+        if node.op == "call_module":
+            return next((self.modules[t] for t in type(module).__mro__ if t in self.modules), None)
+        if node.op == "call_function":
+            target = node.target
+            found = self.functions.get(target) if _hashable(target) else None
+            key = (getattr(target, "__module__", None), getattr(target, "__name__", None))
+            return found or self.library_functions.get(key)
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        return None
+
+
+def _hashable(target: object) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
+OPS = OpRegistry()
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument ``index`` of a call, given positionally or as keyword ``name``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _plain_channels(tag: Tag | None) -> bool:
+    """Channels on axis 1, not flattened: what a conv, a BN or a PReLU can follow or read."""
+    return tag is not None and tag.flat_size is None and tag.axis == 1
+
+
+# -- channel-wise ops without parameters: channel c out depends on channel c in ------------------
+@OPS.register(
+    modules=(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+             nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.MaxPool2d, nn.AvgPool2d,
+             nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.ZeroPad2d,
+             nn.Upsample),
+    functions=(torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
+               nn.functional.silu, nn.functional.hardswish, nn.functional.leaky_relu, nn.functional.elu,
+               nn.functional.mish, nn.functional.hardtanh, nn.functional.softplus, torch.sigmoid, torch.tanh,
+               nn.functional.sigmoid, nn.functional.hardsigmoid, nn.functional.max_pool2d,
+               nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d, nn.functional.adaptive_max_pool2d,
+               nn.functional.dropout, nn.functional.interpolate, torch.clamp, nn.functional.dropout2d),
+    # stochastic depth / drop path scale whole samples (identity in eval mode)
+    library_functions=(("torchvision.ops.stochastic_depth", "stochastic_depth"), ("timm.layers.drop", "drop_path")),
+    methods=("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach", "clamp", "clamp_",
+             "hardtanh_", "float", "to"))
+def passthrough(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return main
+
+
+@OPS.register(functions=(getattr,), methods=("size", "dim"))
+def shape_query(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return None
+
+
+# -- layers with weights ---------------------------------------------------------------------
+@OPS.register(modules=(SelectedConv2d,))
+def selected_conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    b.layer_kinds[node.target] = "conv"
+    b.block(main, f"{node.target} already reads a channel subset (feature-map sampling)")
+    return b.new_group(node)
+
+
+@OPS.register(modules=(nn.Conv2d,))
+def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A dense conv reads its input group and writes a new one; a depthwise conv follows its input."""
+    name, layer = node.target, b.modules[node.target]
+    b.layer_kinds[name] = "conv"
+    usable = _plain_channels(main)
+    if layer.groups == 1:
+        if usable and layer.padding_mode == "zeros":
+            b.read(node, main, "conv")
+        else:
+            b.block(main, f"{name} reads channels that are not on axis 1 or pads them non-zero")
+        return b.new_group(node)
+    if layer.groups == layer.in_channels == layer.out_channels and usable:
+        b.depthwise.add(name)
+        b.follow(name, main)
+        return main
+    b.block(main, f"{name} is a grouped conv ({layer.groups} groups)")
+    out = b.new_group(node)
+    b.block(out, f"{name} is a grouped conv ({layer.groups} groups)")
+    return out
+
+
+@OPS.register(modules=(nn.Linear,))
+def linear(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A Linear over the last axis reads the channels there (blocks of H*W after a flatten)."""
+    b.layer_kinds[node.target] = "linear"
+    if main is not None:
+        shape = node.args[0].meta["tensor_meta"].shape
+        size = main.flat_size or 1
+        if main.axis != len(shape) - 1 or shape[-1] != main.channels * size or len(shape) not in (2, 4):
+            b.block(main, f"{node.target} reads a tensor whose last axis is not the channels")
+        else:
+            b.read(node, main, "linear", size, "nc" if len(shape) == 2 else "nhwc")
+    return b.new_group(node, -1)
+
+
+@OPS.register(modules=FOLLOWER_NORMS)
+def batch_norm(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A BatchNorm follows its channels; right after a conv or Linear it folds into its targets."""
+    module = b.modules[node.target]
+    if not _plain_channels(main):
+        return b.unsupported(node, in_tags, type(module).__name__)
+    b.follow(node.target, main)
+    source = node.args[0]
+    if source.op == "call_module" and len(source.users) == 1 and type(module) in FOLLOWER_NORMS and \
+            isinstance(b.modules[source.target], (nn.Conv2d, nn.Linear)):
+        b.bn_after[source.target] = node
+    return main
+
+
+@OPS.register(modules=(nn.PReLU,))
+def prelu(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """One shared slope passes channels through; one slope per channel follows them."""
+    if main is not None and main.flat_size is None:
+        if b.modules[node.target].num_parameters == 1:
+            return main
+        if main.axis == 1:
+            b.follow(node.target, main)
+            return main
+    return b.unsupported(node, in_tags, "PReLU")
+
+
+@OPS.register(modules=(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm))
+def coupling_norm(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    b.block(main, f"{node.target} ({type(b.modules[node.target]).__name__}) couples every channel it normalises")
+    return None
+
+
+# -- ops on the channel layout ----------------------------------------------------------------
+@OPS.register(modules=(nn.Flatten,))
+def flatten_module(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return flatten(b, node, main, b.modules[node.target].start_dim)
+
+
+@OPS.register(functions=(torch.flatten,))
+def flatten_function(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return flatten(b, node, main, _arg(node, 1, "start_dim", 0))
+
+
+@OPS.register(methods=("flatten", "view", "reshape"))
+def flatten_method(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return flatten(b, node, main, None)
+
+
+def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> Tag | None:
+    """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; a no-op reshape keeps the tag;
+    anything else blocks."""
+    if tag is None:
+        return None
+    in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
+    out_shape = tuple(node.meta["tensor_meta"].shape)
+    if tag.flat_size is None and tag.axis == 1 and len(in_shape) == 4 and len(out_shape) == 2 and \
+            out_shape[0] == in_shape[0] and start_dim in (None, 1):
+        return Tag(tag.segments, 1, in_shape[2] * in_shape[3])
+    if in_shape == out_shape:
+        return tag
+    b.block(tag, f"{node.name} reshapes the channels")
+    return None
+
+
+@OPS.register(modules=(nn.PixelShuffle,))
+def pixel_shuffle_module(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return pixel_shuffle(b, node, main, b.modules[node.target].upscale_factor)
+
+
+@OPS.register(functions=(nn.functional.pixel_shuffle, torch.pixel_shuffle))
+def pixel_shuffle_function(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    return pixel_shuffle(b, node, main, _arg(node, 1, "upscale_factor"))
+
+
+def pixel_shuffle(b: _Builder, node: fx.Node, tag: Tag | None, factor: int) -> Tag | None:
+    """Channel c of the output is channels c·r²..(c+1)·r²−1 of the input: the input's group
+    becomes one of r²-channel blocks for its writers and followers (nothing may read it before)."""
+    if tag is None:
+        return None
+    group = tag.segments[0].root()
+    earlier = [t for t in b.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
+    if len(tag.segments) != 1 or tag.axis != 1 or tag.flat_size is not None or group.readers or \
+            group.residual or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
+        b.block(tag, f"{node.name} (pixel shuffle) reads channels that are also used elsewhere")
+        return None
+    size = factor * factor
+    group.channels //= size
+    for member in dict.fromkeys([*group.writers, *group.followers]):
+        group.blocks[member] = group.block_of(member) * size
+    for n, t in list(b.tags.items()):  # values before the shuffle hold blocks of r² channels
+        if t in earlier:
+            b.tags[n] = Tag(t.segments, t.axis, size)
+    return Tag((group,), 1)
+
+
+@OPS.register(functions=(torch.permute,), methods=("permute",))
+def permute(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """The channel axis moves where the permutation puts it."""
+    if main is None:
+        return None
+    dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+    if main.flat_size is not None:
+        b.block(main, f"{node.name} permutes flattened channels")
+        return None
+    return Tag(main.segments, [d % len(dims) for d in dims].index(main.axis))
+
+
+@OPS.register(functions=(torch.mean, torch.sum, torch.amax), methods=("mean", "sum", "amax"))
+def reduce(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A reduction over other axes keeps the channels (the axis shifts unless ``keepdim``)."""
+    if main is None:
+        return None
+    dims = _arg(node, 1, "dim")
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    dims = {d % ndim for d in ([dims] if isinstance(dims, int) else list(dims or []))}
+    if main.flat_size is not None or not dims or main.axis in dims:
+        b.block(main, f"{node.name} reduces over the channel axis")
+        return None
+    keepdim = _arg(node, 2, "keepdim", False)
+    return Tag(main.segments, main.axis if keepdim else main.axis - sum(d < main.axis for d in dims))
+
+
+@OPS.register(functions=(nn.functional.pad,))
+def pad(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """``F.pad`` pads the last len(pad) // 2 axes, last axis first: the channels pass through
+    unless the channel axis's pair is non-zero, whatever the rank (on an (N, C) tensor it is
+    the first pair)."""
+    if main is None:
+        return None
+    widths = list(_arg(node, 1, "pad"))
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    pair = widths[2 * (ndim - 1 - main.axis):][:2]
+    if any(p != 0 for p in pair):
+        b.block(main, f"{node.name} pads the channel axis")
+        return None
+    return main
+
+
+@OPS.register(functions=(operator.getitem,))
+def getitem(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """Indexing that keeps the whole channel axis (spatial crops) passes channels through."""
+    if main is None:
+        return None
+    index = node.args[1]
+    if isinstance(index, tuple) and len(index) > main.axis and main.flat_size is None and \
+            all(isinstance(i, slice) or i is Ellipsis for i in index[: main.axis + 1]) and \
+            index[main.axis] == slice(None) and Ellipsis not in index[: main.axis]:
+        return main
+    b.block(main, f"{node.name} indexes the channel axis")
+    return None
+
+
+@OPS.register(functions=(torch.cat,))
+def concat(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """``cat`` along channels lays its inputs' groups side by side."""
+    parts = node.args[0]
+    dim = _arg(node, 1, "dim", 0)
+    tags = [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
+    ndim = len(node.meta["tensor_meta"].shape)
+    if all(_plain_channels(t) for t in tags) and dim % ndim == 1:
+        return Tag(tuple(g for t in tags for g in t.segments))
+    for t in tags:
+        b.block(t, f"{node.name} concatenates channels chanprune cannot track")
+    return None
+
+
+_ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
+
+
+@OPS.register(functions=(operator.add, operator.iadd, torch.add, operator.sub, torch.sub),
+              methods=("add", "add_", "sub"))
+def residual_tie(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A residual add (or subtraction) ties its operands' channels one to one."""
+    return tie(b, node, residual=True)
+
+
+@OPS.register(functions=(operator.mul, operator.imul, torch.mul), methods=("mul", "mul_"))
+def gating_tie(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A gating multiply (squeeze-excitation) ties its operands; a per-channel parameter scales."""
+    return tie(b, node, residual=False)
+
+
+def tie(b: _Builder, node: fx.Node, residual: bool) -> Tag | None:
+    operands = list(node.args[:2])
+    tagged = [(a, b.tags.get(a)) for a in operands if isinstance(a, fx.Node) and b.tags.get(a)]
+    if len(tagged) == 2:
+        out = b.merge(tagged[0][1], tagged[1][1], residual, node)
+        if out is not None and residual and node.target in _ADDS:
+            b.note_shortcut(*operands)
+        return out
+    if len(tagged) != 1:
+        return None
+    arg, tag = tagged[0]
+    other = next((a for a in operands if a is not arg), None)
+    meta = other.meta.get("tensor_meta") if isinstance(other, fx.Node) else None
+    shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+    axis_from_end = len(arg.meta["tensor_meta"].shape) - tag.axis
+    if len(shape) < axis_from_end or shape[-axis_from_end] == 1:
+        return tag
+    path = None if residual else channel_scale(b, other, shape, axis_from_end, tag)
+    if path is not None:
+        b.layouts[path] = list(tag.segments)
+        for g in tag.segments:
+            g.root().scales.append(path)
+        return tag
+    what = "adds to its channels" if residual else "scales its channels by"
+    b.block(tag, f"{node.name} {what} a tensor chanprune does not track (the model's input, or the "
+                 "output of an op it cannot follow)")
+    return None
+
+
+def channel_scale(b: _Builder, other: fx.Node, shape: tuple[int, ...], axis_from_end: int, tag: Tag) -> str | None:
+    """The attribute path of a per-channel parameter or buffer that ``other`` is (directly, or
+    through view / reshape / unsqueeze / indexing) when it broadcasts along the channel axis
+    only; None otherwise."""
+    if tag.flat_size is not None or shape[-axis_from_end] != tag.channels or \
+            any(d != 1 for i, d in enumerate(shape) if i != len(shape) - axis_from_end):
+        return None
+    source = other
+    while source.op in ("call_method", "call_function") and (
+            source.target in ("view", "reshape", "unsqueeze") or source.target is operator.getitem):
+        source = source.args[0]
+    if source.op != "get_attr":
+        return None
+    value = operator.attrgetter(source.target)(b.gm)
+    if not isinstance(value, torch.Tensor) or sorted(value.shape)[:-1] != [1] * (value.ndim - 1) or \
+            max(value.shape, default=0) != tag.channels or source.target in b.layouts:
+        return None
+    return source.target
