@@ -107,6 +107,9 @@ class FlopModel:
         frac_out = 1.0
         if f"write:{name}" in widths:
             frac_out = widths[f"write:{name}"] / channels[self._writer_group[name]]
+        elif name in self.graph.out_layouts:
+            layout = self.graph.out_layouts[name]
+            frac_out = sum(widths.get(g, channels[g]) for g in layout) / sum(channels[g] for g in layout)
         elif name not in self.graph.depthwise and name in self._writer_group:
             group = self._writer_group[name]
             frac_out = widths.get(group, channels[group]) / channels[group]
@@ -427,7 +430,7 @@ def check_widths(widths: dict[str, int], graph: ChannelGraph, units: list[Unit])
                                      "remove it from the widths file")
             raise ChanpruneError(f"widths name unknown layer {key!r}{_did_you_mean(key, list(unit_of))}; name a "
                                  "layer whose input channels can be pruned, one of: "
-                                 f"{', '.join(u.readers[0].name for u in units)}")
+                                 f"{', '.join(dict.fromkeys(u.readers[0].name for u in units))}")
         unit = unit_of[key]
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= unit.channels:
             raise ChanpruneError(f"width of {key!r} must be a whole number of input channels, got {value!r}; give "

@@ -9,7 +9,8 @@ slicing and padding, reductions over space) pass it through. ``flatten`` turns i
 of H*W features, ``permute`` moves the channel axis (a Linear over the last axis reads it).
 ``pixel_shuffle`` by r makes each channel a block of r² consecutive channels of what its
 writer and followers produce (they lose whole blocks).
-``cat`` along channels lays several groups side by side; a residual ``add`` or a gating ``mul``
+``cat`` along channels lays several groups side by side; ``split``, ``chunk`` and channel slices
+cut a group into pieces, groups of their own that share its writers (``out_layouts``); a residual ``add`` or a gating ``mul``
 (squeeze-excitation) ties two groups channel by channel, so they merge into one group with
 several writers. A dense Conv2d or Linear that reads a group is a *reader*.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError
-from .graph_ops import FOLLOWER_NORMS, OPS, Tag
+from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag
 from .layers import SelectedConv2d
 
 OUTPUT_REASON = "its channels are a model output"
@@ -105,14 +107,36 @@ class NodeLayout:
     flat_size: int | None = None
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A traced op that cuts channels at fixed positions (``split``, ``chunk``, a channel slice,
+    ``narrow``): its input holds ``groups`` side by side along ``axis`` and it cuts before the
+    segments at indices ``bounds``. Pruning moves the cuts to the current widths."""
+
+    node: str
+    groups: tuple[str, ...]
+    axis: int
+    bounds: tuple[int, ...]
+
+    def positions(self, widths: dict[str, int]) -> tuple[int, ...]:
+        """Channel positions of the cuts when the groups have ``widths``."""
+        ends = [0]
+        for g in self.groups:
+            ends.append(ends[-1] + widths[g])
+        return tuple(ends[i] for i in self.bounds)
+
+
 @dataclass
 class ChannelGraph:
     """Channel groups of a model, the traced module, and the channel layout of every member.
 
+    ``out_layouts[name]`` lists the groups a writer's output is split into (``split``, ``chunk``
+    or a channel slice cut its channels into pieces that are pruned independently);
     ``layouts[name]`` lists the groups laid side by side along a follower's or reader's channel
     axis (one entry unless the input is a concatenation); ``depthwise`` holds depthwise convs
     (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution;
-    ``node_layouts`` gives the channel layout of every traced value that carries groups.
+    ``node_layouts`` gives the channel layout of every traced value that carries groups;
+    ``cuts`` the ops that cut channels at positions a pruned model must move.
     """
 
     groups: list[ChannelGroup]
@@ -123,6 +147,8 @@ class ChannelGraph:
     depthwise: set[str]
     order: dict[str, int]
     node_layouts: dict[str, NodeLayout] = field(default_factory=dict)
+    out_layouts: dict[str, list[str]] = field(default_factory=dict)
+    cuts: list[Cut] = field(default_factory=list)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -230,7 +256,7 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.tags: dict[fx.Node, Tag | None] = {}
+        self.tags: dict[fx.Node, Tag | Pieces | None] = {}
         self.created: list[ChannelGroup] = []
         self.layouts: dict[str, list[ChannelGroup]] = {}
         self.layer_kinds: dict[str, str] = {}
@@ -238,11 +264,18 @@ class _Builder:
         self.order: dict[str, int] = {}
         self.readers: dict[str, tuple[Reader, list[ChannelGroup]]] = {}
         self.bn_after: dict[str, fx.Node] = {}  # conv/linear -> the plain BN node right after it
+        self.out_layouts: dict[str, list[ChannelGroup]] = {}  # writer -> the pieces its output was cut into
+        self.offsets: dict[int, int] = {}  # id(piece) -> its first channel in the group it was cut from
+        self.cuts: list[tuple[fx.Node, fx.Node, list[int]]] = []  # (cutting node, its input, channel positions)
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.shared = {name for name, count in calls.items() if count > 1}
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def block(self, tag: Tag | None, why: str) -> None:
+    def block(self, tag: Tag | Pieces | None, why: str) -> None:
+        if isinstance(tag, Pieces):
+            for piece in tag.tags:
+                self.block(piece, why)
+            return
         if tag is None:
             return
         for g in tag.segments:
@@ -278,6 +311,42 @@ class _Builder:
                 ra.scales += [a for a in rb.scales if a not in ra.scales]
             ra.residual = ra.residual or residual
         return a
+
+    def cut_group(self, group: ChannelGroup, at: int) -> list[ChannelGroup] | None:
+        """Cut ``group`` (a root) into its first ``at`` channels and the rest, two groups with the
+        same writers, followers and readers, everywhere it is held; returns the two, or None
+        (nothing changed) when its channels are blocks of a pixel shuffle."""
+        if group.blocks:
+            return None
+        start = self.offsets.get(id(group), 0)
+        base = group.name.partition("[")[0]
+        pieces = []
+        for lo, hi in ((0, at), (at, group.channels)):
+            piece = ChannelGroup(f"{base}[{start + lo}:{start + hi}]", hi - lo, list(group.writers),
+                                 list(group.followers), list(group.readers), list(group.blocked_by), group.residual,
+                                 scales=list(group.scales))
+            self.offsets[id(piece)] = start + lo
+            pieces.append(piece)
+        at_index = self.created.index(group)
+        self.created[at_index:at_index + 1] = pieces
+
+        def swap(segments: Iterable[ChannelGroup]) -> list[ChannelGroup]:
+            return [p for g in segments for p in (pieces if g.root() is group else (g,))]
+
+        for node, tag in self.tags.items():
+            if isinstance(tag, Pieces):
+                self.tags[node] = Pieces(tuple(t and Tag(tuple(swap(t.segments)), t.axis, t.flat_size)
+                                               for t in tag.tags))
+            elif tag is not None:
+                self.tags[node] = Tag(tuple(swap(tag.segments)), tag.axis, tag.flat_size)
+        for table in (self.layouts, self.out_layouts):
+            for name, segments in table.items():
+                table[name] = swap(segments)
+        for name, (reader, segments) in self.readers.items():
+            self.readers[name] = (reader, swap(segments))
+        for writer in group.writers:
+            self.out_layouts[writer] = swap(self.out_layouts.get(writer, [group]))
+        return pieces
 
     def follow(self, name: str, tag: Tag) -> None:
         self.layouts[name] = list(tag.segments)
@@ -332,7 +401,7 @@ class _Builder:
             if module is not None:
                 self.order.setdefault(node.target, len(self.order))
             handler = OPS.lookup(node, module)
-            if handler is None:
+            if handler is None or (any(isinstance(t, Pieces) for t in in_tags) and handler not in OPS.take_pieces):
                 self.unsupported(node, in_tags, _op_name(node, module))
             else:
                 out = handler(self, node, main, in_tags)
@@ -367,7 +436,17 @@ class _Builder:
         order = {name: i for i, name in enumerate(self.order)}
         groups.sort(key=lambda g: min((order[r.name] for r in g.readers), default=len(order)))
         node_layouts = {node.name: NodeLayout(tuple(g.root().name for g in tag.segments), tag.axis, tag.flat_size)
-                        for node, tag in self.tags.items() if tag is not None}
+                        for node, tag in self.tags.items() if isinstance(tag, Tag)}
+        out_layouts = {name: [g.root().name for g in segs] for name, segs in self.out_layouts.items()}
         return ChannelGraph(groups, input_shape, self.layer_kinds, self.gm, layouts, self.depthwise, order,
-                            node_layouts)
+                            node_layouts, out_layouts, [self.cut_record(*c) for c in self.cuts])
+
+    def cut_record(self, node: fx.Node, source: fx.Node, positions: list[int]) -> Cut:
+        """The :class:`Cut` of ``node`` in terms of the groups its input holds when the walk ends."""
+        tag = self.tags[source]
+        starts = [0]
+        for g in tag.segments:
+            starts.append(starts[-1] + g.root().channels)
+        return Cut(node.name, tuple(g.root().name for g in tag.segments), tag.axis,
+                   tuple(starts.index(p) for p in positions))
 

@@ -40,6 +40,13 @@ class Tag:
         return sum(g.root().channels for g in self.segments)
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """The tuple ``split`` or ``chunk`` returns: one tag per piece, in order."""
+
+    tags: tuple[Tag, ...]
+
+
 Handler = Callable[["_Builder", fx.Node, "Tag | None", "list[Tag | None]"], "Tag | None"]
 
 
@@ -51,6 +58,7 @@ class OpRegistry:
         self.functions: dict[object, Handler] = {}
         self.library_functions: dict[tuple[str, str], Handler] = {}
         self.methods: dict[str, Handler] = {}
+        self.take_pieces: set[Handler] = set()  # handlers that accept a split's tuple as an input
 
     def register(self, modules: Iterable[type] = (), functions: Iterable[object] = (),
                  library_functions: Iterable[tuple[str, str]] = (), methods: Iterable[str] = ()
@@ -94,6 +102,36 @@ OPS = OpRegistry()
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     """Argument ``index`` of a call, given positionally or as keyword ``name``."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _cut(b: _Builder, tag: Tag, at: int) -> Tag | None:
+    """``tag`` with a segment boundary at channel ``at``: a group that straddles it is cut there
+    (:meth:`_Builder.cut_group`, which rewrites every tag that holds it); None when it cannot be."""
+    offset = 0
+    for g in tag.segments:
+        old = g.root()
+        if offset < at < offset + old.channels:
+            pieces = b.cut_group(old, at - offset)
+            if pieces is None:
+                return None
+            return Tag(tuple(p for s in tag.segments for p in (pieces if s.root() is old else (s,))), tag.axis)
+        offset += old.channels
+    return tag
+
+
+def _channel_range(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> list[Tag] | None:
+    """The pieces of ``tag`` between consecutive ``bounds`` (channel positions), each a tag of
+    whole groups; blocks and returns None when a group cannot be cut."""
+    for at in bounds:
+        cut = _cut(b, tag, at)
+        if cut is None:
+            b.block(tag, f"{node.name} cuts channels that a pixel shuffle groups in blocks")
+            return None
+        tag = cut
+    b.cuts.append((node, node.args[0], list(bounds)))
+    starts = [sum(g.root().channels for g in tag.segments[:i]) for i in range(len(tag.segments))]
+    return [Tag(tuple(g for g, at in zip(tag.segments, starts) if lo <= at < hi), tag.axis)
+            for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _plain_channels(tag: Tag | None) -> bool:
@@ -309,17 +347,63 @@ def pad(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None])
 
 
 @OPS.register(functions=(operator.getitem,))
-def getitem(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
-    """Indexing that keeps the whole channel axis (spatial crops) passes channels through."""
+def getitem(b: _Builder, node: fx.Node, main: Tag | Pieces | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A piece of a split; or indexing that keeps the channel axis whole (spatial crops) or
+    slices a range of it (``x[:, a:b]``, a piece cut from its groups)."""
+    index = node.args[1]
+    if isinstance(main, Pieces):
+        return main.tags[index] if isinstance(index, int) else b.block(main, f"{node.name} indexes a split")
     if main is None:
         return None
-    index = node.args[1]
     if isinstance(index, tuple) and len(index) > main.axis and main.flat_size is None and \
             all(isinstance(i, slice) or i is Ellipsis for i in index[: main.axis + 1]) and \
-            index[main.axis] == slice(None) and Ellipsis not in index[: main.axis]:
-        return main
+            Ellipsis not in index[: main.axis]:
+        start, stop, step = index[main.axis].indices(main.channels)
+        if step == 1 and (start, stop) == (0, main.channels):
+            return main
+        if step == 1 and start < stop:
+            piece = _channel_range(b, node, main, [start, stop])
+            return piece and piece[0]
     b.block(main, f"{node.name} indexes the channel axis")
     return None
+
+
+
+
+@OPS.register(functions=(torch.narrow,), methods=("narrow",))
+def narrow(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """``x.narrow(dim, start, length)``: a channel range when ``dim`` is the channel axis."""
+    if main is None:
+        return None
+    dim, start, length = (_arg(node, i, n) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    if dim % ndim != main.axis:
+        return main
+    if main.flat_size is not None or not isinstance(start, int):
+        b.block(main, f"{node.name} narrows the channel axis")
+        return None
+    piece = _channel_range(b, node, main, [start % main.channels, start % main.channels + length])
+    return piece and piece[0]
+
+
+@OPS.register(functions=(torch.split, torch.chunk, torch.functional.split), methods=("split", "chunk"))
+def split(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Pieces | None:
+    """``split`` / ``chunk``: along the channel axis each piece is a range of channels cut from the
+    input's groups (their sizes from the traced shapes); along another axis every piece carries
+    the input's channels."""
+    if main is None:
+        return None
+    dim = _arg(node, 2, "dim", 0)
+    metas = node.meta["tensor_meta"]
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    if dim % ndim != main.axis:
+        return Pieces(tuple(main for _ in metas))
+    if main.flat_size is not None:
+        b.block(main, f"{node.name} splits flattened channels")
+        return None
+    sizes = [int(meta.shape[main.axis]) for meta in metas]
+    pieces = _channel_range(b, node, main, [sum(sizes[:i]) for i in range(len(sizes) + 1)])
+    return Pieces(tuple(pieces)) if pieces is not None else None
 
 
 @OPS.register(functions=(torch.cat,))
@@ -327,10 +411,14 @@ def concat(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     """``cat`` along channels lays its inputs' groups side by side."""
     parts = node.args[0]
     dim = _arg(node, 1, "dim", 0)
-    tags = [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
+    held = b.tags.get(parts) if isinstance(parts, fx.Node) else None
+    tags = list(held.tags) if isinstance(held, Pieces) else \
+        [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
     ndim = len(node.meta["tensor_meta"].shape)
     if all(_plain_channels(t) for t in tags) and dim % ndim == 1:
         return Tag(tuple(g for t in tags for g in t.segments))
+    if isinstance(held, Pieces):
+        b.block(held, f"{node.name} concatenates channels chanprune cannot track")
     for t in tags:
         b.block(t, f"{node.name} concatenates channels chanprune cannot track")
     return None
@@ -399,3 +487,6 @@ def channel_scale(b: _Builder, other: fx.Node, shape: tuple[int, ...], axis_from
             max(value.shape, default=0) != tag.channels or source.target in b.layouts:
         return None
     return source.target
+
+
+OPS.take_pieces.update((getitem, concat))  # a split's tuple may be indexed or concatenated whole

@@ -8,13 +8,15 @@ saved model can be rebuilt by replaying the plan on a fresh copy of its architec
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import ChanpruneError
+from .graph import trace
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -265,14 +267,16 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
 
 
 OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
-       "factorize_spatial", "factorize_channel")
+       "factorize_spatial", "factorize_channel", "cut_channels")
+GRAPH_OPS = ("cut_channels",)  # operations on the traced graph: a model replaying them is traced first
 
 
 @dataclass(frozen=True)
 class PlanOp:
     """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
     (and, for a Linear after flatten, the ``channel_size`` features each channel owns; for
-    ``scatter_outputs``, the width the outputs are scattered into)."""
+    ``scatter_outputs``, the width the outputs are scattered into). ``cut_channels`` names a
+    traced node instead of a layer, and ``keep`` is (channel axis, cut positions...)."""
 
     op: str
     layer: str
@@ -322,6 +326,50 @@ class Plan:
     def scatter_outputs(self, model: nn.Module, name: str, keep: torch.Tensor, channels: int) -> None:
         self.apply(model, PlanOp("scatter_outputs", name, tuple(keep.tolist()), channels))
 
+    def cut_channels(self, model: fx.GraphModule, node: str, axis: int, positions: tuple[int, ...]) -> None:
+        self.apply(model, PlanOp("cut_channels", node, (axis, *positions)))
+
+
+_SPLITS = {torch.split: torch.split, torch.functional.split: torch.split, torch.chunk: torch.split,
+           "split": "split", "chunk": "split"}
+_SLICES = (operator.getitem, torch.narrow, "narrow")
+MAX_CHANNELS = 1 << 20  # a cut position beyond this is not from a real model
+
+
+def cut_channels(gm: fx.GraphModule, name: str, axis: int, positions: tuple[int, ...]) -> None:
+    """Move the channel cuts of traced node ``name`` to ``positions``: a split's or chunk's piece
+    boundaries (0, end of piece 1, ..., end) make it a split with those sizes; a channel slice or
+    ``narrow`` takes (start, stop) along ``axis``. Checked against what the node is."""
+    node = next((n for n in gm.graph.nodes if n.name == name and n.op in ("call_function", "call_method")), None)
+    target = node.target if node is not None else None
+    ok = (len(positions) >= 2 and 0 <= axis < 8 and all(isinstance(p, int) for p in positions)
+          and 0 <= positions[0] and positions[-1] <= MAX_CHANNELS
+          and all(a <= b for a, b in zip(positions, positions[1:])))
+    if not ok or (target not in _SPLITS and target not in _SLICES) or (target in _SLICES and len(positions) != 2):
+        raise ChanpruneError(f"pruning plan cuts channels at {name!r} in a way the traced architecture does not "
+                             "allow; the checkpoint does not match its architecture")
+    start, stop = positions[0], positions[-1]
+    if target in _SPLITS:
+        node.target = _SPLITS[target]
+        node.args = (node.args[0], [b - a for a, b in zip(positions, positions[1:])], *node.args[2:])
+    elif target is operator.getitem:
+        index = node.args[1]
+        if not isinstance(index, tuple) or len(index) <= axis or not isinstance(index[axis], slice):
+            raise ChanpruneError(f"pruning plan slices channels at {name!r}, which does not slice axis {axis}; "
+                                 "the checkpoint does not match its architecture")
+        node.args = (node.args[0], (*index[:axis], slice(start, stop), *index[axis + 1:]))
+    else:
+        args = [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["dim"], start, stop - start]
+        node.args, node.kwargs = tuple(args), {}
+    gm.recompile()
+
+
+def traced_for(model: nn.Module, ops: list[PlanOp] | tuple[PlanOp, ...]) -> nn.Module:
+    """``model`` itself, or its trace when ``ops`` edit the traced graph (channel cuts)."""
+    if any(op.op in GRAPH_OPS for op in ops) and not isinstance(model, fx.GraphModule):
+        return trace(model)
+    return model
+
 
 def keep_scale(model: nn.Module, path: str, keep: torch.Tensor) -> None:
     """Slice the per-channel parameter or buffer at ``path`` (one axis longer than 1) to ``keep``."""
@@ -349,6 +397,11 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
     """Apply one recorded operation to ``model`` (shapes, and the weights of kept channels)."""
     if op.op == "keep_scale":
         keep_scale(model, op.layer, torch.tensor(op.keep, dtype=torch.long))
+        return
+    if op.op == "cut_channels":
+        if not isinstance(model, fx.GraphModule) or not op.keep:
+            raise ChanpruneError(f"pruning plan cuts channels at {op.layer!r} of a model that is not traced")
+        cut_channels(model, op.layer, op.keep[0], op.keep[1:])
         return
     try:
         layer = model.get_submodule(op.layer)
@@ -401,7 +454,9 @@ def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
 
 
 def replay(model: nn.Module, ops: list[PlanOp] | tuple[PlanOp, ...]) -> nn.Module:
-    """Apply recorded operations to ``model`` in order (returns ``model``)."""
+    """Apply recorded operations to ``model`` in order; returns ``model``, or its trace when the
+    operations edit the traced graph."""
+    model = traced_for(model, ops)
     for op in ops:
         apply_op(model, op)
     return model

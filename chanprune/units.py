@@ -65,7 +65,7 @@ def fine_writers(graph: ChannelGraph, trunk: ChannelGroup) -> list[Reader]:
     reads_trunk = {r.name for r in trunk.readers}
     return [entries[w] for w in trunk.writers
             if w in entries and entries[w].shortcut and entries[w].kind == "conv" and trunk.block_of(w) == 1
-            and w not in graph.depthwise and w not in reads_trunk]
+            and w not in graph.depthwise and w not in reads_trunk and w not in graph.out_layouts]
 
 
 def statistics_bytes(model: nn.Module, unit: Unit) -> int:

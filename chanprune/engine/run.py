@@ -79,10 +79,16 @@ class PruneRun:
         at = layout.index(group.name)
         return sum(self.widths[g] for g in layout[:at]), self.widths[group.name], sum(self.widths[g] for g in layout)
 
-    def layer_index(self, layer: str, group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
-        """Channels of ``layer``'s axis left when ``group`` keeps ``keep`` (others stay whole)."""
-        offset, size, total = self.channel_span(layer, group)
-        return torch.cat([torch.arange(offset), offset + keep, torch.arange(offset + size, total)])
+    def layer_index(self, layer: str, group: ChannelGroup, keep: torch.Tensor,
+                    layouts: dict[str, list[str]] | None = None) -> torch.Tensor:
+        """Channels of ``layer``'s axis left when ``group`` keeps ``keep`` (other groups laid beside
+        it stay whole; a group held more than once loses the same channels everywhere).
+        ``layouts`` default to the layers' input layouts; writers pass their output layouts."""
+        parts, offset = [], 0
+        for g in (layouts or self.graph.layouts)[layer]:
+            parts.append(offset + (keep if g == group.name else torch.arange(self.widths[g])))
+            offset += self.widths[g]
+        return torch.cat(parts)
 
     def restricted(self, problem: ReaderProblem, group: ChannelGroup) -> ReaderProblem:
         """A reader's problem restricted to ``group``'s channels; the contribution of its other
@@ -117,8 +123,7 @@ class PruneRun:
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
         writer_weight = torch.cat([torch.zeros(self.widths[group.name], 0, dtype=torch.float32)] +
-                                  [self.work.get_submodule(w).weight.detach().cpu().reshape(self.widths[group.name], -1)
-                                   for w in group.writers if f"write:{w}" not in self.kept], 1)
+                                  [self.output_rows(w, group) for w in group.writers if f"write:{w}" not in self.kept], 1)
         problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
         # a unit kept whole is here only to be refitted (and factorized): nothing to choose
         keep = torch.arange(n_keep) if n_keep == self.widths[group.name] else STRATEGIES[cfg.method](problem)
@@ -128,6 +133,15 @@ class PruneRun:
             self.reconstruct(rp, group, keep, select=unit.reader is not None)
         return keep
 
+    def output_rows(self, writer: str, group: ChannelGroup) -> torch.Tensor:
+        """The current weights of ``writer``'s outputs that write ``group``, one row per channel."""
+        weight = self.work.get_submodule(writer).weight.detach().cpu()
+        if writer in self.graph.out_layouts:
+            layout = self.graph.out_layouts[writer]
+            offset = sum(self.widths[g] for g in layout[:layout.index(group.name)])
+            weight = weight[offset:offset + self.widths[group.name]]
+        return weight.reshape(self.widths[group.name], -1)
+
     def shrink(self, unit: Unit, keep: torch.Tensor) -> None:
         """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
         (after its readers were reconstructed)."""
@@ -135,16 +149,22 @@ class PruneRun:
         if unit.narrows_group:
             for name in group.writers:
                 block = group.block_of(name)
-                outputs = block_indices(keep, block)
+                if name in self.graph.out_layouts:  # its output was split into several groups
+                    outputs = self.layer_index(name, group, keep, self.graph.out_layouts)
+                    original = sum(self.graph.group(g).channels for g in self.graph.out_layouts[name])
+                else:
+                    outputs, original = block_indices(keep, block), group.channels * block
                 self.plan.keep_outputs(self.work, name, outputs)
-                previous = self.kept_outputs.get(name, torch.arange(group.channels * block))
-                self.kept_outputs[name] = previous[outputs]
+                self.kept_outputs[name] = self.kept_outputs.get(name, torch.arange(original))[outputs]
             for name in group.followers:
                 self.plan.keep_channels(self.work, name,
                                         block_indices(self.layer_index(name, group, keep), group.block_of(name)))
             for path in group.scales:
                 self.plan.keep_scale(self.work, path, self.layer_index(path, group, keep))
             self.widths[group.name] = len(keep)
+            for cut in self.graph.cuts:  # splits and slices cut at the new widths
+                if group.name in cut.groups:
+                    self.plan.cut_channels(self.work, cut.node, cut.axis, cut.positions(self.widths))
         elif unit.writer is not None:
             self.kept_outputs[unit.writer.name] = self.kept_outputs.get(unit.writer.name,
                                                                         torch.arange(unit.channels))[keep]
