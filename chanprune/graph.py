@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError
-from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag
+from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
 from .layers import SelectedConv2d
 
 OUTPUT_REASON = "its channels are a model output"
@@ -235,6 +235,15 @@ def _size_that_runs(gm: fx.GraphModule, example: torch.Tensor) -> int | None:
     return None
 
 
+def _starts(tag: Tag) -> list[int]:
+    """Channel positions where each segment of ``tag`` starts."""
+    starts, at = [], 0
+    for g in tag.segments:
+        starts.append(at)
+        at += g.root().channels
+    return starts
+
+
 def _op_name(node: fx.Node, module: nn.Module | None) -> str:
     """How a warning names an op: the module's class, the function's name or ``.method``."""
     if module is not None:
@@ -266,6 +275,7 @@ class _Builder:
         self.bn_after: dict[str, fx.Node] = {}  # conv/linear -> the plain BN node right after it
         self.out_layouts: dict[str, list[ChannelGroup]] = {}  # writer -> the pieces its output was cut into
         self.offsets: dict[int, int] = {}  # id(piece) -> its first channel in the group it was cut from
+        self.cut_into: dict[int, list[ChannelGroup]] = {}  # id(cut group) -> its two pieces
         self.cuts: list[tuple[fx.Node, fx.Node, list[int]]] = []  # (cutting node, its input, channel positions)
         calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.shared = {name for name, count in calls.items() if count > 1}
@@ -290,7 +300,14 @@ class _Builder:
         return Tag((group,), axis % len(shape))
 
     def merge(self, a: Tag, b: Tag, residual: bool, node: fx.Node) -> Tag | None:
-        """Tie two tags channel by channel (residual add, gating multiply)."""
+        """Tie two tags channel by channel (residual add, gating multiply). Where one side's groups
+        are cut differently from the other's (a concatenation added to one group), both are cut
+        at every boundary of either first, so the pieces tie one to one."""
+        if a.channels == b.channels and a.axis == b.axis and not a.flat_size and not b.flat_size:
+            bounds = sorted({*_starts(a), *_starts(b)})
+            for at in bounds:
+                a, b = cut_at(self, a, at) or a, cut_at(self, b, at) or b
+                a, b = self.current(a), self.current(b)
         sizes_a = [g.root().channels for g in a.segments]
         sizes_b = [g.root().channels for g in b.segments]
         if sizes_a != sizes_b or a.axis != b.axis or a.flat_size or b.flat_size:
@@ -329,6 +346,7 @@ class _Builder:
             pieces.append(piece)
         at_index = self.created.index(group)
         self.created[at_index:at_index + 1] = pieces
+        self.cut_into[id(group)] = pieces
 
         def swap(segments: Iterable[ChannelGroup]) -> list[ChannelGroup]:
             return [p for g in segments for p in (pieces if g.root() is group else (g,))]
@@ -347,6 +365,19 @@ class _Builder:
         for writer in group.writers:
             self.out_layouts[writer] = swap(self.out_layouts.get(writer, [group]))
         return pieces
+
+    def current(self, tag: Tag) -> Tag:
+        """``tag`` with every group that was cut since replaced by its pieces."""
+        segments = []
+        for g in tag.segments:
+            root = g.root()
+            segments += self.pieces_of(root) if root not in self.created else [g]
+        return Tag(tuple(segments), tag.axis, tag.flat_size)
+
+    def pieces_of(self, group: ChannelGroup) -> list[ChannelGroup]:
+        """The live groups a cut group became (cut again, maybe), in channel order."""
+        return [p for piece in self.cut_into[id(group)]
+                for p in ([piece] if piece.root() in self.created else self.pieces_of(piece.root()))]
 
     def follow(self, name: str, tag: Tag) -> None:
         self.layouts[name] = list(tag.segments)

@@ -104,7 +104,7 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _cut(b: _Builder, tag: Tag, at: int) -> Tag | None:
+def cut_at(b: _Builder, tag: Tag, at: int) -> Tag | None:
     """``tag`` with a segment boundary at channel ``at``: a group that straddles it is cut there
     (:meth:`_Builder.cut_group`, which rewrites every tag that holds it); None when it cannot be."""
     offset = 0
@@ -123,7 +123,7 @@ def _channel_range(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> l
     """The pieces of ``tag`` between consecutive ``bounds`` (channel positions), each a tag of
     whole groups; blocks and returns None when a group cannot be cut."""
     for at in bounds:
-        cut = _cut(b, tag, at)
+        cut = cut_at(b, tag, at)
         if cut is None:
             b.block(tag, f"{node.name} cuts channels that a pixel shuffle groups in blocks")
             return None

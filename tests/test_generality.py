@@ -82,6 +82,7 @@ CASES = [
     ("timm:dla46_c", 32, SUPPORTED),
     ("timm:mobilenetv3_small_050", 32, SUPPORTED),
     ("timm:ghostnet_050", 32, SUPPORTED),
+    ("timm:mixnet_s", 32, SUPPORTED),  # mixed-kernel convs: channels split into pieces, concatenated, added
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -311,6 +312,25 @@ def test_cli_prunes_a_constructor_spec(tmp_path, libraries):
     evaluated = CliRunner().invoke(main, ["eval", "--model", str(out)])
     assert evaluated.exit_code == 0, evaluated.output
     assert "flops" in evaluated.output
+
+
+def test_split_pieces_are_pruned_and_their_cuts_moved(libraries):
+    """timm's MixedConv2d splits its input into pieces (``torch.split`` with fixed sizes) read by
+    convs of different kernels: the pieces themselves lose channels, and the pruned model's splits
+    cut at the new widths."""
+    model, x = build("timm:mixnet_s", 32, libraries), images(32)
+    graph = build_graph(model, x[:1], warn=False)
+    pieces = {g for writer, layout in graph.out_layouts.items() for g in layout if len(layout) > 1}
+    assert len(pieces) >= 20 and any(cut.node.startswith("split") for cut in graph.cuts)
+    pruned, report = prune_as_expected("timm:mixnet_s", model, x)
+    cuts = [op for op in provenance(pruned).plan if op.op == "cut_channels"]
+    assert cuts, "no split was moved: the pieces were not pruned"
+    last = {op.layer: op for op in cuts}  # a split moves each time one of its pieces is pruned
+    for op in last.values():
+        node = next(n for n in pruned.graph.nodes if n.name == op.layer)
+        sizes = node.args[1]
+        assert list(op.keep[1:]) == [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
 
 
 def test_stochastic_depth_passes_channels_so_trunks_prune(libraries):

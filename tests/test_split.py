@@ -163,3 +163,37 @@ def test_a_plan_that_cuts_a_node_that_is_not_a_cut_is_refused():
         apply_op(gm, PlanOp("cut_channels", "getitem", (1, 5, 2)))
     with pytest.raises(ChanpruneError, match="not traced"):
         apply_op(SlicedNet(), PlanOp("cut_channels", "getitem", (1, 0, 3)))
+
+
+class CatPlusTrunk(nn.Module):
+    """A concatenation added to one group (mixed-kernel and Ghost blocks): stem (8) + cat[a (3), b (5)]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 3, 3, padding=1)
+        self.b = nn.Conv2d(8, 5, 1)
+        self.out = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        t = torch.relu(self.stem(x))
+        t = t + torch.cat([self.a(t), self.b(t)], 1)
+        return self.head(torch.relu(self.out(torch.relu(t))).mean((2, 3)))
+
+
+def test_a_concatenation_added_to_one_group_ties_piece_by_piece(tmp_path):
+    model, x = randomise(CatPlusTrunk(), 0), images()
+    graph = build_graph(model, x[:1])
+    assert graph.out_layouts == {"stem": ["stem[0:3]", "stem[3:8]"]}
+    names = {g.name: g for g in graph.groups}
+    assert names["stem[0:3]"].writers == ["stem", "a"] and names["stem[3:8]"].writers == ["stem", "b"]
+    assert names["stem[0:3]"].residual and names["stem[0:3]"].prunable and not graph.cuts
+    pruned, report = prune(model, x, 1.5, trunk="joint", allocation="uniform", round_to=1, progress=False)
+    assert pruned.a.out_channels < 3 or pruned.b.out_channels < 5
+    assert pruned.stem.out_channels == pruned.a.out_channels + pruned.b.out_channels == pruned.out.in_channels
+    assert report.flops_after == count_flops(pruned, (1, *SHAPE))
+    save_model(pruned, tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors", model=randomise(CatPlusTrunk(), 5))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pruned(x))
