@@ -1,18 +1,26 @@
-"""Generality sweep: every torchvision CNN classifier and a broad set of timm CNNs, pruned at 2x.
+"""Generality sweep: every torchvision CNN classifier and a broad set of timm CNNs, pruned at 2x and 4x.
 
-Each model is built with random weights (nothing is downloaded), pruned with ``lasso`` to the
-target speed-up on a handful of random calibration images at a small input size, and checked:
-the pruned forward pass works, the output shape is unchanged, and the achieved FLOPs ratio is
-within 5% of the target, or chanprune said why it could not be done. Each model runs in a child
-process with a time limit, so one hang or memory blow-up does not end the sweep.
+Each model is built with random weights (nothing is downloaded) at the input size its weights use
+(224, 299, ...; ``--input-size N`` fixes one), its BatchNorm statistics re-estimated on crops of
+real photos (scikit-learn's two sample photos), and pruned with chanprune's default recipe on
+other crops to each target speed-up, then checked: the pruned forward pass works, the output
+shape is unchanged and finite, and the achieved FLOPs ratio is within 5% of the target, or
+chanprune said why it could not be done. The prune time is reported as a ratio to one forward
+pass of the calibration images through the original model. With ``--peer`` Torch-Pruning's
+group-L1 is run on the same model at the same targets. Each model runs in a child process with a
+time limit, so one hang or memory blow-up does not end the sweep; models with more parameters
+than ``--max-params`` are listed as not run (they need the GPU machine: ``--device cuda``).
 
     OMP_NUM_THREADS=1 python -m benchmarks.generality                       # the whole sweep
-    python -m benchmarks.generality --models resnet18,timm:dla --timeout 120  # a subset
+    python -m benchmarks.generality --models resnet18,timm:dla --timeout 600  # a subset
     python -m benchmarks.generality --list                                  # the model list
 
-Writes ``benchmarks/results/generality.json`` and ``.md`` and, with ``--docs docs/generality.md``,
-replaces the results table in that page. torchvision and timm are imported as chanprune imports
-them (``chanprune.io.libraries``, with the operator-schema workaround for the CUDA torchvision wheel).
+Every finished model is appended to ``<out>.rows.jsonl`` at once and a rerun skips it (``--force``
+reruns), so a sweep longer than a session continues where it stopped. ``<out>.json`` / ``.md`` and,
+with ``--docs docs/generality.md``, the table in that page are written from every saved row; the
+page's table is only replaced when every model of the list has a row, so a partial run never
+overwrites a complete table. torchvision and timm are imported as chanprune imports them
+(``chanprune.io.libraries``, with the operator-schema workaround for the CUDA torchvision wheel).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import multiprocessing as mp
 import os
 import re
 import time
+import copy
 import traceback
 import warnings
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +102,24 @@ def select(models: list[str], patterns: str | None) -> list[str]:
     return [m for m in models if any(p in m for p in wanted)]
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    """How every model of the sweep is prepared, pruned and checked."""
+
+    input_size: int | None = None  # None: the size the model's weights use
+    images: int = 64
+    bn_images: int = 128
+    samples_per_image: int | None = None  # None: chanprune's default (what each layer needs)
+    speedups: tuple[float, ...] = (2.0, 4.0)
+    recipe: str = "default"
+    method: str | None = None  # None: the recipe's
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    calibration: str = "photos"  # or "random"
+    peer: bool = False
+    device: str = "cpu"
+
+
 def working_input(model: torch.nn.Module, size: int) -> int:
     """The requested input size, or the smallest fallback size the model's forward pass accepts."""
     last: Exception | None = None
@@ -103,6 +131,49 @@ def working_input(model: torch.nn.Module, size: int) -> int:
         except Exception as err:  # too small for a kernel or a pooling window
             last = err
     raise RuntimeError(f"no input size up to {FALLBACK_SIZES[-1]} works ({type(last).__name__}: {last})")
+
+
+def prepared_images(model: torch.nn.Module, cfg: SweepConfig, size: int) -> torch.Tensor:
+    """Calibration images; with real photos the model's BatchNorm statistics are first re-estimated
+    on other crops of them, so that random weights see activations shaped like a trained net's."""
+    if cfg.calibration == "random":
+        return torch.randn(cfg.images, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed))
+    from benchmarks.scale import photo_crops
+    from chanprune.finetune import reestimate_batchnorm
+
+    reestimate_batchnorm(model, photo_crops(cfg.bn_images, size, cfg.seed + 1).to(cfg.device))
+    return photo_crops(cfg.images, size, cfg.seed)
+
+
+def forward_seconds(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> float:
+    """Time of one forward pass of ``images`` (batches of ``batch``, after a warm-up batch)."""
+    def synchronize() -> None:
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        model(images[:batch])
+        synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(images), batch):
+            model(images[i:i + batch])
+        synchronize()
+    return time.perf_counter() - start
+
+
+def peer_result(model: torch.nn.Module, images: torch.Tensor, speedup: float) -> dict[str, Any]:
+    """Torch-Pruning's group-L1 at ``speedup``: its status and the speed-up it reached."""
+    from benchmarks.peers import tp_prune
+
+    try:
+        net, reached = tp_prune(copy.deepcopy(model), "l1", speedup, images[:8], None, tolerance=0.05)
+        with torch.no_grad():
+            ok = tuple(net(images[:2]).shape) == tuple(model(images[:2]).shape)
+        return {"status": "ok" if ok else "output shape changed", "speedup": reached}
+    except ChanpruneError as err:
+        return {"status": "missed target", "error": str(err)}
+    except Exception as err:  # Torch-Pruning's own failure on this model
+        return {"status": "failed", "error": f"{type(err).__name__}: {str(err)[:200]}"}
 
 
 def reason_kind(reason: str) -> str:
@@ -132,92 +203,106 @@ def summarise_warnings(messages: list[str]) -> dict[str, Any]:
     return {"unpruned": dict(reasons), "unpruned_layers": layers, "other": other}
 
 
-def run_one(spec: str, size: int, n_images: int, samples_per_image: int, speedup: float, method: str,
-            options: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Build, prune and check one model (in the calling process)."""
-    torch.set_num_threads(1)
+def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Build, prepare, prune (at every target) and check one model, in the calling process."""
     import_library("torchvision")
     from chanprune import prune
-    from chanprune.experiment import constructor_model
+    from chanprune.experiment import constructor_model, default_input_size
 
-    row: dict[str, Any] = {"model": spec, "target": speedup, "supported": False, "status": "error"}
-    start = time.perf_counter()
-    caught: list[warnings.WarningMessage] = []
+    base: dict[str, Any] = {"model": spec}
+    rows: list[dict[str, Any]] = []
     try:
-        torch.manual_seed(seed)
-        model = constructor_model(spec)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        size = working_input(model, size)
-        row["input_size"] = size
-        images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            prune_start = time.perf_counter()
-            try:
-                pruned, report = prune(model, images, speedup, method, recipe="paper", progress=False,
-                                       samples_per_image=samples_per_image, seed=seed, **options)
-            finally:  # a refusal keeps the warnings that explain it (what stayed unpruned)
-                row["warnings"] = summarise_warnings([str(w.message) for w in caught])
-            row["prune_seconds"] = time.perf_counter() - prune_start
-        row.update(flops_before=report.flops_before, flops_after=report.flops_after,
-                   params_after=report.params_after, speedup=report.flops_before / report.flops_after)
-        with torch.no_grad():
-            before, after = model(images), pruned(images)
-        row["shape_ok"] = tuple(before.shape) == tuple(after.shape)
-        row["finite"] = bool(torch.isfinite(after).all())
-        row["logit_rel_error"] = float((after - before).norm() / before.norm().clamp_min(1e-12))
-        row["within_5pct"] = abs(row["speedup"] / speedup - 1) <= 0.05
-        row["supported"] = row["shape_ok"] and row["finite"] and row["within_5pct"]
-        row["status"] = "ok" if row["supported"] else (
-            "output shape changed" if not row["shape_ok"] else
-            "non-finite output" if not row["finite"] else "missed target")
-    except ChanpruneError as err:
-        row["status"], row["error"] = "refused", str(err)
-    except Exception as err:  # a bug (or a model that does not build): keep the traceback for the JSON
-        row["status"], row["error"] = "crashed", f"{type(err).__name__}: {err}"
-        row["traceback"] = traceback.format_exc(limit=-6)
-    row["seconds"] = time.perf_counter() - start
-    return row
+        torch.manual_seed(cfg.seed)
+        model = constructor_model(spec).to(cfg.device)
+        base["params"] = sum(p.numel() for p in model.parameters())
+        size = working_input(model.cpu(), cfg.input_size or default_input_size(spec, model)[0])
+        model = model.to(cfg.device)
+        base["input_size"] = size
+        images = prepared_images(model, cfg, size).to(cfg.device)
+        base["forward_seconds"] = forward_seconds(model, images)
+    except Exception as err:  # a model that does not build or run: every target fails alike
+        return [{**base, "target": t, "supported": False, "status": "crashed",
+                 "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-6)}
+                for t in cfg.speedups]
+    for target in cfg.speedups:
+        row: dict[str, Any] = {**base, "target": target, "supported": False, "status": "error"}
+        caught: list[warnings.WarningMessage] = []
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    method = {"method": cfg.method} if cfg.method else {}
+                    pruned, report = prune(model, images, target, recipe=cfg.recipe, progress=False,
+                                           samples_per_image=cfg.samples_per_image, seed=cfg.seed,
+                                           device=cfg.device, **method, **cfg.options)
+                finally:  # a refusal keeps the warnings that explain it (what stayed unpruned)
+                    row["warnings"] = summarise_warnings([str(w.message) for w in caught])
+            row["prune_seconds"] = time.perf_counter() - start
+            row["time_ratio"] = row["prune_seconds"] / base["forward_seconds"]
+            row.update(flops_before=report.flops_before, flops_after=report.flops_after,
+                       params_after=report.params_after, speedup=report.flops_before / report.flops_after)
+            with torch.no_grad():
+                before, after = model(images[:16]), pruned(images[:16])
+            row["shape_ok"] = tuple(before.shape) == tuple(after.shape)
+            row["finite"] = bool(torch.isfinite(after).all())
+            row["logit_rel_error"] = float((after - before).norm() / before.norm().clamp_min(1e-12))
+            row["within_5pct"] = abs(row["speedup"] / target - 1) <= 0.05
+            row["supported"] = row["shape_ok"] and row["finite"] and row["within_5pct"]
+            row["status"] = "ok" if row["supported"] else (
+                "output shape changed" if not row["shape_ok"] else
+                "non-finite output" if not row["finite"] else "missed target")
+        except ChanpruneError as err:
+            row["status"], row["error"] = "refused", str(err)
+        except Exception as err:  # a bug: keep the traceback for the JSON
+            row["status"], row["error"] = "crashed", f"{type(err).__name__}: {err}"
+            row["traceback"] = traceback.format_exc(limit=-6)
+        if cfg.peer:
+            row["peer"] = peer_result(model.cpu(), images.cpu(), target)
+            model = model.to(cfg.device)
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+    return rows
 
 
-def _child(conn, args) -> None:
+def _child(conn, spec: str, cfg: SweepConfig) -> None:
     try:
-        conn.send(run_one(*args))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        conn.send(run_one(spec, cfg))
     except BaseException as err:  # MemoryError and the like: report rather than die silently
-        conn.send({"model": args[0], "supported": False, "status": "crashed", "error": f"{type(err).__name__}: {err}"})
+        conn.send([{"model": spec, "target": t, "supported": False, "status": "crashed",
+                    "error": f"{type(err).__name__}: {err}"} for t in cfg.speedups])
     finally:
         conn.close()
 
 
-def run_isolated(spec: str, timeout: float, *args: Any) -> dict[str, Any]:
+def run_isolated(spec: str, cfg: SweepConfig, timeout: float) -> list[dict[str, Any]]:
     """:func:`run_one` in a child process, stopped after ``timeout`` seconds."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     start = time.perf_counter()
-    proc = ctx.Process(target=_child, args=(send, (spec, *args)), daemon=True)
+    proc = ctx.Process(target=_child, args=(send, spec, cfg), daemon=True)
     proc.start()
     send.close()
-    row = None
+    rows = None
     if recv.poll(timeout):
         try:
-            row = recv.recv()
+            rows = recv.recv()
         except EOFError:
-            row = None
+            rows = None
     proc.join(5)
     if proc.is_alive():
         proc.kill()
         proc.join()
-    if row is None:
+    if rows is None:
         seconds = time.perf_counter() - start
         if seconds >= timeout:
-            row = {"model": spec, "supported": False, "status": "timeout",
-                   "error": f"stopped after the {timeout:.0f} s limit"}
+            status, error = "timeout", f"stopped after the {timeout:.0f} s limit"
         else:
-            row = {"model": spec, "supported": False, "status": "crashed",
-                   "error": f"the worker process died (exit code {proc.exitcode}; out of memory?)"}
-        row["seconds"] = seconds
-    row.setdefault("target", args[2])
-    return row
+            status, error = "crashed", f"the worker process died (exit code {proc.exitcode}; out of memory?)"
+        rows = [{"model": spec, "target": t, "supported": False, "status": status, "error": error,
+                 "seconds": seconds} for t in cfg.speedups]
+    return rows
 
 
 def note(row: dict[str, Any], width: int = 160) -> str:
@@ -237,18 +322,30 @@ def note(row: dict[str, Any], width: int = 160) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | supported | achieved speed-up | time (s) | input | note |",
-             "|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict[str, Any]], peer: bool) -> str:
+    """One line per (model, target); with ``peer``, Torch-Pruning's group-L1 beside it."""
+    head = "| model | target | status | achieved | time / forward | input | logit error |"
+    head += " Torch-Pruning (L1) |" if peer else ""
+    lines = [head + " note |", "|" + "---|" * (head.count("|"))]
     for row in rows:
         speed = f"{row['speedup']:.2f}x" if "speedup" in row else "–"
+        ratio = f"{row['time_ratio']:.0f}" if "time_ratio" in row else "–"
         size = f"{row['input_size']}²" if "input_size" in row else "–"
-        status = "yes" if row["supported"] else f"no ({row['status']})"
-        lines.append(f"| `{row['model']}` | {status} | {speed} | {row.get('seconds', 0):.1f} | {size} | {note(row)} |")
-    ok = sum(r["supported"] for r in rows)
+        error = f"{row['logit_rel_error']:.3f}" if "logit_rel_error" in row else "–"
+        status = "ok" if row["supported"] else row["status"]
+        line = f"| `{row['model']}` | {row['target']:g}x | {status} | {speed} | {ratio} | {size} | {error} |"
+        if peer:
+            tp = row.get("peer") or {}
+            line += f" {tp.get('status', '–')}" + (f" {tp['speedup']:.2f}x" if "speedup" in tp else "") + " |"
+        lines.append(f"{line} {note(row)} |")
     lines.append("")
-    lines.append(f"{ok} of {len(rows)} models supported (forward pass works, output shape unchanged, "
-                 f"FLOPs ratio within 5% of the target).")
+    for target in sorted({r["target"] for r in rows}):
+        at = [r for r in rows if r["target"] == target]
+        text = f"At {target:g}x: {sum(r['supported'] for r in at)} of {len(at)} models ok (forward pass works, " \
+               f"output shape unchanged and finite, FLOPs ratio within 5% of the target)"
+        if peer:
+            text += f"; Torch-Pruning ok on {sum((r.get('peer') or {}).get('status') == 'ok' for r in at)}"
+        lines.append(text + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -265,29 +362,48 @@ def update_docs(path: Path, table: str, header: str) -> None:
     path.write_text(f"{head}{START}\n{header}\n\n{table}{END}{tail}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None,
                         help="comma-separated substrings of the specs to run (e.g. resnet,timm:dla)")
     parser.add_argument("--source", choices=["all", "torchvision", "timm"], default="all")
-    parser.add_argument("--input-size", type=int, default=64, help="square input side (raised where too small)")
-    parser.add_argument("--images", type=int, default=8, help="random calibration images")
-    parser.add_argument("--samples-per-image", type=int, default=10)
-    parser.add_argument("--speedup", type=float, default=2.0)
-    parser.add_argument("--method", default="lasso")
+    parser.add_argument("--input-size", default="native",
+                        help="'native' (the size the model's weights use) or a square side in pixels")
+    parser.add_argument("--images", type=int, default=64, help="calibration images")
+    parser.add_argument("--bn-images", type=int, default=128, help="photo crops the BatchNorm statistics are "
+                        "re-estimated on (other crops than the calibration images)")
+    parser.add_argument("--calibration", choices=["photos", "random"], default="photos")
+    parser.add_argument("--samples-per-image", type=int, default=None, help="default: what each layer needs")
+    parser.add_argument("--speedups", default="2,4", help="comma-separated targets")
+    parser.add_argument("--recipe", default="default", choices=["default", "paper"])
+    parser.add_argument("--method", default=None, help="selection method (default: the recipe's)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra PruneConfig field (JSON value), e.g. --option trunk='\"joint\"'")
+    parser.add_argument("--peer", action="store_true", help="also Torch-Pruning's group-L1 at the same targets")
+    parser.add_argument("--device", default="cpu", help="where each model is pruned (cuda on the GPU machine)")
+    parser.add_argument("--max-params", type=float, default=60e6,
+                        help="larger models are listed as not run (they need the GPU machine)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (child process)")
     parser.add_argument("--in-process", action="store_true", help="no child processes (debugging; no time limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generality"),
-                        help="output path without suffix: writes .json and .md")
+                        help="output path without suffix: .rows.jsonl (every finished model), .json and .md")
+    parser.add_argument("--force", action="store_true", help="rerun models that already have rows")
     parser.add_argument("--docs", type=Path, default=None, help="also replace the table in this markdown page")
-    parser.add_argument("--update", action="store_true",
-                        help="merge into the existing --out results: rows of models not run now are kept")
     parser.add_argument("--list", action="store_true", help="print the model specs and exit")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def model_params(spec: str) -> int:
+    """Parameters of a constructor's model (built on the meta device: no memory, no weights)."""
+    from chanprune.experiment import constructor_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in constructor_model(spec).parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     models = []
     if args.source in ("all", "torchvision"):
@@ -305,45 +421,57 @@ def main() -> None:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    cfg = SweepConfig(input_size=None if args.input_size == "native" else int(args.input_size), images=args.images,
+                      bn_images=args.bn_images, samples_per_image=args.samples_per_image,
+                      speedups=tuple(float(s) for s in args.speedups.split(",")), recipe=args.recipe,
+                      method=args.method, options=options, seed=args.seed, calibration=args.calibration,
+                      peer=args.peer, device=args.device)
 
     from tqdm import tqdm
 
-    rows = []
-    run_args = (args.input_size, args.images, args.samples_per_image, args.speedup, args.method, options, args.seed)
-    bar = tqdm(models, desc="generality", unit="model")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out.with_suffix(".rows.jsonl")
+    saved = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    done = {r["model"] for r in saved}
+    bar = tqdm([m for m in models if args.force or m not in done], desc="generality", unit="model")
     for spec in bar:
         bar.set_postfix_str(spec)
-        row = run_one(spec, *run_args) if args.in_process else run_isolated(spec, args.timeout, *run_args)
-        rows.append(row)
-        tqdm.write(f"{spec:40s} {'yes' if row['supported'] else 'no ':3s} {row['status']:14s} "
-                   f"{row.get('speedup', float('nan')):6.2f}x {row.get('seconds', 0):7.1f}s  {note(row, 100)}")
+        if args.device == "cpu" and model_params(spec) > args.max_params:
+            rows = [{"model": spec, "target": t, "supported": False, "status": "not run",
+                     "error": f"over {args.max_params / 1e6:g}M parameters: run it with --device cuda"}
+                    for t in cfg.speedups]
+        else:
+            rows = run_one(spec, cfg) if args.in_process else run_isolated(spec, cfg, args.timeout)
+        saved = [r for r in saved if r["model"] != spec] + rows
+        with rows_path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        for row in rows:
+            tqdm.write(f"{spec:40s} {row['target']:g}x {row['status']:14s} {row.get('speedup', float('nan')):6.2f}x "
+                       f"{row.get('seconds', 0):7.1f}s  {note(row, 100)}")
 
-    config = {"input_size": args.input_size, "images": args.images, "samples_per_image": args.samples_per_image,
-              "speedup": args.speedup, "method": args.method, "options": options, "seed": args.seed,
-              "timeout": args.timeout, "torch": torch.__version__, "torch_threads": 1}
+    latest = {(r["model"], r["target"]): r for r in saved}  # a forced rerun's rows replace earlier ones
+    rows = sorted(latest.values(), key=lambda r: (r["model"], r["target"]))
+    config = {**asdict(cfg), "timeout": args.timeout, "torch": torch.__version__,
+              "threads": int(os.environ["OMP_NUM_THREADS"])}
     try:
-        import timm
-        import torchvision
-
-        config.update(torchvision=torchvision.__version__, timm=timm.__version__)
-    except ImportError:
+        config.update(torchvision=import_library("torchvision").__version__, timm=import_library("timm").__version__)
+    except ChanpruneError:
         pass
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
-    if args.update and json_path.exists():  # keep earlier rows of models not rerun now
-        rerun = {r["model"] for r in rows}
-        earlier = [r for r in json.loads(json_path.read_text())["rows"] if r["model"] not in rerun]
-        rows = sorted(earlier + rows, key=lambda r: r["model"])
-    json_path.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
-    table = markdown_table(rows)
-    header = (f"`{args.method}` at {args.speedup:g}x, {args.images} random calibration images of "
-              f"{args.input_size}x{args.input_size} (larger where a model needs it), {args.samples_per_image} "
-              f"samples per image, random weights; torch {config['torch']}, torchvision "
-              f"{config.get('torchvision', '?')}, timm {config.get('timm', '?')}, one CPU thread.")
-    md_path.write_text(f"{header}\n\n{table}")
-    if args.docs is not None:
+    args.out.with_suffix(".json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+    table = markdown_table(rows, cfg.peer)
+    size = "the input size of each model's weights" if cfg.input_size is None else f"{cfg.input_size}x{cfg.input_size}"
+    header = (f"chanprune's `{cfg.recipe}` recipe at {', '.join(f'{t:g}x' for t in cfg.speedups)}, {cfg.images} "
+              f"calibration images ({'crops of real photos, BatchNorm statistics re-estimated on other crops' if cfg.calibration == 'photos' else 'random'}) "
+              f"at {size}, random weights; time / forward: prune time over one forward pass of the calibration "
+              f"images; torch {config['torch']}, torchvision {config.get('torchvision', '?')}, timm "
+              f"{config.get('timm', '?')}, {config['threads']} CPU thread(s) on {cfg.device}.")
+    args.out.with_suffix(".md").write_text(f"{header}\n\n{table}")
+    complete = {m for m, _ in latest} >= set(models)
+    if args.docs is not None and complete:
         update_docs(args.docs, table, header)
-    print(f"{sum(r['supported'] for r in rows)}/{len(rows)} supported -> {json_path}, {md_path}")
+    elif args.docs is not None:
+        print(f"{len(set(models) - {m for m, _ in latest})} models have no row yet: {args.docs} keeps its table")
+    print(f"{sum(r['supported'] for r in rows)}/{len(rows)} ok -> {args.out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":
