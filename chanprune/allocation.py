@@ -60,6 +60,12 @@ class Unit:
         return [self.reader] if self.reader else self.group.readers
 
     @property
+    def multiple(self) -> int:
+        """Kept widths must be multiples of this: the groups of the grouped convs reading the
+        unit, which keep as many channels in every conv group."""
+        return max((r.groups for r in self.readers), default=1) if self.narrows_group else 1
+
+    @property
     def narrows_group(self) -> bool:
         """Whether the group itself loses channels (every member, and the values carried along)."""
         return self.reader is None and self.writer is None
@@ -210,7 +216,7 @@ def allocate(flop_model: FlopModel, units: list[Unit], speedup: float,
     weights = {u.name: w for u in units if (w := preset(u, flop_model.graph)) is not None}
     if not weights:
         raise ChanpruneError("the allocation preset prunes no layer of this model; use --allocation uniform")
-    choices = {u.name: choices_of(u.channels, round_to) for u in units if u.name in weights}
+    choices = {u.name: choices_of(u.channels, round_to, u.multiple) for u in units if u.name in weights}
     check_reachable(flop_model, choices, speedup, round_to)
     widths = _common_factor(flop_model, weights, choices, speedup, round_to)
     if speedup_miss(flop_model, widths, speedup) <= TOLERANCE:
@@ -255,9 +261,10 @@ def rounded(width: float, channels: int, round_to: int | str) -> int:
     return max(block, min(channels, block * round(width / block)))
 
 
-def choices_of(channels: int, round_to: int | str) -> list[int]:
-    """The widths a unit may keep, narrowest first: multiples of its block, or all channels."""
-    block = block_size(channels, round_to)
+def choices_of(channels: int, round_to: int | str, multiple: int = 1) -> list[int]:
+    """The widths a unit may keep, narrowest first: multiples of its block (of ``multiple`` too:
+    the groups of a grouped conv reading it), or all channels."""
+    block = math.lcm(block_size(channels, round_to), multiple)
     return sorted({*range(block, channels + 1, block), channels})
 
 
@@ -282,7 +289,8 @@ def _common_factor(flop_model: FlopModel, weights: dict[str, float], choices: di
                    speedup: float, round_to: int | str) -> dict[str, int]:
     """Rounded widths min(1, α·w_u)·channels with the one α that comes closest to the target."""
     def widths_at(alpha: float) -> dict[str, int]:
-        return {name: rounded(min(1.0, alpha * w) * choices[name][-1], choices[name][-1], round_to)
+        # the narrowest choice is the unit's block (or its full width when that is narrower)
+        return {name: rounded(min(1.0, alpha * w) * choices[name][-1], choices[name][-1], choices[name][0])
                 for name, w in weights.items()}
 
     target = flop_model.total / speedup
@@ -435,6 +443,9 @@ def check_widths(widths: dict[str, int], graph: ChannelGraph, units: list[Unit])
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= unit.channels:
             raise ChanpruneError(f"width of {key!r} must be a whole number of input channels, got {value!r}; give "
                                  f"the number to keep, between 1 and {unit.channels} ({unit.channels} keeps all)")
+        if value % unit.multiple:
+            raise ChanpruneError(f"width of {key!r} must be a multiple of {unit.multiple} (a grouped conv reads it "
+                                 f"in {unit.multiple} groups, each keeping as many channels), got {value}")
         if resolved.get(unit.name, value) != value:
             raise ChanpruneError(f"readers of {unit.name!r} share their input channels; give them one width")
         resolved[unit.name] = value

@@ -40,7 +40,7 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: LabelledData, 
     device = model_device(model)
     graph = build_graph(model, images[:1].to(device))
     base_error = 1.0 - accuracy(model, split)
-    groups = [g for g in graph.prunable() if all(r.kind == "conv" for r in g.readers)]
+    groups = [g for g in graph.prunable() if all(r.kind == "conv" and r.groups == 1 for r in g.readers)]
     jobs = [(g, m, s) for g in groups for s in speedups for m in methods]
     rows = []
     base = PruneConfig(samples_per_image=samples_per_image, seed=seed)

@@ -54,7 +54,7 @@ def allocate_global(flop_model: FlopModel, units: list[Unit], speedup: float, ro
     """Kept channels per unit minimising the summed relative error of the curves
     ``measure(narrowest width of each unit)`` returns (called once the target is known to be
     reachable) at ``speedup`` (within 2%), by greedy descent on error added per FLOP saved."""
-    choices = {u.name: choices_of(u.channels, round_to) for u in units}
+    choices = {u.name: choices_of(u.channels, round_to, u.multiple) for u in units}
     check_reachable(flop_model, choices, speedup, round_to)
     curves = measure({name: widths[0] for name, widths in choices.items()})
     step = {name: len(c) - 1 for name, c in choices.items()}  # index of each unit's current width

@@ -41,9 +41,11 @@ WEIGHTED = (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS, nn.PReLU)  # modules whose we
 
 @dataclass
 class Reader:
-    """A dense Conv2d or Linear reading a group.
+    """A Conv2d or Linear reading a group.
 
-    ``channel_size`` input features belong to one channel (H*W for a Linear after flatten);
+    ``groups`` > 1 for a grouped conv: conv group j's inputs (a j-th block of the channels) only
+    explain its own outputs, so it is reconstructed group by group and keeps as many channels in
+    every block. ``channel_size`` input features belong to one channel (H*W for a Linear after flatten);
     ``layout`` says where the channel axis is ("nchw", "nc" or "nhwc"); ``bn`` is a BatchNorm
     applied directly to the reader's output (folded into its targets); ``shortcut`` names the fx
     node added to the reader's (BN's) output by a residual add, when there is one.
@@ -57,6 +59,7 @@ class Reader:
     shortcut: str | None = None
     input_node: str = ""
     output_node: str = ""
+    groups: int = 1
 
 
 @dataclass(eq=False)
@@ -235,6 +238,25 @@ def _size_that_runs(gm: fx.GraphModule, example: torch.Tensor) -> int | None:
     return None
 
 
+def _check_grouped_readers(group: ChannelGroup, layouts: dict[str, list[str]]) -> None:
+    """Block ``group`` where a grouped conv reads it in a way group-by-group pruning does not
+    cover: beside other readers (they would need other channels than equal counts per block), as
+    one part of a concatenation, on a residual trunk, or in blocks of a pixel shuffle."""
+    grouped = [r for r in group.readers if r.groups > 1]
+    if not grouped:
+        return
+    first = grouped[0]
+    why = None
+    if len(grouped) != len(group.readers) or any(r.groups != first.groups for r in grouped):
+        why = f"{first.name} is a grouped conv ({first.groups} groups) and other layers read its input too"
+    elif any(layouts[r.name] != [group.name] for r in grouped) or group.residual or group.blocks:
+        why = f"{first.name} is a grouped conv ({first.groups} groups) reading a concatenation or a trunk"
+    elif group.channels % first.groups:
+        why = f"{first.name} is a grouped conv whose groups do not divide its input channels"
+    if why and why not in group.blocked_by:
+        group.blocked_by.append(why)
+
+
 def _starts(tag: Tag) -> list[int]:
     """Channel positions where each segment of ``tag`` starts."""
     starts, at = [], 0
@@ -384,12 +406,14 @@ class _Builder:
         for g in tag.segments:
             g.root().followers.append(name)
 
-    def read(self, node: fx.Node, tag: Tag, kind: str, channel_size: int = 1, layout: str = "nchw") -> None:
+    def read(self, node: fx.Node, tag: Tag, kind: str, channel_size: int = 1, layout: str = "nchw",
+             groups: int = 1) -> None:
         """Make the layer called by ``node`` a reader of the groups in ``tag``."""
         if len({g.root() for g in tag.segments}) != len(tag.segments):
             self.block(tag, f"{node.target} reads the same channels twice")
             return
-        reader = Reader(node.target, kind, channel_size, layout, input_node=node.args[0].name, output_node=node.name)
+        reader = Reader(node.target, kind, channel_size, layout, input_node=node.args[0].name, output_node=node.name,
+                        groups=groups)
         self.readers[reader.name] = (reader, list(tag.segments))
         for g in tag.segments:
             g.root().readers.append(reader)
@@ -458,6 +482,7 @@ class _Builder:
         layouts = {name: [g.root().name for g in segs] for name, segs in self.layouts.items()}
         layouts.update({name: [g.root().name for g in segs] for name, (_, segs) in self.readers.items()})
         for g in groups:
+            _check_grouped_readers(g, layouts)
             g.followers = list(dict.fromkeys(g.followers))
             unsupported = [why for why in g.blocked_by if why != OUTPUT_REASON]
             if not g.readers and not g.blocked_by:

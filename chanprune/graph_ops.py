@@ -174,7 +174,9 @@ def selected_conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Ta
 
 @OPS.register(modules=(nn.Conv2d,))
 def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
-    """A dense conv reads its input group and writes a new one; a depthwise conv follows its input."""
+    """A dense conv reads its input group and writes a new one; a depthwise conv follows its input;
+    a grouped conv reads its input group by group (see :class:`Reader`) and writes a group that
+    stays whole."""
     name, layer = node.target, b.modules[node.target]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
@@ -188,9 +190,12 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
         b.depthwise.add(name)
         b.follow(name, main)
         return main
-    b.block(main, f"{name} is a grouped conv ({layer.groups} groups)")
+    if usable and layer.padding_mode == "zeros" and layer.groups < layer.in_channels:
+        b.read(node, main, "conv", groups=layer.groups)  # reconstructed group by group
+    else:
+        b.block(main, f"{name} is a grouped conv ({layer.groups} groups)")
     out = b.new_group(node)
-    b.block(out, f"{name} is a grouped conv ({layer.groups} groups)")
+    b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
     return out
 
 

@@ -266,6 +266,36 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions) -> torch.Tens
     return patches.permute(0, 3, 1, 2).reshape(len(pos.image), -1)
 
 
+@dataclass
+class GroupedMoments:
+    """Moments of a grouped conv, one :class:`Moments` per conv group: group j's input features
+    (the j-th block of the sample's columns) only explain its own outputs (the j-th block of
+    the targets), so its G small problems never need the full (c·k)² matrix."""
+
+    parts: list[Moments]
+
+    @classmethod
+    def empty(cls, dim_x: int, dim_y: int, groups: int, device: torch.device | str) -> "GroupedMoments":
+        return cls([Moments(dim_x // groups, dim_y // groups, device=device) for _ in range(groups)])
+
+    @property
+    def count(self) -> int:
+        return self.parts[0].count
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add samples x (P, c·k) and y (P, n), split by conv group."""
+        for j, part in enumerate(self.parts):
+            part.update(x[:, j * part.dim_x:(j + 1) * part.dim_x], y[:, j * part.dim_y:(j + 1) * part.dim_y])
+
+    def all_reduce(self) -> "GroupedMoments":
+        for part in self.parts:
+            part.all_reduce()
+        return self
+
+    def to(self, device: torch.device | str) -> "GroupedMoments":
+        return GroupedMoments([part.to(device) for part in self.parts])
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) zero padding as the conv applies it ('same' puts any odd extra
     row or column at the bottom / right, as PyTorch does)."""

@@ -72,6 +72,9 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
         index = module.index[keep] if isinstance(module, SelectedConv2d) else None
         new = conv_like(module, len(keep), module.out_channels, index=index)
         weight = module.weight[:, keep]
+    elif isinstance(module, nn.Conv2d) and not isinstance(module, SelectedConv2d):
+        weight = _grouped_inputs(module, keep)
+        new = conv_like(module, len(keep), module.out_channels)
     elif isinstance(module, nn.Linear):
         cols = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
         new = nn.Linear(len(cols), module.out_features, module.bias is not None)
@@ -84,6 +87,20 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
         new.bias = _like(module.bias, module.bias)
     new.train(module.training)
     return new
+
+
+def _grouped_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> torch.Tensor:
+    """The weight of a grouped conv reading only input channels ``keep``: as many in every conv
+    group, each group's filters keeping the columns of its own kept inputs."""
+    groups = conv.groups
+    size, out = conv.in_channels // groups, conv.out_channels // groups
+    block = keep // size
+    counts = torch.bincount(block, minlength=groups)
+    if len(keep) % groups or bool((counts != len(keep) // groups).any()) or bool((keep.diff() <= 0).any()):
+        raise ChanpruneError(f"a grouped conv ({groups} groups) must keep as many input channels in every group, in "
+                             "order; the checkpoint does not match its architecture")
+    local = (keep - block * size).reshape(groups, -1)
+    return torch.cat([conv.weight[j * out:(j + 1) * out][:, local[j]] for j in range(groups)])
 
 
 def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
@@ -449,6 +466,8 @@ def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
     if op.op in ("keep_inputs", "select_inputs"):
         if isinstance(layer, nn.Linear):
             return layer.in_features // op.channel_size
+        if isinstance(layer, nn.Conv2d):
+            return layer.in_channels
         return weight.shape[1] if weight is not None else 0
     return getattr(layer, "num_features", None) or (weight.shape[0] if weight is not None else 0)
 

@@ -50,7 +50,8 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
             units.append(Unit(g))
         elif cfg.feature_map_sampling or fine:
             units += [Unit(g, r) for r in g.readers
-                      if r.kind == "conv" and len(graph.layouts[r.name]) == 1 and not _excluded([r.name], cfg.exclude)]
+                      if r.kind == "conv" and r.groups == 1 and len(graph.layouts[r.name]) == 1
+                      and not _excluded([r.name], cfg.exclude)]
         if fine:
             units += [Unit(g, writer=w) for w in fine_writers(graph, g) if not _excluded([w.name], cfg.exclude)]
     return sorted(units, key=lambda u: (min(graph.order[r.name] for r in u.readers), u.kind == "write"))
@@ -71,10 +72,10 @@ def fine_writers(graph: ChannelGraph, trunk: ChannelGroup) -> list[Reader]:
 def statistics_bytes(model: nn.Module, unit: Unit) -> int:
     """Memory the moments of a unit's readers take while it is pruned (G, B and solver copies)."""
     need = 0
-    for r in unit.readers:
-        dim = reader_dim(model, r)
-        n_out = model.get_submodule(r.name).weight.shape[0]
-        need += 8 * (6 * dim * dim + 2 * dim * n_out)
+    for r in unit.readers:  # a grouped conv keeps one small set of moments per conv group
+        dim = reader_dim(model, r) // r.groups
+        n_out = model.get_submodule(r.name).weight.shape[0] // r.groups
+        need += 8 * r.groups * (6 * dim * dim + 2 * dim * n_out)
     return need
 
 

@@ -22,6 +22,11 @@ from conftest import IMAGE_SHAPE, make_tiny, random_images
 SHAPE = (1, 1, 32, 32)
 
 
+def units_of(groups) -> list[Unit]:
+    """A pruning unit per group, as the pruner makes them for prunable groups."""
+    return [Unit(g) for g in groups]
+
+
 @pytest.fixture(scope="module")
 def vgg():
     model = create_model("vgg16-mnist", pretrained=False)
@@ -59,7 +64,7 @@ def test_flop_model_counts_every_conv_and_linear(vgg):
 @pytest.mark.parametrize("speedup", [1.5, 2.0, 3.0, 4.0, 5.0])
 def test_allocation_meets_the_target_within_two_percent(vgg, preset, speedup):
     model, graph, flop_model = vgg
-    widths = allocate(flop_model, graph.prunable(), speedup, PRESETS[preset])
+    widths = allocate(flop_model, units_of(graph.prunable()), speedup, PRESETS[preset])
     achieved = flop_model.total / flop_model.flops(widths)
     assert abs(achieved / speedup - 1) <= 0.02
     by_name = {g.name: g for g in graph.groups}
@@ -70,14 +75,14 @@ def test_allocation_meets_the_target_within_two_percent(vgg, preset, speedup):
 @pytest.mark.parametrize("preset, speedup", [("uniform", 2.0), ("vgg-paper", 4.0)])
 def test_flop_model_equals_counted_flops_of_the_shrunk_model(vgg, preset, speedup):
     model, graph, flop_model = vgg
-    widths = allocate(flop_model, graph.prunable(), speedup, PRESETS[preset])
+    widths = allocate(flop_model, units_of(graph.prunable()), speedup, PRESETS[preset])
     assert count_flops(shrink(model, graph, widths), SHAPE) == pytest.approx(flop_model.flops(widths), rel=1e-9)
 
 
 @pytest.mark.parametrize("speedup", [2.0, 4.0])
 def test_uniform_keeps_the_same_fraction_everywhere(vgg, speedup):
     _, graph, flop_model = vgg
-    widths = allocate(flop_model, graph.prunable(), speedup, PRESETS["uniform"])
+    widths = allocate(flop_model, units_of(graph.prunable()), speedup, PRESETS["uniform"])
     assert set(widths) == {g.name for g in graph.prunable()}
     fractions = [widths[g.name] / g.channels for g in graph.prunable()]
     assert max(fractions) - min(fractions) <= 1.0 / 32 + 1e-9  # rounding of the narrowest group
@@ -86,7 +91,7 @@ def test_uniform_keeps_the_same_fraction_everywhere(vgg, speedup):
 @pytest.mark.parametrize("speedup", [2.0, 4.0])
 def test_vgg_paper_ratio_and_conv5_whole(vgg, speedup):
     _, graph, flop_model = vgg
-    widths = allocate(flop_model, graph.prunable(), speedup, PRESETS["vgg-paper"])
+    widths = allocate(flop_model, units_of(graph.prunable()), speedup, PRESETS["vgg-paper"])
     by_reader = {g.readers[0].name: g for g in graph.prunable()}
     for reader, g in by_reader.items():
         if "conv5_" in reader or reader.startswith("classifier"):
@@ -102,16 +107,16 @@ def test_vgg_paper_ratio_and_conv5_whole(vgg, speedup):
 def test_allocation_rejects_impossible_targets(vgg):
     _, graph, flop_model = vgg
     with pytest.raises(ChanpruneError):
-        allocate(flop_model, graph.prunable(), 0.5)
+        allocate(flop_model, units_of(graph.prunable()), 0.5)
     # one channel in every group gives about 3089x: 1000x is reachable (with 1..7 channels per layer),
     # 5000x is not
     one = flop_model.total / flop_model.flops({g.name: 1 for g in graph.prunable()})
     assert 3000 < one < 3200
     with pytest.raises(ChanpruneError, match="out of reach"):
-        allocate(flop_model, graph.prunable(), 5000.0)
+        allocate(flop_model, units_of(graph.prunable()), 5000.0)
     with pytest.raises(ChanpruneError):  # conv5_x and the classifier alone cannot give 3x
-        allocate(flop_model, [g for g in graph.prunable() if "conv5" in g.readers[0].name], 3.0)
-    assert allocate(flop_model, graph.prunable(), 1.0) == {g.name: g.channels for g in graph.prunable()}
+        allocate(flop_model, units_of([g for g in graph.prunable() if "conv5" in g.readers[0].name]), 3.0)
+    assert allocate(flop_model, units_of(graph.prunable()), 1.0) == {g.name: g.channels for g in graph.prunable()}
 
 
 def units(graph):
@@ -149,12 +154,12 @@ def test_widths_for_the_last_layer_prune_its_inputs():
 @pytest.mark.parametrize("speedup", [2.0, 3.0, 4.0, 5.0])
 def test_round_to_keeps_multiples_and_still_meets_the_target(vgg, round_to, speedup):
     _, graph, flop_model = vgg
-    widths = allocate(flop_model, graph.prunable(), speedup, round_to=round_to)
+    widths = allocate(flop_model, units_of(graph.prunable()), speedup, round_to=round_to)
     assert abs(flop_model.total / flop_model.flops(widths) / speedup - 1) <= 0.02
     by_name = {g.name: g for g in graph.groups}
     for name, w in widths.items():
         assert w % round_to == 0 or w == by_name[name].channels
-    plain = allocate(flop_model, graph.prunable(), speedup)
+    plain = allocate(flop_model, units_of(graph.prunable()), speedup)
     if speedup == 2.0:  # uniform 2x keeps 1/sqrt(2) of 32, 64, ...: widths no block size divides
         assert any(w % 8 for w in plain.values())
 
@@ -162,9 +167,9 @@ def test_round_to_keeps_multiples_and_still_meets_the_target(vgg, round_to, spee
 def test_round_to_is_validated_and_can_make_a_target_unreachable(vgg):
     _, graph, flop_model = vgg
     with pytest.raises(ChanpruneError, match="round_to"):
-        allocate(flop_model, graph.prunable(), 2.0, round_to=0)
+        allocate(flop_model, units_of(graph.prunable()), 2.0, round_to=0)
     with pytest.raises(ChanpruneError, match="--round-to"):
-        allocate(flop_model, graph.prunable(), 1000.0, round_to=32)
+        allocate(flop_model, units_of(graph.prunable()), 1000.0, round_to=32)
 
 
 @pytest.mark.parametrize("subset, round_to", [((0,), 1), ((1,), 4), ((0, 1), 1), ((1, 3), 1), ((1, 3), 4),
@@ -188,16 +193,16 @@ def test_small_model_meets_every_reachable_target_and_names_the_closest_otherwis
         closest = min(reachable, key=lambda r: abs(r / speedup - 1))
         if max(reachable) < speedup / (1 + TOLERANCE):
             with pytest.raises(ChanpruneError, match="out of reach"):
-                allocate(flop_model, groups, speedup, round_to=round_to)
+                allocate(flop_model, units_of(groups), speedup, round_to=round_to)
             outcomes.add("out of reach")
         elif abs(closest / speedup - 1) <= TOLERANCE:
-            widths = allocate(flop_model, groups, speedup, round_to=round_to)
+            widths = allocate(flop_model, units_of(groups), speedup, round_to=round_to)
             assert abs(total / flop_model.flops(widths) / speedup - 1) <= TOLERANCE, speedup
             assert all(widths[g.name] in lattice for g, lattice in zip(groups, lattices)), (speedup, widths)
             outcomes.add("met")
         else:
             with pytest.raises(ChanpruneError, match=re.escape(f"(closest {closest:.3f}x)")):
-                allocate(flop_model, groups, speedup, round_to=round_to)
+                allocate(flop_model, units_of(groups), speedup, round_to=round_to)
             outcomes.add("refused")
     assert {"met", "refused"} <= outcomes
 

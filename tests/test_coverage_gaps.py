@@ -546,9 +546,17 @@ class CircularConv(Base):
         return nn.Conv2d(8, 8, 3, padding=1, bias=False, padding_mode="circular")
 
 
-class GroupedConv(Base):
+class DepthwiseMultiplier(Base):
+    """conv2 is depthwise with a channel multiplier of 2 (8 groups, 16 outputs); conv3 is 1x1, so
+    that conv3 and fc1 alone can still reach 1.3x."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 12, 1)
+
     def make_conv2(self):
-        return nn.Conv2d(8, 8, 3, padding=1, bias=False, groups=2)
+        return nn.Conv2d(8, 16, 3, padding=1, bias=False, groups=8)
 
 
 class ChannelPad(Base):
@@ -573,10 +581,12 @@ class ChannelMean(Base):
 
 
 class ChannelIndex(Base):
+    """Every other channel (a strided slice: a contiguous range would be a piece of its own)."""
+
     conv2_in = 4
 
     def op(self, x):
-        return x[:, :4]
+        return x[:, ::2]
 
 
 # model -> (warnings build_graph gives, conv2 keeps its input channels whole (not a reader))
@@ -587,8 +597,9 @@ BLOCKING = {
                    "non-zero"], True),
     CircularConv: (["channels of conv1 stay unpruned: conv2 reads channels that are not on axis 1 or pads them "
                     "non-zero"], True),
-    GroupedConv: (["channels of conv1 stay unpruned: conv2 is a grouped conv (2 groups)",
-                   "channels of conv2 stay unpruned: conv2 is a grouped conv (2 groups)"], True),
+    DepthwiseMultiplier: (["channels of conv1 stay unpruned: conv2 is a grouped conv (8 groups)",
+                           "channels of conv2 stay unpruned: conv2 is a grouped conv (8 groups): its output channels "
+                           "stay whole"], True),
     ChannelPad: (["channels of conv1 stay unpruned: pad pads the channel axis"], True),
     ChannelSum: (["channels of conv1 stay unpruned: sum_1 reduces over the channel axis"], False),
     ChannelMean: (["channels of conv1 stay unpruned: mean reduces over the channel axis"], False),
@@ -637,12 +648,13 @@ def test_blocking_op_leaves_conv1_whole_warns_and_the_rest_still_prunes(cls):
             assert type(pruned.conv2) is type(model.conv2) and pruned.conv2.in_channels == model.conv2.in_channels
         else:  # feature-map sampling: conv2 reads a subset of conv1's whole channels through a select
             assert isinstance(pruned.conv2, SelectedConv2d) and pruned.conv2.in_channels < 8
-        if cls in (SharedConv, GroupedConv):  # the blocked conv itself is not rewritten either
+        if cls in (SharedConv, DepthwiseMultiplier):  # the blocked conv itself is not rewritten either
             assert torch.equal(pruned.conv2.weight, model.conv2.weight)
         if cls in (ReflectConv, CircularConv):
             assert pruned.conv2.padding_mode == model.conv2.padding_mode
         # the other layers did prune
-        assert (pruned.conv2.out_channels, pruned.conv3.out_channels, pruned.fc1.out_features) != (8, 12, 16)
+        assert (pruned.conv2.out_channels, pruned.conv3.out_channels, pruned.fc1.out_features) != \
+            (model.conv2.out_channels, 12, 16)
         assert report.flops_after < report.flops_before
         with torch.no_grad():
             out, ref = pruned(images), model(images)
@@ -651,13 +663,13 @@ def test_blocking_op_leaves_conv1_whole_warns_and_the_rest_still_prunes(cls):
 
 
 class AllBlocked(nn.Module):
-    """conv1 -> grouped conv2 -> spatial mean -> fc: no group chanprune can prune."""
+    """conv1 -> depthwise conv2 with a channel multiplier -> spatial mean -> fc: no group chanprune can prune."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.fc = nn.Linear(8, 4)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.fc = nn.Linear(16, 4)
 
     def forward(self, x):
         return self.fc(self.conv2(F.relu(self.conv1(x))).mean((2, 3)))

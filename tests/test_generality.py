@@ -77,7 +77,8 @@ CASES = [
     ("torchvision:efficientnet_b0", 32, SUPPORTED),
     ("torchvision:squeezenet1_0", 32, SUPPORTED),
     ("torchvision:shufflenet_v2_x0_5", 32, SUPPORTED),  # channel shuffles stay unpruned (warning)
-    ("torchvision:regnet_x_400mf", 32, SUPPORTED),  # grouped convs: mostly channel selects
+    ("torchvision:regnet_x_400mf", 32, SUPPORTED),  # grouped convs: inputs pruned group by group
+    ("torchvision:resnext50_32x4d", 32, SUPPORTED),  # grouped convs of 4 channels per group
     ("torchvision:googlenet", 32, SUPPORTED),  # aux_logits off (chanprune's default for googlenet)
     ("timm:dla46_c", 32, SUPPORTED),
     ("timm:mobilenetv3_small_050", 32, SUPPORTED),
@@ -157,7 +158,7 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
             continue
         layer = model.get_submodule(op.layer)
         if op.layer not in kept:
-            n = layer.in_features // op.channel_size if isinstance(layer, nn.Linear) else layer.weight.shape[1]
+            n = layer.in_features // op.channel_size if isinstance(layer, nn.Linear) else layer.in_channels
             kept[op.layer] = (torch.arange(n), op.channel_size)
         index, size = kept[op.layer]
         assert size == op.channel_size, f"{op.layer}: channel size changed between plan operations"
@@ -166,15 +167,17 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
     with torch.no_grad():
         for name, (index, size) in kept.items():
             layer = reference.get_submodule(name)
-            assert isinstance(layer, (nn.Conv2d, nn.Linear)) and getattr(layer, "groups", 1) == 1, name
-            n = layer.in_features // size if isinstance(layer, nn.Linear) else layer.weight.shape[1]
+            assert isinstance(layer, (nn.Conv2d, nn.Linear)), name
+            n = layer.in_features // size if isinstance(layer, nn.Linear) else layer.in_channels
             removed = torch.ones(n, dtype=torch.bool)
             removed[index] = False
             zeroed += int(removed.sum())
             if isinstance(layer, nn.Linear):
                 layer.weight[:, removed.repeat_interleave(size)] = 0
-            else:
-                layer.weight[:, removed] = 0
+            else:  # conv group j's filters read input j * width + i as their column i
+                width, filters = n // layer.groups, layer.out_channels // layer.groups
+                for c in removed.nonzero().flatten().tolist():
+                    layer.weight[(c // width) * filters:(c // width + 1) * filters, c % width] = 0
     return reference, zeroed
 
 
@@ -331,6 +334,21 @@ def test_split_pieces_are_pruned_and_their_cuts_moved(libraries):
         sizes = node.args[1]
         assert list(op.keep[1:]) == [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_grouped_conv_inputs_are_pruned_group_by_group(libraries):
+    """ResNeXt's 3x3 convs (32 groups of 4 channels): the channels they read lose as many in every
+    conv group, and the convs stay grouped."""
+    spec = "torchvision:resnext50_32x4d"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, _ = prune_as_expected(spec, model, x)
+    narrowed = [op.layer for op in provenance(pruned).plan
+                if op.op == "keep_inputs" and getattr(model.get_submodule(op.layer), "groups", 1) > 1]
+    assert narrowed, "no grouped conv lost input channels"
+    for name in narrowed:
+        before, after = model.get_submodule(name), pruned.get_submodule(name)
+        assert after.groups == before.groups and after.in_channels < before.in_channels
+        assert after.in_channels % after.groups == 0 and after.out_channels == before.out_channels
 
 
 def test_stochastic_depth_passes_channels_so_trunks_prune(libraries):

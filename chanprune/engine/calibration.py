@@ -23,7 +23,7 @@ from torch import fx
 from ..data import iterate_batches, validate_images
 from ..errors import ChanpruneError
 from ..graph import ChannelGraph, NodeLayout, Reader
-from ..stats import Moments, Positions, reader_dim, reader_samples, sample_output, sample_positions
+from ..stats import GroupedMoments, Moments, Positions, reader_dim, reader_samples, sample_output, sample_positions
 from .frontier import Frontier, without_inplace
 from .store import BatchStore
 
@@ -130,7 +130,7 @@ class Calibration:
         every = self.sampling.heldout_every
         fitted_images = max(1, self.images - self.images // every)
         dim = reader_dim(self.graph.gm, reader)
-        need = math.ceil(SAMPLES_PER_INPUT * dim / fitted_images)
+        need = math.ceil(SAMPLES_PER_INPUT * dim // reader.groups / fitted_images)  # features fitted together
         # one batch's sample matrix (float32) stays within a quarter of the memory budget
         affordable = self.store.budget // (4 * 4 * max(self.sizes) * dim)
         return max(1, min(need, h * w, affordable))
@@ -139,7 +139,8 @@ class Calibration:
         """Calibration images that would give SAMPLES_PER_INPUT fitted samples per input of ``reader``
         at its positions per image."""
         every = self.sampling.heldout_every
-        fitted = math.ceil(SAMPLES_PER_INPUT * reader_dim(self.graph.gm, reader) / self.per_image(reader))
+        features = reader_dim(self.graph.gm, reader) // reader.groups  # fitted together
+        fitted = math.ceil(SAMPLES_PER_INPUT * features / self.per_image(reader))
         return math.ceil(fitted * every / (every - 1)) if every > 1 else fitted
 
     def record_targets(self, position: int) -> None:
@@ -190,8 +191,13 @@ class Calibration:
 
     def _new_moments(self, gm: fx.GraphModule, readers: list[Reader]) -> dict[str, tuple[Moments, Moments]]:
         """Empty (fitted, held-out) moments for each of ``readers`` of ``gm``."""
-        return {r.name: tuple(Moments(reader_dim(gm, r), gm.get_submodule(r.name).weight.shape[0],
-                                      device=self.device) for _ in range(2)) for r in readers}
+        def empty(r: Reader) -> Moments | GroupedMoments:
+            dim_x, dim_y = reader_dim(gm, r), gm.get_submodule(r.name).weight.shape[0]
+            if r.groups > 1:
+                return GroupedMoments.empty(dim_x, dim_y, r.groups, self.device)
+            return Moments(dim_x, dim_y, device=self.device)
+
+        return {r.name: (empty(r), empty(r)) for r in readers}
 
     def _update(self, pair: tuple[Moments, Moments], batch: int, pos: Positions, x: torch.Tensor,
                 y: torch.Tensor) -> None:

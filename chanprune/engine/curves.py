@@ -41,6 +41,10 @@ def error_curves(calibration: Calibration, run: PruneRun, units: list[Unit], nar
             curve = writer_curve(stats.moments[unit.writer.name][0].centred_yy(), narrowest[unit.name])
             curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
             continue
+        if unit.multiple > 1:
+            curve = conv_group_curve(run, unit, stats.moments, narrowest[unit.name])
+            curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
+            continue
         problems = [run.restricted(reader_problem(run.work, r, *(m.to("cpu") for m in stats.moments[r.name])),
                                    unit.group) for r in unit.readers]
         curve = None
@@ -51,6 +55,24 @@ def error_curves(calibration: Calibration, run: PruneRun, units: list[Unit], nar
             curve = part if curve is None else curve + part
         curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
     return curves
+
+
+def conv_group_curve(run: PruneRun, unit: Unit, moments: dict, narrowest: int) -> ErrorCurve:
+    """Curve of a unit read by grouped convs: each conv group's channels are eliminated on its own
+    moments (it keeps as many as every other group), and the errors of the groups at the same
+    count are added, relative to each reader's whole target energy."""
+    blocks = unit.multiple
+    curve = None
+    for r in unit.readers:
+        parts = moments[r.name][0].to("cpu").parts
+        energy = max(sum(p.centred()[2] for p in parts), 1e-300)
+        k = reader_problem(run.work, r, parts[0], parts[0]).k
+        for part in parts:
+            counts, errors = elimination_path([(part, 1.0 / energy)], k, max(1, narrowest // blocks))
+            piece = ErrorCurve(tuple(c * blocks for c in reversed(counts)), tuple(reversed(errors)))
+            curve = piece if curve is None else curve + piece
+    assert curve is not None
+    return curve
 
 
 def writer_curve(energy: torch.Tensor, narrowest: int) -> ErrorCurve:

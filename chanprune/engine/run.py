@@ -22,8 +22,9 @@ from ..errors import ChanpruneError
 from ..factorize import Ranks, channel_factors, least_squares_on, spatial_factors, window_map
 from ..graph import ChannelGraph, ChannelGroup, Reader
 from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
-from ..solvers import block_indices, heldout_least_squares, least_squares, output_errors, relative_error
-from ..stats import Moments
+from ..solvers import (block_indices, heldout_least_squares, least_squares, output_errors, relative_error,
+                       squared_error)
+from ..stats import GroupedMoments, Moments
 from ..surgery import Plan, PlanOp, folded_weight, replay, write_folded
 from .calibration import Calibration
 from .resume import ResumeDir, UnitRecord
@@ -119,6 +120,8 @@ class PruneRun:
         the writers and followers keep every channel until :meth:`shrink`."""
         if unit.writer is not None:
             return self.select_outputs(unit, n_keep, *moments[unit.writer.name])
+        if unit.multiple > 1:
+            return self.select_by_conv_group(unit, n_keep, moments)
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
@@ -141,6 +144,74 @@ class PruneRun:
             offset = sum(self.widths[g] for g in layout[:layout.index(group.name)])
             weight = weight[offset:offset + self.widths[group.name]]
         return weight.reshape(self.widths[group.name], -1)
+
+    def select_by_conv_group(self, unit: Unit, n_keep: int,
+                             moments: dict[str, tuple[GroupedMoments, GroupedMoments]]) -> torch.Tensor:
+        """A unit read only by grouped convs with G groups: conv group j's inputs (block j of the
+        channels) only explain its outputs, so each block is its own selection problem keeping
+        ``n_keep / G`` channels, and each reader is refitted block by block; the convs stay grouped."""
+        group, cfg = unit.group, self.cfg
+        blocks, per = unit.multiple, n_keep // unit.multiple
+        size = self.widths[group.name] // blocks
+        full = {r.name: reader_problem(self.work, r, *moments[r.name]) for r in unit.readers}
+
+        def part(rp: ReaderProblem, j: int) -> ReaderProblem:
+            rows = slice(j * len(rp.weight) // blocks, (j + 1) * len(rp.weight) // blocks)
+            fit, heldout = moments[rp.reader.name]
+            return ReaderProblem(rp.reader, rp.weight[rows], rp.bias[rows], rp.raw_weight[rows], fit.parts[j],
+                                 heldout.parts[j], rp.k)
+
+        writer_rows = [self.output_rows(w, group) for w in group.writers]
+        keeps = []
+        for j in range(blocks):
+            problems = [part(rp, j) for rp in full.values()]
+            writer_weight = torch.cat([torch.zeros(size, 0)] + [w[j * size:(j + 1) * size] for w in writer_rows], 1)
+            block = ChannelGroup(f"{group.name}/{j}", size)
+            problem = SelectionProblem(block, per, problems, writer_weight, self.generator, cfg.lasso_rounds)
+            keeps.append(torch.arange(per) if per == size else STRATEGIES[cfg.method](problem))
+        keep = torch.cat([j * size + kept for j, kept in enumerate(keeps)])
+        for rp in full.values():
+            self.reconstruct_by_conv_group(rp, [part(rp, j) for j in range(blocks)], keeps, keep)
+        return keep
+
+    def reconstruct_by_conv_group(self, rp: ReaderProblem, parts: list[ReaderProblem], keeps: list[torch.Tensor],
+                                  keep: torch.Tensor) -> None:
+        """Least squares of each conv group of a grouped reader on its kept inputs, written into
+        the working model as one grouped conv."""
+        weights, biases, ridges, errors = [], [], [], {"fit": [0.0, 0.0], "heldout": [0.0, 0.0], "before": [0.0, 0.0]}
+        for sub, kept in zip(parts, keeps):
+            cols = block_indices(kept, sub.k)
+            w, b = sub.weight[:, cols], sub.bias
+            errors["before"][0] += squared_error(sub.fit, kept, sub.k, w, b)
+            ridge = self.cfg.ridge
+            if self.cfg.reconstruct and ridge == "auto" and sub.heldout.count > 0:
+                w, b, ridge = heldout_least_squares(sub.fit, sub.heldout, kept, sub.k, AUTO_RIDGES, (w, b))
+            elif self.cfg.reconstruct:
+                ridge = 1e-6 if ridge == "auto" else ridge
+                w, b = least_squares(sub.fit, kept, sub.k, ridge)
+            weights.append(w)
+            biases.append(b)
+            ridges.append(ridge)
+            for name, m in (("fit", sub.fit), ("heldout", sub.heldout), ("before", sub.fit)):
+                if name != "before":
+                    errors[name][0] += squared_error(m, kept, sub.k, w, b)
+                errors[name][1] += m.yty
+        name = rp.reader.name
+        self.plan.keep_inputs(self.work, name, keep)
+        if self.cfg.reconstruct:
+            bn = self.work.get_submodule(rp.reader.bn) if rp.reader.bn else None
+            if write_folded(self.work.get_submodule(name), bn, torch.cat(weights), torch.cat(biases)):
+                self.plan.add_bias(name)
+
+        def relative(totals: list[float]) -> float:
+            return (totals[0] / totals[1]) ** 0.5 if totals[1] > 0 else float("nan")
+
+        self.errors[name] = {
+            "kept_indices": keep.tolist(), "rel_error_before": relative(errors["before"]),
+            "samples": parts[0].fit.count, "inputs": len(keeps[0]) * parts[0].k,
+            "rel_error": relative(errors["fit"]), "rel_error_heldout": relative(errors["heldout"]),
+            "ridge": ridges[0],
+        }
 
     def shrink(self, unit: Unit, keep: torch.Tensor) -> None:
         """Remove the channels not in ``keep`` from every writer and follower of ``unit``'s group
