@@ -61,9 +61,11 @@ class Unit:
 
     @property
     def multiple(self) -> int:
-        """Kept widths must be multiples of this: the groups of the grouped convs reading the
-        unit, which keep as many channels in every conv group."""
-        return max((r.groups for r in self.readers), default=1) if self.narrows_group else 1
+        """Kept widths must be multiples of this: the groups of the grouped convs writing or
+        reading the unit, which keep as many channels in every conv group."""
+        if not self.narrows_group:
+            return 1
+        return math.lcm(self.group.conv_groups, *(r.groups for r in self.readers))
 
     @property
     def narrows_group(self) -> bool:

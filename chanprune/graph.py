@@ -22,6 +22,7 @@ pruned wrongly.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -75,6 +76,7 @@ class ChannelGroup:
     residual: bool = False  # tied to other writers by a residual add: a trunk
     parent: "ChannelGroup | None" = field(default=None, repr=False)
     blocks: dict[str, int] = field(default_factory=dict)  # writer/follower -> its channels per group channel
+    conv_groups: int = 1  # written by a grouped conv: kept channels are as many in each of its groups
     scales: list[str] = field(default_factory=list)  # per-channel parameters multiplying it (layer scale)
 
     def block_of(self, member: str) -> int:
@@ -242,6 +244,9 @@ def _check_grouped_readers(group: ChannelGroup, layouts: dict[str, list[str]]) -
     """Block ``group`` where a grouped conv reads it in a way group-by-group pruning does not
     cover: beside other readers (they would need other channels than equal counts per block), as
     one part of a concatenation, on a residual trunk, or in blocks of a pixel shuffle."""
+    if group.conv_groups > 1 and (group.residual or group.channels % group.conv_groups) and \
+            "a grouped conv writes it on a trunk" not in group.blocked_by:
+        group.blocked_by.append("a grouped conv writes it on a trunk")
     grouped = [r for r in group.readers if r.groups > 1]
     if not grouped:
         return
@@ -253,6 +258,8 @@ def _check_grouped_readers(group: ChannelGroup, layouts: dict[str, list[str]]) -
         why = f"{first.name} is a grouped conv ({first.groups} groups) reading a concatenation or a trunk"
     elif group.channels % first.groups:
         why = f"{first.name} is a grouped conv whose groups do not divide its input channels"
+    elif group.conv_groups not in (1, first.groups):
+        why = f"{first.name} is a grouped conv ({first.groups} groups) reading another grouped conv's blocks"
     if why and why not in group.blocked_by:
         group.blocked_by.append(why)
 
@@ -348,6 +355,7 @@ class _Builder:
                 ra.residual = ra.residual or rb.residual
                 ra.blocks.update(rb.blocks)
                 ra.scales += [a for a in rb.scales if a not in ra.scales]
+                ra.conv_groups = math.lcm(ra.conv_groups, rb.conv_groups)
             ra.residual = ra.residual or residual
         return a
 
@@ -355,7 +363,7 @@ class _Builder:
         """Cut ``group`` (a root) into its first ``at`` channels and the rest, two groups with the
         same writers, followers and readers, everywhere it is held; returns the two, or None
         (nothing changed) when its channels are blocks of a pixel shuffle."""
-        if group.blocks:
+        if group.blocks or group.conv_groups > 1:
             return None
         start = self.offsets.get(id(group), 0)
         base = group.name.partition("[")[0]

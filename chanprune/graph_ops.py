@@ -176,7 +176,7 @@ def selected_conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Ta
 def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
     """A dense conv reads its input group and writes a new one; a depthwise conv follows its input;
     a grouped conv reads its input group by group (see :class:`Reader`) and writes a group that
-    stays whole."""
+    keeps as many channels in each of its conv groups."""
     name, layer = node.target, b.modules[node.target]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
@@ -195,7 +195,9 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     else:
         b.block(main, f"{name} is a grouped conv ({layer.groups} groups)")
     out = b.new_group(node)
-    b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
+    out.segments[0].conv_groups = layer.groups  # its outputs are kept as many in every conv group
+    if layer.groups == layer.in_channels:  # a channel multiplier: outputs in blocks of the multiplier
+        b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
     return out
 
 
@@ -295,7 +297,7 @@ def pixel_shuffle(b: _Builder, node: fx.Node, tag: Tag | None, factor: int) -> T
     group = tag.segments[0].root()
     earlier = [t for t in b.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
     if len(tag.segments) != 1 or tag.axis != 1 or tag.flat_size is not None or group.readers or \
-            group.residual or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
+            group.residual or group.conv_groups > 1 or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
         b.block(tag, f"{node.name} (pixel shuffle) reads channels that are also used elsewhere")
         return None
     size = factor * factor

@@ -43,6 +43,9 @@ def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         return _with_end(module, -1, keep_outputs(module[-1], keep))
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         new = conv_like(module, module.in_channels, len(keep))
+    elif isinstance(module, nn.Conv2d) and module.groups < module.in_channels and not isinstance(module, SelectedConv2d):
+        _check_equal_blocks(keep, module.out_channels // module.groups, module.groups, "output")
+        new = conv_like(module, module.in_channels, len(keep))
     elif isinstance(module, nn.Linear):
         new = nn.Linear(module.in_features, len(keep), module.bias is not None)
     elif isinstance(module, _NORMS):
@@ -89,17 +92,23 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
     return new
 
 
+def _check_equal_blocks(keep: torch.Tensor, size: int, groups: int, side: str) -> None:
+    """Refuse channels ``keep`` of a grouped conv (blocks of ``size``) unless every conv group keeps
+    as many, in order."""
+    counts = torch.bincount(keep // size, minlength=groups)
+    if len(keep) % groups or len(counts) > groups or bool((counts != len(keep) // groups).any()) \
+            or bool((keep.diff() <= 0).any()):
+        raise ChanpruneError(f"a grouped conv ({groups} groups) must keep as many {side} channels in every group, "
+                             "in order; the checkpoint does not match its architecture")
+
+
 def _grouped_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> torch.Tensor:
     """The weight of a grouped conv reading only input channels ``keep``: as many in every conv
     group, each group's filters keeping the columns of its own kept inputs."""
     groups = conv.groups
     size, out = conv.in_channels // groups, conv.out_channels // groups
-    block = keep // size
-    counts = torch.bincount(block, minlength=groups)
-    if len(keep) % groups or bool((counts != len(keep) // groups).any()) or bool((keep.diff() <= 0).any()):
-        raise ChanpruneError(f"a grouped conv ({groups} groups) must keep as many input channels in every group, in "
-                             "order; the checkpoint does not match its architecture")
-    local = (keep - block * size).reshape(groups, -1)
+    _check_equal_blocks(keep, size, groups, "input")
+    local = (keep - keep // size * size).reshape(groups, -1)
     return torch.cat([conv.weight[j * out:(j + 1) * out][:, local[j]] for j in range(groups)])
 
 

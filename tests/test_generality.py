@@ -77,8 +77,7 @@ CASES = [
     ("torchvision:efficientnet_b0", 32, SUPPORTED),
     ("torchvision:squeezenet1_0", 32, SUPPORTED),
     ("torchvision:shufflenet_v2_x0_5", 32, SUPPORTED),  # channel shuffles stay unpruned (warning)
-    ("torchvision:regnet_x_400mf", 32, SUPPORTED),  # grouped convs: inputs pruned group by group
-    ("torchvision:resnext50_32x4d", 32, SUPPORTED),  # grouped convs of 4 channels per group
+    ("torchvision:regnet_x_400mf", 32, SUPPORTED),  # grouped convs: pruned group by group
     ("torchvision:googlenet", 32, SUPPORTED),  # aux_logits off (chanprune's default for googlenet)
     ("timm:dla46_c", 32, SUPPORTED),
     ("timm:mobilenetv3_small_050", 32, SUPPORTED),
@@ -337,18 +336,20 @@ def test_split_pieces_are_pruned_and_their_cuts_moved(libraries):
 
 
 def test_grouped_conv_inputs_are_pruned_group_by_group(libraries):
-    """ResNeXt's 3x3 convs (32 groups of 4 channels): the channels they read lose as many in every
-    conv group, and the convs stay grouped."""
-    spec = "torchvision:resnext50_32x4d"
+    """RegNet's 3x3 convs (groups of 16 channels): the channels they read and write lose as many in
+    every conv group, and the convs stay grouped."""
+    spec = "torchvision:regnet_x_400mf"
     model, x = build(spec, 32, libraries), images(32)
     pruned, _ = prune_as_expected(spec, model, x)
-    narrowed = [op.layer for op in provenance(pruned).plan
-                if op.op == "keep_inputs" and getattr(model.get_submodule(op.layer), "groups", 1) > 1]
-    assert narrowed, "no grouped conv lost input channels"
-    for name in narrowed:
-        before, after = model.get_submodule(name), pruned.get_submodule(name)
-        assert after.groups == before.groups and after.in_channels < before.in_channels
-        assert after.in_channels % after.groups == 0 and after.out_channels == before.out_channels
+    plan = provenance(pruned).plan
+    for side in ("keep_inputs", "keep_outputs"):
+        narrowed = {op.layer for op in plan if op.op == side and getattr(model.get_submodule(op.layer), "groups", 1) > 1}
+        assert narrowed, f"no grouped conv lost channels ({side})"
+        for name in narrowed:
+            before, after = model.get_submodule(name), pruned.get_submodule(name)
+            assert after.groups == before.groups
+            assert after.in_channels % after.groups == 0 and after.out_channels % after.groups == 0
+            assert (after.in_channels, after.out_channels) != (before.in_channels, before.out_channels)
 
 
 def test_stochastic_depth_passes_channels_so_trunks_prune(libraries):

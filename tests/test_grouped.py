@@ -1,6 +1,7 @@
 """Grouped convolutions (ResNeXt, RegNet): the channels a grouped conv reads are pruned block by
 block, as many in every conv group, and the conv is refitted group by group from moments kept per
-conv group; it stays grouped. Its own outputs stay whole (a warning says so)."""
+conv group; the channels it writes also lose as many in every conv group (chosen block by block
+on its readers' problems); it stays grouped."""
 
 from __future__ import annotations
 
@@ -48,12 +49,27 @@ def images(n: int = 64) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(2))
 
 
-def test_the_grouped_conv_reads_its_input_group_by_group_and_its_output_stays_whole():
-    with pytest.warns(UserWarning, match="c2 is a grouped conv .4 groups.: its output channels stay whole"):
-        graph = build_graph(randomise(NeXtBlock(), 0), images(1))
-    read = graph.group("c1")
+def test_the_grouped_conv_reads_and_writes_groups_kept_block_by_block():
+    graph = build_graph(randomise(NeXtBlock(), 0), images(1))
+    read, written = graph.group("c1"), graph.group("c2")
     assert [(r.name, r.groups) for r in read.readers] == [("c2", GROUPS)] and read.prunable
-    assert not graph.group("c2").prunable
+    assert written.conv_groups == GROUPS and written.prunable and [r.name for r in written.readers] == ["c3"]
+
+
+def test_its_outputs_lose_as_many_channels_per_conv_group_exactly_as_zeroed_inputs_of_the_reader():
+    model, x = randomise(NeXtBlock(), 0), images()
+    pruned, report = prune(model, x, None, widths={"c3": 16}, method="max_response", reconstruct=False,
+                           progress=False)
+    kept = torch.tensor(next(layer for layer in report.layers if layer.name == "c3").kept_indices)
+    assert torch.equal(torch.bincount(kept // 6, minlength=GROUPS), torch.full((GROUPS,), 4))
+    assert pruned.c2.groups == GROUPS and pruned.c2.out_channels == 16 and pruned.b2.num_features == 16
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.c3.weight[:, [c for c in range(24) if c not in kept]] = 0
+        assert not torch.allclose(model(x), reference(x), atol=1e-4)
+        torch.testing.assert_close(pruned.double()(x.double()), reference.double()(x.double()), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ChanpruneError, match="must be a multiple of 4"):
+        prune(model, x, None, widths={"c3": 15}, progress=False)
 
 
 def test_keeping_every_channel_is_exact():
@@ -99,7 +115,8 @@ def test_a_pruned_grouped_block_meets_its_target_and_round_trips(tmp_path):
     pruned, report = prune(model, x, 1.4, progress=False)
     assert abs(report.speedup_achieved / 1.4 - 1) <= 0.02
     assert report.flops_after == count_flops(pruned, (1, *SHAPE))
-    assert pruned.c2.groups == GROUPS and pruned.c2.in_channels % GROUPS == 0 and pruned.c2.in_channels < 24
+    assert pruned.c2.groups == GROUPS and pruned.c2.in_channels % GROUPS == 0 and pruned.c2.out_channels % GROUPS == 0
+    assert pruned.c2.in_channels < 24 or pruned.c2.out_channels < 24
     save_model(pruned, tmp_path / "m.safetensors")
     again = load_model(tmp_path / "m.safetensors", model=randomise(NeXtBlock(), 7))
     with torch.no_grad():
@@ -114,6 +131,8 @@ def test_widths_must_keep_as_many_channels_in_every_conv_group():
         prune(model, x, None, widths={"c2": 10}, progress=False)
     with pytest.raises(ChanpruneError, match="as many input channels in every group"):
         apply_op(copy.deepcopy(model), PlanOp("keep_inputs", "c2", tuple(range(8))))
+    with pytest.raises(ChanpruneError, match="as many output channels in every group"):
+        apply_op(copy.deepcopy(model), PlanOp("keep_outputs", "c2", (0, 1, 6, 7, 12, 13, 18)))
 
 
 def test_a_grouped_conv_sharing_its_input_with_a_dense_conv_leaves_it_whole():

@@ -41,7 +41,7 @@ def error_curves(calibration: Calibration, run: PruneRun, units: list[Unit], nar
             curve = writer_curve(stats.moments[unit.writer.name][0].centred_yy(), narrowest[unit.name])
             curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
             continue
-        if unit.multiple > 1:
+        if any(r.groups > 1 for r in unit.readers):
             curve = conv_group_curve(run, unit, stats.moments, narrowest[unit.name])
             curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
             continue
@@ -61,7 +61,7 @@ def conv_group_curve(run: PruneRun, unit: Unit, moments: dict, narrowest: int) -
     """Curve of a unit read by grouped convs: each conv group's channels are eliminated on its own
     moments (it keeps as many as every other group), and the errors of the groups at the same
     count are added, relative to each reader's whole target energy."""
-    blocks = unit.multiple
+    blocks = unit.readers[0].groups
     curve = None
     for r in unit.readers:
         parts = moments[r.name][0].to("cpu").parts

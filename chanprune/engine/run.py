@@ -95,14 +95,7 @@ class PruneRun:
         """A reader's problem restricted to ``group``'s channels; the contribution of its other
         input channels (a concatenation) is moved into the target."""
         offset, size, total = self.channel_span(problem.reader.name, group)
-        if size == total:
-            return problem
-        k, fit, heldout = problem.k, problem.fit, problem.heldout
-        cols = block_indices(offset + torch.arange(size), k)
-        other = block_indices(torch.cat([torch.arange(offset), torch.arange(offset + size, total)]), k)
-        return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
-                             fit.residual(cols, other, problem.weight[:, other]),
-                             heldout.residual(cols, other, problem.weight[:, other]), k)
+        return problem if size == total else restrict_channels(problem, offset + torch.arange(size))
 
     def prune_unit(self, unit: Unit, n_keep: int, moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
         """Select ``n_keep`` channels for ``unit``, reconstruct its readers, shrink every member.
@@ -120,16 +113,20 @@ class PruneRun:
         the writers and followers keep every channel until :meth:`shrink`."""
         if unit.writer is not None:
             return self.select_outputs(unit, n_keep, *moments[unit.writer.name])
-        if unit.multiple > 1:
+        if any(r.groups > 1 for r in unit.readers):
             return self.select_by_conv_group(unit, n_keep, moments)
         group, cfg = unit.group, self.cfg
         full = [reader_problem(self.work, r, *moments[r.name]) for r in unit.readers]
         problems = [self.restricted(rp, group) for rp in full]
         writer_weight = torch.cat([torch.zeros(self.widths[group.name], 0, dtype=torch.float32)] +
                                   [self.output_rows(w, group) for w in group.writers if f"write:{w}" not in self.kept], 1)
-        problem = SelectionProblem(group, n_keep, problems, writer_weight, self.generator, cfg.lasso_rounds)
-        # a unit kept whole is here only to be refitted (and factorized): nothing to choose
-        keep = torch.arange(n_keep) if n_keep == self.widths[group.name] else STRATEGIES[cfg.method](problem)
+        if n_keep == self.widths[group.name]:  # a unit kept whole is here only to be refitted (and factorized)
+            keep = torch.arange(n_keep)
+        elif group.conv_groups > 1:  # a grouped conv writes it: as many kept in each of its conv groups
+            keep = self.select_by_writer_block(group, n_keep, problems, writer_weight)
+        else:
+            keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, self.generator,
+                                                           cfg.lasso_rounds))
         if len(keep) != n_keep:
             raise AssertionError(f"{cfg.method} kept {len(keep)} channels of {unit.name}, not {n_keep}")
         for rp in full:
@@ -144,6 +141,22 @@ class PruneRun:
             offset = sum(self.widths[g] for g in layout[:layout.index(group.name)])
             weight = weight[offset:offset + self.widths[group.name]]
         return weight.reshape(self.widths[group.name], -1)
+
+    def select_by_writer_block(self, group: ChannelGroup, n_keep: int, problems: list[ReaderProblem],
+                               writer_weight: torch.Tensor) -> torch.Tensor:
+        """Channels of a group a grouped conv writes: ``n_keep / G`` from each of its G blocks, each
+        block chosen on the readers' problems restricted to it (the other blocks keep their
+        weights and move into the target), as :meth:`restricted` does for a concatenation."""
+        blocks = group.conv_groups
+        size, per = self.widths[group.name] // blocks, n_keep // blocks
+        keeps = []
+        for j in range(blocks):
+            inside = j * size + torch.arange(size)
+            sub = SelectionProblem(ChannelGroup(f"{group.name}/{j}", size), per,
+                                   [restrict_channels(rp, inside) for rp in problems], writer_weight[inside],
+                                   self.generator, self.cfg.lasso_rounds)
+            keeps.append(j * size + STRATEGIES[self.cfg.method](sub))
+        return torch.cat(keeps)
 
     def select_by_conv_group(self, unit: Unit, n_keep: int,
                              moments: dict[str, tuple[GroupedMoments, GroupedMoments]]) -> torch.Tensor:
@@ -388,6 +401,19 @@ class PruneRun:
                     raise AssertionError(f"traced copy has a tensor the model lacks: {name}")
                 target[name].copy_(value)
         return pruned
+
+
+def restrict_channels(problem: ReaderProblem, inside: torch.Tensor) -> ReaderProblem:
+    """``problem`` restricted to its input channels ``inside``: the other channels keep their
+    current weights, and what they contribute is moved into the target."""
+    k, fit, heldout = problem.k, problem.fit, problem.heldout
+    total = problem.weight.shape[1] // k
+    outside = torch.ones(total, dtype=torch.bool)
+    outside[inside] = False
+    cols, other = block_indices(inside, k), block_indices(outside.nonzero().flatten(), k)
+    return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
+                         fit.residual(cols, other, problem.weight[:, other]),
+                         heldout.residual(cols, other, problem.weight[:, other]), k)
 
 
 def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
