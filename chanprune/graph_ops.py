@@ -195,8 +195,9 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     else:
         b.block(main, f"{name} is a grouped conv ({layer.groups} groups)")
     out = b.new_group(node)
-    out.segments[0].conv_groups = layer.groups  # its outputs are kept as many in every conv group
-    if layer.groups == layer.in_channels:  # a channel multiplier: outputs in blocks of the multiplier
+    if layer.groups < layer.in_channels:  # its outputs are kept as many in every conv group
+        out.segments[0].conv_groups = layer.groups
+    else:  # depthwise, with a channel multiplier or on channels chanprune does not track
         b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
     return out
 

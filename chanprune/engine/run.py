@@ -122,7 +122,7 @@ class PruneRun:
                                   [self.output_rows(w, group) for w in group.writers if f"write:{w}" not in self.kept], 1)
         if n_keep == self.widths[group.name]:  # a unit kept whole is here only to be refitted (and factorized)
             keep = torch.arange(n_keep)
-        elif group.conv_groups > 1:  # a grouped conv writes it: as many kept in each of its conv groups
+        elif unit.narrows_group and group.conv_groups > 1:  # a grouped conv writes it: as many in each conv group
             keep = self.select_by_writer_block(group, n_keep, problems, writer_weight)
         else:
             keep = STRATEGIES[cfg.method](SelectionProblem(group, n_keep, problems, writer_weight, self.generator,
