@@ -360,6 +360,7 @@ _SPLITS = {torch.split: torch.split, torch.functional.split: torch.split, torch.
            "split": "split", "chunk": "split"}
 _SLICES = (operator.getitem, torch.narrow, "narrow")
 MAX_CHANNELS = 1 << 20  # a cut position beyond this is not from a real model
+_PLAIN = (bool, int, float, str, tuple, list, dict)
 
 
 def cut_channels(gm: fx.GraphModule, name: str, axis: int, positions: tuple[int, ...]) -> None:
@@ -391,9 +392,14 @@ def cut_channels(gm: fx.GraphModule, name: str, axis: int, positions: tuple[int,
 
 
 def traced_for(model: nn.Module, ops: list[PlanOp] | tuple[PlanOp, ...]) -> nn.Module:
-    """``model`` itself, or its trace when ``ops`` edit the traced graph (channel cuts)."""
+    """``model`` itself, or its trace when ``ops`` edit the traced graph (channel cuts), with the
+    model's plain public attributes (numbers, strings, containers) copied over."""
     if any(op.op in GRAPH_OPS for op in ops) and not isinstance(model, fx.GraphModule):
-        return trace(model)
+        traced = trace(model)
+        for name, value in vars(model).items():  # plain settings a caller may read (timm's pretrained_cfg)
+            if not name.startswith("_") and name not in vars(traced) and isinstance(value, _PLAIN):
+                setattr(traced, name, copy.deepcopy(value))
+        return traced
     return model
 
 

@@ -333,6 +333,7 @@ def test_split_pieces_are_pruned_and_their_cuts_moved(libraries):
         sizes = node.args[1]
         assert list(op.keep[1:]) == [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+    assert pruned.pretrained_cfg == model.pretrained_cfg  # the trace keeps the model's plain settings
 
 
 def test_grouped_conv_inputs_are_pruned_group_by_group(libraries):
