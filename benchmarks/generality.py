@@ -161,6 +161,15 @@ def forward_seconds(model: torch.nn.Module, images: torch.Tensor, batch: int = 3
     return time.perf_counter() - start
 
 
+def unpruned_share(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """Share of the model's channels (over every group) that chanprune cannot prune at all."""
+    from chanprune.graph import build_graph
+
+    graph = build_graph(model, example, warn=False)
+    total = sum(g.channels for g in graph.groups)
+    return sum(g.channels for g in graph.groups if not g.prunable) / max(total, 1)
+
+
 def peer_result(model: torch.nn.Module, images: torch.Tensor, speedup: float) -> dict[str, Any]:
     """Torch-Pruning's group-L1 at ``speedup``: its status and the speed-up it reached."""
     from benchmarks.peers import tp_prune
@@ -220,6 +229,7 @@ def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
         base["input_size"] = size
         images = prepared_images(model, cfg, size).to(cfg.device)
         base["forward_seconds"] = forward_seconds(model, images)
+        base["unpruned_share"] = unpruned_share(model, images[:1])
     except Exception as err:  # a model that does not build or run: every target fails alike
         return [{**base, "target": t, "supported": False, "status": "crashed",
                  "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-6)}
@@ -324,7 +334,7 @@ def note(row: dict[str, Any], width: int = 160) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], peer: bool) -> str:
     """One line per (model, target); with ``peer``, Torch-Pruning's group-L1 beside it."""
-    head = "| model | target | status | achieved | time / forward | input | logit error |"
+    head = "| model | target | status | achieved | time / forward | input | unprunable channels | logit error |"
     head += " Torch-Pruning (L1) |" if peer else ""
     lines = [head + " note |", "|" + "---|" * (head.count("|"))]
     for row in rows:
@@ -332,8 +342,9 @@ def markdown_table(rows: list[dict[str, Any]], peer: bool) -> str:
         ratio = f"{row['time_ratio']:.0f}" if "time_ratio" in row else "–"
         size = f"{row['input_size']}²" if "input_size" in row else "–"
         error = f"{row['logit_rel_error']:.3f}" if "logit_rel_error" in row else "–"
+        share = f"{100 * row['unpruned_share']:.0f}%" if "unpruned_share" in row else "–"
         status = "ok" if row["supported"] else row["status"]
-        line = f"| `{row['model']}` | {row['target']:g}x | {status} | {speed} | {ratio} | {size} | {error} |"
+        line = f"| `{row['model']}` | {row['target']:g}x | {status} | {speed} | {ratio} | {size} | {share} | {error} |"
         if peer:
             tp = row.get("peer") or {}
             line += f" {tp.get('status', '–')}" + (f" {tp['speedup']:.2f}x" if "speedup" in tp else "") + " |"
