@@ -164,8 +164,8 @@ class PruneRun:
         channels) only explain its outputs, so each block is its own selection problem keeping
         ``n_keep / G`` channels, and each reader is refitted block by block; the convs stay grouped."""
         group, cfg = unit.group, self.cfg
-        blocks, per = unit.multiple, n_keep // unit.multiple
-        size = self.widths[group.name] // blocks
+        blocks = unit.readers[0].groups  # every reader has as many (and a grouped writer too): the graph checks
+        per, size = n_keep // blocks, self.widths[group.name] // blocks
         full = {r.name: reader_problem(self.work, r, *moments[r.name]) for r in unit.readers}
 
         def part(rp: ReaderProblem, j: int) -> ReaderProblem:
