@@ -406,10 +406,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_params(spec: str) -> int:
-    """Parameters of a constructor's model (built on the meta device: no memory, no weights)."""
+    """Parameters of a constructor's model (built on the meta device where its initialisation
+    allows: no memory, no weights)."""
     from chanprune.experiment import constructor_model
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in constructor_model(spec).parameters())
+    except ChanpruneError:  # an initialisation that copies data (torchvision's RegNet)
         return sum(p.numel() for p in constructor_model(spec).parameters())
 
 
