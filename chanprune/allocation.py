@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Callable
 
-from .errors import ChanpruneError
+from .errors import ChanpruneError, UnreachableSpeedup
 from .graph import ChannelGraph, ChannelGroup, Reader
 
 TOLERANCE = 0.02
@@ -237,7 +237,7 @@ def check_reachable(flop_model: FlopModel, choices: dict[str, list[int]], speedu
     if smallest > flop_model.total / speedup * (1 + TOLERANCE):
         most = flop_model.total / smallest
         rounding = f" with --round-to {round_to}" if round_to != 1 else ""
-        raise ChanpruneError(
+        raise UnreachableSpeedup(
             f"speed-up {speedup:g}x is out of reach: the most this model can reach is {most:.2f}x{rounding} "
             f"(every prunable layer at its narrowest); ask for at most {most:.2f}x"
             f"{', lower --round-to' if round_to != 1 else ''} or let more layers be pruned (fewer --exclude)")

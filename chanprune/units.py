@@ -13,7 +13,7 @@ from .allocation import FlopModel, Unit, check_widths
 from .allocators import ALLOCATIONS, Curves
 from .config import PruneConfig
 from .engine.store import available_memory
-from .errors import ChanpruneError
+from .errors import ChanpruneError, UnreachableSpeedup
 from .graph import ChannelGraph, ChannelGroup, Reader
 from .stats import reader_dim
 
@@ -106,4 +106,13 @@ def resolve_widths(cfg: PruneConfig, graph: ChannelGraph, units: list[Unit], flo
         return widths
     if not units:
         raise ChanpruneError("no layer of this model can be pruned (see the warnings above)")
-    return ALLOCATIONS[cfg.allocation].decide(flop_model, units, cfg.speedup, cfg.round_to, curves)
+    decide = ALLOCATIONS[cfg.allocation].decide
+    try:
+        return decide(flop_model, units, cfg.speedup, cfg.round_to, curves)
+    except UnreachableSpeedup:
+        if cfg.round_to != "auto":  # the user asked for these blocks: say what they cost
+            raise
+    # "auto" is chanprune's own choice of blocks: where they cannot reach the target, do without
+    warnings.warn(f"--round-to auto cannot reach {cfg.speedup:g}x on this model, so its widths are not rounded",
+                  stacklevel=3)
+    return decide(flop_model, units, cfg.speedup, 1, curves)

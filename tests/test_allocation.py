@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chanprune.allocation import PRESETS, TOLERANCE, FlopModel, Unit, allocate, check_widths
-from chanprune.errors import ChanpruneError
+from chanprune.errors import ChanpruneError, UnreachableSpeedup
 from chanprune.flops import count_flops, flop_breakdown
 from chanprune.graph import build_graph
 from chanprune.models import create_model
@@ -221,3 +221,28 @@ def test_round_to_auto_rounds_only_units_of_64_channels_or_more(vgg, allocator):
     assert wide and all(widths[u.name] % 8 == 0 or widths[u.name] == u.channels for u in wide)
     narrow = [u for u in found if u.channels < 64]
     assert any(widths[u.name] % 8 for u in narrow)  # any width where a block would be a large share
+
+
+class Wide(torch.nn.Module):
+    """Two 64-channel convs: --round-to auto rounds both to blocks of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_auto_rounding_gives_way_where_its_blocks_cannot_reach_the_target():
+    """At 60x both convs must keep fewer than 8 channels: "auto" (chanprune's choice of blocks)
+    then prunes without rounding and says so; blocks the user asked for are refused instead."""
+    torch.manual_seed(0)
+    model, x = Wide().eval(), torch.randn(40, 3, 8, 8)
+    with pytest.warns(UserWarning, match="--round-to auto cannot reach 60x on this model"):
+        pruned, report = prune(model, x, 60.0, round_to="auto", allocation="uniform", progress=False)
+    assert abs(report.speedup_achieved / 60 - 1) <= 0.02 and pruned.conv1.out_channels < 8
+    with pytest.raises(UnreachableSpeedup, match="out of reach: the most this model can reach is .* with --round-to 8"):
+        prune(model, x, 60.0, round_to=8, allocation="uniform", progress=False)
