@@ -35,7 +35,8 @@ import copy
 import traceback
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,18 +268,30 @@ def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
         except Exception as err:  # a bug: keep the traceback for the JSON
             row["status"], row["error"] = "crashed", f"{type(err).__name__}: {err}"
             row["traceback"] = traceback.format_exc(limit=-6)
-        if cfg.peer:
-            row["peer"] = peer_result(model.cpu(), images.cpu(), target)
-            model = model.to(cfg.device)
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
     return rows
 
 
-def _child(conn, spec: str, cfg: SweepConfig) -> None:
+def run_peer(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Torch-Pruning's group-L1 on the same model, prepared the same way, at every target."""
+    import_library("torchvision")
+    from chanprune.experiment import constructor_model, default_input_size
+
+    torch.manual_seed(cfg.seed)
+    model = constructor_model(spec)
+    size = working_input(model, cfg.input_size or default_input_size(spec, model)[0])
+    images = prepared_images(model, replace(cfg, device="cpu"), size)
+    return [{"model": spec, "target": t, "peer": peer_result(model, images, t)} for t in cfg.speedups]
+
+
+Job = Callable[[str, SweepConfig], list[dict[str, Any]]]
+
+
+def _child(conn, job: Job, spec: str, cfg: SweepConfig) -> None:
     try:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        conn.send(run_one(spec, cfg))
+        conn.send(job(spec, cfg))
     except BaseException as err:  # MemoryError and the like: report rather than die silently
         conn.send([{"model": spec, "target": t, "supported": False, "status": "crashed",
                     "error": f"{type(err).__name__}: {err}"} for t in cfg.speedups])
@@ -286,12 +299,12 @@ def _child(conn, spec: str, cfg: SweepConfig) -> None:
         conn.close()
 
 
-def run_isolated(spec: str, cfg: SweepConfig, timeout: float) -> list[dict[str, Any]]:
-    """:func:`run_one` in a child process, stopped after ``timeout`` seconds."""
+def run_isolated(job: Job, spec: str, cfg: SweepConfig, timeout: float) -> list[dict[str, Any]]:
+    """``job`` (:func:`run_one` or :func:`run_peer`) in a child process, stopped after ``timeout`` seconds."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     start = time.perf_counter()
-    proc = ctx.Process(target=_child, args=(send, spec, cfg), daemon=True)
+    proc = ctx.Process(target=_child, args=(send, job, spec, cfg), daemon=True)
     proc.start()
     send.close()
     rows = None
@@ -456,7 +469,11 @@ def main(argv: list[str] | None = None) -> None:
                      "error": f"over {args.max_params / 1e6:g}M parameters: run it with --device cuda"}
                     for t in cfg.speedups]
         else:
-            rows = run_one(spec, cfg) if args.in_process else run_isolated(spec, cfg, args.timeout)
+            rows = run_one(spec, cfg) if args.in_process else run_isolated(run_one, spec, cfg, args.timeout)
+            if cfg.peer:  # in a child of its own: a slow peer never costs chanprune its rows
+                peers = run_peer(spec, cfg) if args.in_process else run_isolated(run_peer, spec, cfg, args.timeout)
+                for row, peer in zip(rows, peers):
+                    row["peer"] = peer.get("peer") or {"status": peer["status"], "error": peer.get("error")}
         saved = [r for r in saved if r["model"] != spec] + rows
         with rows_path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

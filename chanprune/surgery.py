@@ -43,7 +43,8 @@ def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         return _with_end(module, -1, keep_outputs(module[-1], keep))
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         new = conv_like(module, module.in_channels, len(keep))
-    elif isinstance(module, nn.Conv2d) and module.groups < module.in_channels and not isinstance(module, SelectedConv2d):
+    elif isinstance(module, nn.Conv2d) and not isinstance(module, SelectedConv2d):
+        # grouped (its inputs may already be down to one per group): as many outputs kept in each group
         _check_equal_blocks(keep, module.out_channels // module.groups, module.groups, "output")
         new = conv_like(module, module.in_channels, len(keep))
     elif isinstance(module, nn.Linear):

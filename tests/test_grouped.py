@@ -110,6 +110,14 @@ def test_reconstruction_group_by_group_lowers_the_error(method):
     assert errors[True] < 0.8 * errors[False]
 
 
+def test_a_grouped_conv_down_to_one_input_per_group_still_loses_outputs():
+    model, x = randomise(NeXtBlock(), 0), images()
+    pruned, _ = prune(model, x, None, widths={"c2": GROUPS, "c3": 2 * GROUPS}, progress=False)
+    assert (pruned.c2.in_channels, pruned.c2.out_channels, pruned.c2.groups) == (GROUPS, 2 * GROUPS, GROUPS)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+
+
 def test_a_pruned_grouped_block_meets_its_target_and_round_trips(tmp_path):
     model, x = randomise(NeXtBlock(), 0), images()
     pruned, report = prune(model, x, 1.4, progress=False)
