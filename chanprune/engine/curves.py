@@ -15,7 +15,7 @@ from ..allocation import Unit
 from ..global_allocation import ErrorCurve
 from ..solvers import elimination_path
 from .calibration import Calibration
-from .run import PruneRun, reader_problem
+from .run import PruneRun, channel_features, reader_problem
 
 
 SENSITIVITY_NOISE = 0.1  # relative rms of the noise that measures a unit's output sensitivity
@@ -66,7 +66,7 @@ def conv_group_curve(run: PruneRun, unit: Unit, moments: dict, narrowest: int) -
     for r in unit.readers:
         parts = moments[r.name][0].to("cpu").parts
         energy = max(sum(p.centred()[2] for p in parts), 1e-300)
-        k = reader_problem(run.work, r, parts[0], parts[0]).k
+        k = channel_features(run.work, r)
         for part in parts:
             counts, errors = elimination_path([(part, 1.0 / energy)], k, max(1, narrowest // blocks))
             piece = ErrorCurve(tuple(c * blocks for c in reversed(counts)), tuple(reversed(errors)))

@@ -74,9 +74,11 @@ class PruneRun:
         self.ranks: dict[str, Ranks] = {}  # reader -> its factorization (3C), applied when it is reconstructed
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def channel_span(self, layer: str, group: ChannelGroup) -> tuple[int, int, int]:
-        """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis."""
-        layout = self.graph.layouts[layer]
+    def channel_span(self, layer: str, group: ChannelGroup,
+                     layouts: dict[str, list[str]] | None = None) -> tuple[int, int, int]:
+        """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis
+        (its input; its output with ``layouts=graph.out_layouts``)."""
+        layout = (layouts or self.graph.layouts)[layer]
         at = layout.index(group.name)
         return sum(self.widths[g] for g in layout[:at]), self.widths[group.name], sum(self.widths[g] for g in layout)
 
@@ -137,9 +139,8 @@ class PruneRun:
         """The current weights of ``writer``'s outputs that write ``group``, one row per channel."""
         weight = self.work.get_submodule(writer).weight.detach().cpu()
         if writer in self.graph.out_layouts:
-            layout = self.graph.out_layouts[writer]
-            offset = sum(self.widths[g] for g in layout[:layout.index(group.name)])
-            weight = weight[offset:offset + self.widths[group.name]]
+            offset, size, _ = self.channel_span(writer, group, self.graph.out_layouts)
+            weight = weight[offset:offset + size]
         return weight.reshape(self.widths[group.name], -1)
 
     def select_by_writer_block(self, group: ChannelGroup, n_keep: int, problems: list[ReaderProblem],
@@ -422,6 +423,12 @@ def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Mome
     layer = model.get_submodule(reader.name)
     bn = model.get_submodule(reader.bn) if reader.bn else None
     weight, bias = (t.cpu() for t in folded_weight(layer, bn))
-    k = reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
     raw = layer.weight.detach().double().cpu().reshape(len(weight), -1)
-    return ReaderProblem(reader, weight, bias, raw, fit, heldout, k)
+    return ReaderProblem(reader, weight, bias, raw, fit, heldout, channel_features(model, reader))
+
+
+def channel_features(model: nn.Module, reader: Reader) -> int:
+    """Input features one channel owns in ``reader``: its kernel's area for a conv, H*W for a
+    Linear after flatten."""
+    layer = model.get_submodule(reader.name)
+    return reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
