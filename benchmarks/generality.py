@@ -146,6 +146,19 @@ def prepared_images(model: torch.nn.Module, cfg: SweepConfig, size: int) -> torc
     return photo_crops(cfg.images, size, cfg.seed)
 
 
+def prepared_model(spec: str, cfg: SweepConfig) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The constructor's model with random weights (seeded) on ``cfg.device`` and its calibration
+    images (see :func:`prepared_images`) at the size it runs at; the same for chanprune and its peer."""
+    import_library("torchvision")
+    from chanprune.experiment import constructor_model, default_input_size
+
+    torch.manual_seed(cfg.seed)
+    model = constructor_model(spec)
+    size = working_input(model, cfg.input_size or default_input_size(spec, model)[0])
+    model = model.to(cfg.device)
+    return model, prepared_images(model, cfg, size).to(cfg.device)
+
+
 def forward_seconds(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> float:
     """Time of one forward pass of ``images`` (batches of ``batch``, after a warm-up batch)."""
     def synchronize() -> None:
@@ -215,20 +228,14 @@ def summarise_warnings(messages: list[str]) -> dict[str, Any]:
 
 def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
     """Build, prepare, prune (at every target) and check one model, in the calling process."""
-    import_library("torchvision")
     from chanprune import prune
-    from chanprune.experiment import constructor_model, default_input_size
 
     base: dict[str, Any] = {"model": spec}
     rows: list[dict[str, Any]] = []
     try:
-        torch.manual_seed(cfg.seed)
-        model = constructor_model(spec).to(cfg.device)
+        model, images = prepared_model(spec, cfg)
         base["params"] = sum(p.numel() for p in model.parameters())
-        size = working_input(model.cpu(), cfg.input_size or default_input_size(spec, model)[0])
-        model = model.to(cfg.device)
-        base["input_size"] = size
-        images = prepared_images(model, cfg, size).to(cfg.device)
+        base["input_size"] = images.shape[-1]
         base["forward_seconds"] = forward_seconds(model, images)
         base["unpruned_share"] = unpruned_share(model, images[:1])
     except Exception as err:  # a model that does not build or run: every target fails alike
@@ -275,13 +282,7 @@ def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
 
 def run_peer(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
     """Torch-Pruning's group-L1 on the same model, prepared the same way, at every target."""
-    import_library("torchvision")
-    from chanprune.experiment import constructor_model, default_input_size
-
-    torch.manual_seed(cfg.seed)
-    model = constructor_model(spec)
-    size = working_input(model, cfg.input_size or default_input_size(spec, model)[0])
-    images = prepared_images(model, replace(cfg, device="cpu"), size)
+    model, images = prepared_model(spec, replace(cfg, device="cpu"))
     return [{"model": spec, "target": t, "peer": peer_result(model, images, t)} for t in cfg.speedups]
 
 
