@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from chanprune import load_model, save_model
 from chanprune.errors import ChanpruneError
+from chanprune.export import check_onnx, export_onnx
 from chanprune.graph import build_graph
 from chanprune.io.libraries import import_library
 from chanprune.config import PruneConfig
@@ -156,3 +158,15 @@ def tiny_model() -> TinyCNN:
 @pytest.fixture
 def tiny_images() -> torch.Tensor:
     return random_images(200)
+
+
+def assert_round_trips(pruned: nn.Module, fresh: nn.Module, x: torch.Tensor, folder, onnx: bool = True) -> None:
+    """``pruned`` saved and loaded onto ``fresh`` (an unpruned instance of its architecture)
+    computes what it computes on ``x``; with ``onnx``, its ONNX export agrees with it."""
+    save_model(pruned, folder / "m.safetensors")
+    again = load_model(folder / "m.safetensors", model=fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pruned(x))
+    if onnx:
+        export_onnx(pruned, folder / "m.onnx", tuple(x.shape[1:]))
+        assert check_onnx(pruned, folder / "m.onnx", tuple(x.shape[1:]))["ok"]

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from chanprune import ChanpruneError, load_model, prune, save_model
-from chanprune.export import check_onnx, export_onnx
+from chanprune import ChanpruneError, prune
 from chanprune.factorize import (channel_factors, channel_speedup, layer_cost, least_squares_on, ranks_at,
                                  spatial_factors, window_map)
 from chanprune.flops import count_flops
@@ -19,7 +18,7 @@ from chanprune.layers import FactorizedConv2d
 from chanprune.stats import Moments, conv_patches, sample_positions
 from chanprune.surgery import PlanOp, apply_op, factorize_channel, factorize_spatial
 
-from conftest import make_tiny, random_images
+from conftest import assert_round_trips, make_tiny, random_images
 
 KINDS = [("spatial",), ("channel",), ("spatial", "channel")]
 
@@ -107,12 +106,7 @@ def test_factorized_pruning_meets_the_target_and_round_trips(tmp_path, kinds):
     assert any("factorized" in layer.kind for layer in report.layers)
     with torch.no_grad():
         assert (pruned(x) - model(x)).norm() < 2 * (plain(x) - model(x)).norm() + 0.5 * model(x).norm()
-    save_model(pruned, tmp_path / "f.safetensors")
-    again = load_model(tmp_path / "f.safetensors", model=make_tiny())
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "f.onnx", (3, 8, 8))
-    assert check_onnx(pruned, tmp_path / "f.onnx", (3, 8, 8))["ok"]
+    assert_round_trips(pruned, make_tiny(), x, tmp_path)
 
 
 def test_factorization_needs_reconstruction_and_a_known_kind():

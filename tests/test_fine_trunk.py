@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from chanprune import ChanpruneError, load_model, prune, save_model
+from chanprune import ChanpruneError, prune
 from chanprune.allocation import FlopModel
 from chanprune.config import PruneConfig
-from chanprune.export import check_onnx, export_onnx
 from chanprune.flops import count_flops, flop_breakdown
 from chanprune.graph import build_graph
 from chanprune.layers import ScatteredBatchNorm2d, ScatteredConv2d
@@ -21,6 +20,7 @@ from chanprune.models.srresnet import MSRResNet
 from chanprune.surgery import PlanOp, apply_op, scatter_outputs
 from chanprune.units import pruning_units
 
+from conftest import assert_round_trips
 from test_multibranch import MiniResNet, images, make
 
 WRITERS = ["layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv2", "layer2.1.conv2"]
@@ -122,12 +122,7 @@ def test_fine_meets_the_target_and_round_trips(tmp_path, allocation):
     assert report.flops_after == count_flops(pruned, (1, 3, 16, 16))
     if allocation == "uniform":
         assert sum(isinstance(m, ScatteredBatchNorm2d) for m in pruned.modules()) == len(WRITERS)
-    save_model(pruned, tmp_path / "fine.safetensors")
-    again = load_model(tmp_path / "fine.safetensors", model=MiniResNet())
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "fine.onnx", (3, 16, 16))
-    assert check_onnx(pruned, tmp_path / "fine.onnx", (3, 16, 16))["ok"]
+    assert_round_trips(pruned, MiniResNet(), x, tmp_path)
 
 
 def test_a_network_without_batchnorm_scatters_from_its_convs(tmp_path):
@@ -141,12 +136,7 @@ def test_a_network_without_batchnorm_scatters_from_its_convs(tmp_path):
         plain, _ = quiet_prune(model, x, 1.5, allocation="uniform", round_to=1, reconstruct=False)
         rebuilt, kept_weights = (net(x) - model(x) for net in (pruned, plain))
     assert rebuilt.norm() < kept_weights.norm()
-    save_model(pruned, tmp_path / "sr.safetensors")
-    again = load_model(tmp_path / "sr.safetensors", model=MSRResNet(width=8, blocks=2, scale=2))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "sr.onnx", (3, 12, 12))
-    assert check_onnx(pruned, tmp_path / "sr.onnx", (3, 12, 12))["ok"]
+    assert_round_trips(pruned, MSRResNet(width=8, blocks=2, scale=2), x, tmp_path)
 
 
 def test_a_resumed_fine_run_replays_to_the_same_bytes(tmp_path):

@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from chanprune import load_model, prune, save_model
+from chanprune import prune
 from chanprune.errors import ChanpruneError
-from chanprune.export import check_onnx, export_onnx
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 from chanprune.surgery import PlanOp, apply_op
 
-from conftest import prune_groups_directly, randomise
+from conftest import assert_round_trips, prune_groups_directly, randomise
 
 SHAPE = (3, 12, 12)
 GROUPS = 4
@@ -49,6 +48,14 @@ def images(n: int = 64) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(2))
 
 
+def unreconstructed(model: nn.Module, x: torch.Tensor, reader: str, width: int) -> tuple[nn.Module, torch.Tensor]:
+    """``model`` with ``reader``'s input channels cut to ``width`` by max_response, without least
+    squares, and the input channels ``reader`` kept."""
+    pruned, report = prune(model, x, None, widths={reader: width}, method="max_response", reconstruct=False,
+                           progress=False)
+    return pruned, torch.tensor(next(layer for layer in report.layers if layer.name == reader).kept_indices)
+
+
 def test_the_grouped_conv_reads_and_writes_groups_kept_block_by_block():
     graph = build_graph(randomise(NeXtBlock(), 0), images(1))
     read, written = graph.group("c1"), graph.group("c2")
@@ -58,9 +65,7 @@ def test_the_grouped_conv_reads_and_writes_groups_kept_block_by_block():
 
 def test_its_outputs_lose_as_many_channels_per_conv_group_exactly_as_zeroed_inputs_of_the_reader():
     model, x = randomise(NeXtBlock(), 0), images()
-    pruned, report = prune(model, x, None, widths={"c3": 16}, method="max_response", reconstruct=False,
-                           progress=False)
-    kept = torch.tensor(next(layer for layer in report.layers if layer.name == "c3").kept_indices)
+    pruned, kept = unreconstructed(model, x, "c3", 16)
     assert torch.equal(torch.bincount(kept // 6, minlength=GROUPS), torch.full((GROUPS,), 4))
     assert pruned.c2.groups == GROUPS and pruned.c2.out_channels == 16 and pruned.b2.num_features == 16
     reference = copy.deepcopy(model)
@@ -82,9 +87,7 @@ def test_keeping_every_channel_is_exact():
 
 def test_without_reconstruction_it_equals_the_grouped_conv_with_zeroed_inputs():
     model, x = randomise(NeXtBlock(), 0), images()
-    pruned, report = prune(model, x, None, widths={"c2": 12}, method="max_response", reconstruct=False,
-                           progress=False)
-    kept = torch.tensor(next(layer for layer in report.layers if layer.name == "c2").kept_indices)
+    pruned, kept = unreconstructed(model, x, "c2", 12)
     assert torch.equal(torch.bincount(kept // 6, minlength=GROUPS), torch.full((GROUPS,), 3))
     assert pruned.c2.groups == GROUPS and pruned.c2.in_channels == 12 and pruned.c1.out_channels == 12
     reference = copy.deepcopy(model)
@@ -125,12 +128,7 @@ def test_a_pruned_grouped_block_meets_its_target_and_round_trips(tmp_path):
     assert report.flops_after == count_flops(pruned, (1, *SHAPE))
     assert pruned.c2.groups == GROUPS and pruned.c2.in_channels % GROUPS == 0 and pruned.c2.out_channels % GROUPS == 0
     assert pruned.c2.in_channels < 24 or pruned.c2.out_channels < 24
-    save_model(pruned, tmp_path / "m.safetensors")
-    again = load_model(tmp_path / "m.safetensors", model=randomise(NeXtBlock(), 7))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "m.onnx", SHAPE)
-    assert check_onnx(pruned, tmp_path / "m.onnx", SHAPE)["ok"]
+    assert_round_trips(pruned, randomise(NeXtBlock(), 7), x, tmp_path)
 
 
 def test_widths_must_keep_as_many_channels_in_every_conv_group():

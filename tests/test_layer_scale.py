@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from chanprune import load_model, prune, save_model
-from chanprune.export import check_onnx, export_onnx
+from chanprune import prune
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 
-from conftest import randomise
+from conftest import assert_round_trips, randomise
 
 SHAPE = (3, 10, 10)
 
@@ -84,11 +83,7 @@ def test_a_trunk_with_layer_scale_prunes_and_round_trips(tmp_path):
     assert report.flops_after == count_flops(pruned, (1, *SHAPE))
     width = pruned.stem.out_channels
     assert width < 8 and pruned.layer_scale.shape == (width, 1, 1) and pruned.bn.num_features == width
-    save_model(pruned, tmp_path / "m.safetensors")
-    again = load_model(tmp_path / "m.safetensors", model=randomise(ScaledResidual(), 5))
-    torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "m.onnx", SHAPE)
-    assert check_onnx(pruned, tmp_path / "m.onnx", SHAPE)["ok"]
+    assert_round_trips(pruned, randomise(ScaledResidual(), 5), x, tmp_path)
 
 
 def test_a_scale_over_more_than_the_channels_still_blocks():

@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 
-from chanprune import load_model, prune, save_model
-from chanprune.export import check_onnx, export_onnx
+from chanprune import prune
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 from chanprune.models.srresnet import MSRResNet
 
-from conftest import randomise
+from conftest import assert_round_trips, randomise
 
 SHAPE = (3, 12, 12)
 
@@ -67,11 +66,7 @@ def test_pruned_sr_network_meets_the_target_and_round_trips(tmp_path, trunk):
     with torch.no_grad():
         rebuilt, kept_weights = (net(x) - model(x) for net in (pruned, plain))
     assert rebuilt.norm() < 0.8 * kept_weights.norm()  # least squares beats keeping the weights
-    save_model(pruned, tmp_path / "sr.safetensors")
-    again = load_model(tmp_path / "sr.safetensors", model=MSRResNet(width=8, blocks=2, scale=2))
-    torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "sr.onnx", SHAPE)
-    assert check_onnx(pruned, tmp_path / "sr.onnx", SHAPE)["ok"]
+    assert_round_trips(pruned, MSRResNet(width=8, blocks=2, scale=2), x, tmp_path)
 
 
 def test_a_shuffle_of_channels_read_elsewhere_is_blocked():

@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import fx, nn
 
-from chanprune import load_model, prune, save_model
+from chanprune import prune
 from chanprune.errors import ChanpruneError
-from chanprune.export import check_onnx, export_onnx
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
 from chanprune.surgery import PlanOp, apply_op
 
-from conftest import prune_groups_directly, randomise
+from conftest import assert_round_trips, prune_groups_directly, randomise
 
 SHAPE = (3, 12, 12)
 DEAD_STEM = (7, 12)  # stem channels (both in the second split piece) that are zero everywhere
@@ -132,12 +131,7 @@ def test_a_pruned_split_net_meets_its_target_and_round_trips(tmp_path):
     split = next(n for n in pruned.graph.nodes if n.name == "split")
     assert split.args[1] == [pruned.a.in_channels, pruned.dw.in_channels] and pruned.stem.out_channels < 16
     assert next(n for n in pruned.graph.nodes if n.name == "chunk").target == "split"
-    save_model(pruned, tmp_path / "m.safetensors")
-    again = load_model(tmp_path / "m.safetensors", model=randomise(SplitNet(), 5))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
-    export_onnx(pruned, tmp_path / "m.onnx", SHAPE)
-    assert check_onnx(pruned, tmp_path / "m.onnx", SHAPE)["ok"]
+    assert_round_trips(pruned, randomise(SplitNet(), 5), x, tmp_path)
 
 
 def test_a_channel_slice_moves_with_the_pruned_channels():
@@ -193,7 +187,4 @@ def test_a_concatenation_added_to_one_group_ties_piece_by_piece(tmp_path):
     assert pruned.a.out_channels < 3 or pruned.b.out_channels < 5
     assert pruned.stem.out_channels == pruned.a.out_channels + pruned.b.out_channels == pruned.out.in_channels
     assert report.flops_after == count_flops(pruned, (1, *SHAPE))
-    save_model(pruned, tmp_path / "m.safetensors")
-    again = load_model(tmp_path / "m.safetensors", model=randomise(CatPlusTrunk(), 5))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pruned(x))
+    assert_round_trips(pruned, randomise(CatPlusTrunk(), 5), x, tmp_path, onnx=False)
