@@ -49,6 +49,7 @@ TABLE1_METHODS = (DEFAULT_ARM, "lasso", "max_response", "first_k")
 RESIDUAL_ARMS = ("plain", "enhanced", "joint", DEFAULT_ARM)
 ALLOCATION_ARMS = {"uniform": "uniform", "preset": None, DEFAULT_ARM: "global"}  # arm -> allocation (None: the model's preset)
 TRUNK_ARMS = {"trunk-keep": "keep", DEFAULT_ARM: "joint", "trunk-fine": "fine"}  # arm -> trunk mode
+PARTS = ("paper", "allocation", "peers", "trunk")  # a job's comparisons, in the order it runs them
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ def arm_options(arm: str, budget: Budget, model: str = "") -> dict[str, Any]:
 class Job:
     """The arms of one (model, seed): shared data and the recording of each arm."""
 
-    def __init__(self, model_name: str, seed: int, budget: Budget, models_dir: Path | None, rows_file: Path):
+    def __init__(self, model_name: str, seed: int, budget: Budget, models_dir: Path | None, rows_file: Path,
+                 parts: tuple[str, ...] = PARTS):
         self.name, self.seed, self.budget, self.models_dir = model_name, seed, budget, models_dir
+        self.parts = parts
         self.rows_file = rows_file
         self.rows: list[dict[str, Any]] = ([json.loads(line) for line in rows_file.read_text().splitlines()]
                                            if rows_file.exists() else [])
@@ -189,25 +192,28 @@ class Job:
         self.record(f"tp-{criterion}", "torch-pruning", speedup, net, time.perf_counter() - start)
 
     def run(self) -> list[dict[str, Any]]:
+        """Every arm of the job's ``parts`` whose row is not saved yet; returns all its rows."""
         b = self.budget
-        if self.residual:
+        if "paper" in self.parts and self.residual:
             for speedup in sorted({*b.residual_speedups, *b.peer_speedups}):
                 for arm in RESIDUAL_ARMS if speedup in b.residual_speedups else ("joint",):
                     self.chanprune(arm, speedup)
-        else:
+        elif "paper" in self.parts:
             for speedup in b.table1_speedups:
                 for method in TABLE1_METHODS:
                     scratch = method == "lasso" and not self.done("scratch", speedup)
                     net = self.chanprune(method, speedup, needed=scratch)
                     if scratch:
                         self.scratch(speedup, net)
-        for speedup in sorted({*b.allocation_speedups, *b.peer_speedups}):
-            for arm in ALLOCATION_ARMS:
-                self.chanprune(arm, speedup)
-        for speedup in b.peer_speedups:
-            for criterion in b.criteria:
-                self.peer(criterion, speedup)
-        if self.name in b.trunk_models:
+        if "allocation" in self.parts:
+            for speedup in sorted({*b.allocation_speedups, *b.peer_speedups}):
+                for arm in ALLOCATION_ARMS:
+                    self.chanprune(arm, speedup)
+        if "peers" in self.parts:
+            for speedup in b.peer_speedups:
+                for criterion in b.criteria:
+                    self.peer(criterion, speedup)
+        if "trunk" in self.parts and self.name in b.trunk_models:
             for speedup in b.trunk_speedups:
                 for arm in TRUNK_ARMS:
                     self.chanprune(arm, speedup)
@@ -215,8 +221,8 @@ class Job:
 
 
 def run_job(model_name: str, seed: int, budget: Budget, models_dir: str | None, rows_file: str,
-            threads: int) -> list[dict]:
-    """Entry point of a worker process: all arms of one (model, seed), continuing ``rows_file``."""
+            threads: int, parts: tuple[str, ...] = PARTS) -> list[dict]:
+    """Entry point of a worker process: the arms of ``parts`` of one (model, seed), continuing ``rows_file``."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore", SparseSamplesWarning)
-    return Job(model_name, seed, budget, Path(models_dir) if models_dir else None, Path(rows_file)).run()
+    return Job(model_name, seed, budget, Path(models_dir) if models_dir else None, Path(rows_file), parts).run()

@@ -4,10 +4,13 @@
     python -m benchmarks.run --quick          # minutes: one seed, VGG-16 and ResNet-20, small budgets
     python -m benchmarks.run --update-readme  # also rewrite the README's suite block
     python -m benchmarks.run --sections curves,latency  # rerun parts; the report is rebuilt from all results
+    python -m benchmarks.run --sections accuracy --parts trunk --models resnet56-mnist  # one comparison
 
 The accuracy jobs append each finished row to ``OUT_DIR/rows/MODEL-seedN.jsonl``; a run that stops
-continues where it stopped when started again, and ``accuracy.json`` (what the report reads) is only
-written once every job has finished. ``--restart`` deletes the rows first (after a code change).
+continues where it stopped when started again. ``accuracy.json`` (what the report reads) is rebuilt
+from every saved rows file after each run, so a run of some models, seeds or ``--parts`` adds to
+the results instead of replacing them; ``latency.json`` likewise keeps the models a latency run
+did not measure. ``--restart`` deletes the rows first (after a code change).
 
 Accuracy jobs (one per model and calibration seed) and the single-layer curves run in parallel
 worker processes (one thread each); latency runs afterwards, alone, at the machine's thread count,
@@ -33,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import latency, report
-from benchmarks.accuracy import DEFAULT_ARM, Budget, arm_options, run_job
+from benchmarks.accuracy import DEFAULT_ARM, PARTS, Budget, arm_options, run_job
 from benchmarks.peers import require_torch_pruning
 from chanprune.analysis import analyze_layers
 from chanprune.graph import build_graph
@@ -82,25 +85,34 @@ def run_curves(size: Size, threads: int) -> list[dict]:
                           size.budget.samples_per_image, seed=0, progress=False, ridge=size.budget.ridge)
 
 
-def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str]) -> tuple[list[dict], list[dict]]:
-    """Accuracy jobs and/or the curves, in ``workers`` processes; returns (arm rows, curve rows)."""
+def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str],
+                 parts: tuple[str, ...] = PARTS) -> list[dict]:
+    """Accuracy jobs (the arms of ``parts``) and/or the curves, in ``workers`` processes; returns
+    the curve rows (the jobs' rows are in their rows files)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     rows_dir = out_dir / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     # seed by seed (a stopped run leaves whole seeds), the longest (residual) jobs first within a seed
     jobs = [(run_job, (m, s, size.budget, str(out_dir / "models") if s == size.seeds[0] else None,
-                       str(rows_dir / f"{m}-seed{s}.jsonl"), threads))
+                       str(rows_dir / f"{m}-seed{s}.jsonl"), threads, parts))
             for s in size.seeds for m in sorted(size.models, key=lambda m: m == "vgg16-mnist")
             ] if "accuracy" in sections else []
     if "curves" in sections:
         jobs.append((run_curves, (size, threads)))
-    arms: list[dict] = []
     curve_rows: list[dict] = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pending = [(fn, pool.apply_async(fn, args)) for fn, args in jobs]
         for fn, result in tqdm(pending, desc="jobs", file=sys.stderr):
-            (curve_rows if fn is run_curves else arms).extend(result.get())
-    return arms, curve_rows
+            if fn is run_curves:
+                curve_rows = result.get()
+            else:
+                result.get()
+    return curve_rows
+
+
+def saved_rows(rows_dir: Path) -> list[dict]:
+    """Every row the accuracy jobs saved, job by job (files in name order)."""
+    return [json.loads(line) for path in sorted(rows_dir.glob("*.jsonl")) for line in path.read_text().splitlines()]
 
 
 def run_latency(size: Size, out_dir: Path) -> dict[str, list[dict]]:
@@ -181,6 +193,8 @@ def main() -> None:
     parser.add_argument("--seeds", help="comma-separated calibration seeds (default: the size's)")
     parser.add_argument("--sections", default="accuracy,curves,latency",
                         help="any of accuracy,curves,latency; '' rewrites the report from the saved results")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"the accuracy jobs' comparisons to run, any of {','.join(PARTS)}")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--restart", action="store_true", help="discard the saved rows of earlier accuracy runs")
@@ -196,6 +210,9 @@ def main() -> None:
     sections = {s for s in args.sections.split(",") if s}  # empty: only rewrite the report (and README)
     if sections - {"accuracy", "curves", "latency"}:
         parser.error(f"unknown sections {sorted(sections - {'accuracy', 'curves', 'latency'})}")
+    parts = tuple(p for p in PARTS if p in args.parts.split(","))
+    if set(args.parts.split(",")) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(args.parts.split(',')) - set(PARTS))}; choose from {','.join(PARTS)}")
     require_torch_pruning()
     out_dir = args.out_dir or Path("benchmarks/results/suite-quick" if args.quick else "benchmarks/results/suite")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,9 +224,9 @@ def main() -> None:
     started = time.perf_counter()
     if sections & {"accuracy", "curves"}:
         resumed = "accuracy" in sections and any((out_dir / "rows").glob("*.jsonl"))
-        arms, curves = run_parallel(size, out_dir, args.workers, sections)
+        curves = run_parallel(size, out_dir, args.workers, sections, parts)
         if "accuracy" in sections:
-            (out_dir / "accuracy.json").write_text(json.dumps(arms, indent=1))
+            (out_dir / "accuracy.json").write_text(json.dumps(saved_rows(out_dir / "rows"), indent=1))
         if curves:
             (out_dir / "single_layer.json").write_text(json.dumps(curves, indent=1))
         label = " and ".join(sorted(sections & {"accuracy", "curves"}))
@@ -217,7 +234,9 @@ def main() -> None:
         minutes[label] = minutes.get(label, 0.0) * resumed + (time.perf_counter() - started) / 60
     if "latency" in sections:
         started = time.perf_counter()
-        (out_dir / "latency.json").write_text(json.dumps(run_latency(size, out_dir), indent=1))
+        latency_file = out_dir / "latency.json"
+        measured = json.loads(latency_file.read_text()) if latency_file.exists() else {}
+        latency_file.write_text(json.dumps({**measured, **run_latency(size, out_dir)}, indent=1))
         minutes["latency"] = (time.perf_counter() - started) / 60
     minutes_file.write_text(json.dumps(minutes, indent=1))
     body = report.write(out_dir, size, command, machine(), minutes)

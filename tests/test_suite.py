@@ -17,9 +17,14 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
     out = tmp_path / "suite"
     command = [sys.executable, "-m", "benchmarks.run", "--quick", "--models", "resnet20-mnist", "--workers", "1",
                "--out-dir", str(out), "--sections"]
+    subprocess.run([*command, "accuracy", "--parts", "trunk"], check=True, cwd=Path(__file__).parents[1],
+                   capture_output=True, text=True)
+    trunk = json.loads((out / "accuracy.json").read_text())
+    assert sorted(r["arm"] for r in trunk) == ["default", "trunk-fine", "trunk-keep"]  # only that comparison
     subprocess.run([*command, "accuracy,latency"], check=True, cwd=Path(__file__).parents[1], capture_output=True,
                    text=True)
     arms = json.loads((out / "accuracy.json").read_text())
+    assert arms[:3] == trunk  # the rows saved by the first run are kept, not pruned again
     rerun = subprocess.run([*command, "accuracy"], check=True, cwd=Path(__file__).parents[1], capture_output=True,
                            text=True)
     assert " 4x " not in rerun.stderr  # every row was already saved: nothing is pruned again
