@@ -350,7 +350,7 @@ class _Builder:
                 rb.parent = ra
                 ra.writers += [w for w in rb.writers if w not in ra.writers]
                 ra.followers += [f for f in rb.followers if f not in ra.followers]
-                ra.readers += rb.readers
+                ra.readers += [r for r in rb.readers if all(r is not x for x in ra.readers)]
                 ra.blocked_by += [w for w in rb.blocked_by if w not in ra.blocked_by]
                 ra.residual = ra.residual or rb.residual
                 ra.blocks.update(rb.blocks)
@@ -416,15 +416,13 @@ class _Builder:
 
     def read(self, node: fx.Node, tag: Tag, kind: str, channel_size: int = 1, layout: str = "nchw",
              groups: int = 1) -> None:
-        """Make the layer called by ``node`` a reader of the groups in ``tag``."""
-        if len({g.root() for g in tag.segments}) != len(tag.segments):
-            self.block(tag, f"{node.target} reads the same channels twice")
-            return
+        """Make the layer called by ``node`` a reader of the groups in ``tag`` (a group held
+        twice, as a Ghost module's ``cat([x, cheap(x)])``, loses the same channels in both places)."""
         reader = Reader(node.target, kind, channel_size, layout, input_node=node.args[0].name, output_node=node.name,
                         groups=groups)
         self.readers[reader.name] = (reader, list(tag.segments))
-        for g in tag.segments:
-            g.root().readers.append(reader)
+        for root in dict.fromkeys(g.root() for g in tag.segments):
+            root.readers.append(reader)
 
     def note_shortcut(self, a: fx.Node, b: fx.Node) -> None:
         """When one operand of a residual add is a reader's (BN'd) output, remember the other."""

@@ -336,6 +336,21 @@ def test_split_pieces_are_pruned_and_their_cuts_moved(libraries):
     assert pruned.pretrained_cfg == model.pretrained_cfg  # the trace keeps the model's plain settings
 
 
+def test_ghost_modules_lose_channels_in_both_copies(libraries):
+    """timm's Ghost module concatenates a primary conv's output with a depthwise copy of it, so the
+    next layers hold that group twice: the primary convs lose channels (they were left whole, and
+    ghostnet_050 was refused at 2x), and the pruned model is exact where it kept every channel."""
+    spec = "timm:ghostnet_050"
+    model, x = build(spec, 32, libraries, signal=True), images(32)
+    graph = build_graph(model, x[:1], warn=False)
+    assert sum(len(layout) != len(set(layout)) for layout in graph.layouts.values()) >= 20
+    pruned, report = prune_as_expected(spec, model, x)
+    primaries = [n for n, m in model.named_modules() if n.endswith("primary_conv.0")]
+    narrowed = [n for n in primaries if pruned.get_submodule(n).out_channels < model.get_submodule(n).out_channels]
+    assert len(narrowed) >= 8  # none before: every group a Ghost module concatenates was blocked
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
 def test_grouped_conv_inputs_are_pruned_group_by_group(libraries):
     """RegNet's 3x3 convs (groups of 16 channels): the channels they read and write lose as many in
     every conv group, and the convs stay grouped."""

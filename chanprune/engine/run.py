@@ -74,13 +74,17 @@ class PruneRun:
         self.ranks: dict[str, Ranks] = {}  # reader -> its factorization (3C), applied when it is reconstructed
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def channel_span(self, layer: str, group: ChannelGroup,
-                     layouts: dict[str, list[str]] | None = None) -> tuple[int, int, int]:
-        """(offset, size, total) of ``group``'s current channels along ``layer``'s channel axis
-        (its input; its output with ``layouts=graph.out_layouts``)."""
-        layout = (layouts or self.graph.layouts)[layer]
-        at = layout.index(group.name)
-        return sum(self.widths[g] for g in layout[:at]), self.widths[group.name], sum(self.widths[g] for g in layout)
+    def channel_positions(self, layer: str, group: ChannelGroup,
+                          layouts: dict[str, list[str]] | None = None) -> torch.Tensor:
+        """Positions of ``group``'s current channels along ``layer``'s channel axis (its input; its
+        output with ``layouts=graph.out_layouts``), one row per time the axis holds the group (a
+        Ghost module concatenates a group with a depthwise copy of itself)."""
+        rows, offset = [], 0
+        for g in (layouts or self.graph.layouts)[layer]:
+            if g == group.name:
+                rows.append(offset + torch.arange(self.widths[g]))
+            offset += self.widths[g]
+        return torch.stack(rows)
 
     def layer_index(self, layer: str, group: ChannelGroup, keep: torch.Tensor,
                     layouts: dict[str, list[str]] | None = None) -> torch.Tensor:
@@ -95,9 +99,12 @@ class PruneRun:
 
     def restricted(self, problem: ReaderProblem, group: ChannelGroup) -> ReaderProblem:
         """A reader's problem restricted to ``group``'s channels; the contribution of its other
-        input channels (a concatenation) is moved into the target."""
-        offset, size, total = self.channel_span(problem.reader.name, group)
-        return problem if size == total else restrict_channels(problem, offset + torch.arange(size))
+        input channels (a concatenation) is moved into the target. A group the reader holds more
+        than once becomes one channel per group channel, with the features of every copy."""
+        positions = self.channel_positions(problem.reader.name, group)
+        if positions.numel() == problem.weight.shape[1] // problem.k and len(positions) == 1:
+            return problem
+        return restrict_channels(problem, positions.T.reshape(-1), len(positions))
 
     def prune_unit(self, unit: Unit, n_keep: int, moments: dict[str, tuple[Moments, Moments]]) -> torch.Tensor:
         """Select ``n_keep`` channels for ``unit``, reconstruct its readers, shrink every member.
@@ -136,11 +143,11 @@ class PruneRun:
         return keep
 
     def output_rows(self, writer: str, group: ChannelGroup) -> torch.Tensor:
-        """The current weights of ``writer``'s outputs that write ``group``, one row per channel."""
+        """The current weights of ``writer``'s outputs that write ``group``, one row per channel
+        (with the filters of every copy, where the writer's output holds the group more than once)."""
         weight = self.work.get_submodule(writer).weight.detach().cpu()
         if writer in self.graph.out_layouts:
-            offset, size, _ = self.channel_span(writer, group, self.graph.out_layouts)
-            weight = weight[offset:offset + size]
+            weight = weight[self.channel_positions(writer, group, self.graph.out_layouts).T.reshape(-1)]
         return weight.reshape(self.widths[group.name], -1)
 
     def select_by_writer_block(self, group: ChannelGroup, n_keep: int, problems: list[ReaderProblem],
@@ -404,9 +411,10 @@ class PruneRun:
         return pruned
 
 
-def restrict_channels(problem: ReaderProblem, inside: torch.Tensor) -> ReaderProblem:
+def restrict_channels(problem: ReaderProblem, inside: torch.Tensor, per_channel: int = 1) -> ReaderProblem:
     """``problem`` restricted to its input channels ``inside``: the other channels keep their
-    current weights, and what they contribute is moved into the target."""
+    current weights, and what they contribute is moved into the target. Each ``per_channel``
+    consecutive entries of ``inside`` become one channel of the restricted problem."""
     k, fit, heldout = problem.k, problem.fit, problem.heldout
     total = problem.weight.shape[1] // k
     outside = torch.ones(total, dtype=torch.bool)
@@ -414,7 +422,7 @@ def restrict_channels(problem: ReaderProblem, inside: torch.Tensor) -> ReaderPro
     cols, other = block_indices(inside, k), block_indices(outside.nonzero().flatten(), k)
     return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
                          fit.residual(cols, other, problem.weight[:, other]),
-                         heldout.residual(cols, other, problem.weight[:, other]), k)
+                         heldout.residual(cols, other, problem.weight[:, other]), k * per_channel)
 
 
 def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
