@@ -51,25 +51,29 @@ TORCHVISION_EXCLUDED = ("vit_", "swin_", "maxvit_")
 # A broad set of timm CNN families, small members where a family has several (all build offline).
 TIMM_MODELS = [
     # ResNet and relatives
-    "resnet18", "resnet26", "resnet50", "resnet50d", "resnext50_32x4d", "seresnet18", "seresnet50",
-    "skresnet18", "resnest14d", "res2net50_14w_8s", "resnetrs50", "nf_resnet26", "tresnet_m", "gernet_s",
+    "resnet10t", "resnet18", "resnet26", "resnet50", "resnet50d", "resnetv2_50", "resnetaa50", "resnetblur18",
+    "resnext50_32x4d", "seresnet18", "seresnet50", "seresnext26d_32x4d", "ecaresnet26t", "gcresnet33ts",
+    "skresnet18", "resnest14d", "res2net50_14w_8s", "res2next50", "bat_resnext26ts", "resnetrs50",
+    "nf_resnet26", "tresnet_m", "gernet_s",
     # RegNet
-    "regnetx_002", "regnety_002", "regnetz_005",
+    "regnetx_002", "regnety_002", "regnety_004", "regnetz_005", "nf_regnet_b0",
     # EfficientNet / MobileNet / NAS families
-    "efficientnet_b0", "efficientnet_lite0", "efficientnetv2_rw_t", "mobilenetv2_050", "mobilenetv3_small_050",
-    "mobilenetv3_large_100", "mobilenetv4_conv_small", "mnasnet_050", "semnasnet_050", "spnasnet_100",
-    "fbnetc_100", "lcnet_050", "hardcorenas_a", "tinynet_e", "mixnet_s", "rexnet_100",
+    "efficientnet_b0", "tf_efficientnet_b0", "efficientnet_es", "efficientnet_lite0", "efficientnetv2_rw_t",
+    "mobilenetv1_100", "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv3_large_100",
+    "mobilenetv4_conv_small", "mnasnet_050", "semnasnet_050", "spnasnet_100", "fbnetc_100", "fbnetv3_b",
+    "lcnet_050", "lcnet_100", "hardcorenas_a", "tinynet_e", "mixnet_s", "rexnet_100",
     # Ghost
-    "ghostnet_050", "ghostnetv2_100", "repghostnet_050",
+    "ghostnet_050", "ghostnet_100", "ghostnetv2_100", "repghostnet_050",
     # dense / aggregation / dual path / multi-resolution
-    "densenet121", "dla34", "dla46_c", "dpn68", "hrnet_w18_small", "selecsls42b", "ese_vovnet19b_slim_dw",
-    "hgnet_tiny", "hgnetv2_b0",
+    "densenet121", "densenetblur121d", "rdnet_tiny", "dla34", "dla46_c", "dpn68", "hrnet_w18_small",
+    "selecsls42b", "selecsls60", "vovnet39a", "ese_vovnet19b_slim_dw", "hgnet_tiny", "hgnetv2_b0",
     # CSP / Darknet
-    "cspresnet50", "cspdarknet53", "cs3darknet_s", "darknet53",
-    # ConvNeXt
-    "convnext_atto", "convnextv2_atto",
+    "cspresnet50", "cspdarknet53", "cs3darknet_s", "cs3sedarknet_l", "darknet53",
+    # ConvNeXt and other modern pure-conv designs
+    "convnext_atto", "convnextv2_atto", "inception_next_atto", "starnet_s1", "mambaout_femto", "repvit_m0_9",
+    "fastvit_t8",
     # Inception / Xception
-    "inception_v3", "inception_v4", "xception41", "legacy_xception",
+    "inception_v3", "inception_v4", "inception_resnet_v2", "xception41", "legacy_xception",
     # plain and re-parameterisable
     "vgg11", "repvgg_a0", "mobileone_s0",
 ]
