@@ -16,7 +16,9 @@ than ``--max-params`` are listed as not run (they need the GPU machine: ``--devi
     python -m benchmarks.generality --list                                  # the model list
 
 Every finished model is appended to ``<out>.rows.jsonl`` at once and a rerun skips it (``--force``
-reruns), so a sweep longer than a session continues where it stopped. ``<out>.json`` / ``.md`` and,
+reruns; models whose rows say ``not run`` are tried again, and ``--retry timeout`` tries the
+timed-out ones), so a sweep longer than a session continues where it stopped. Models run smallest
+first (by parameters), so a run cut short leaves the most models done. ``<out>.json`` / ``.md`` and,
 with ``--docs docs/generality.md``, the table in that page are written from every saved row; the
 page's table is only replaced when every model of the list has a row, so a partial run never
 overwrites a complete table. torchvision and timm are imported as chanprune imports them
@@ -418,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generality"),
                         help="output path without suffix: .rows.jsonl (every finished model), .json and .md")
     parser.add_argument("--force", action="store_true", help="rerun models that already have rows")
+    parser.add_argument("--retry", default="not run",
+                        help="comma-separated statuses whose models are run again (e.g. 'not run,timeout')")
     parser.add_argument("--docs", type=Path, default=None, help="also replace the table in this markdown page")
     parser.add_argument("--list", action="store_true", help="print the model specs and exit")
     return parser.parse_args(argv)
@@ -465,11 +469,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows_path = args.out.with_suffix(".rows.jsonl")
     saved = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
-    done = {r["model"] for r in saved}
-    bar = tqdm([m for m in models if args.force or m not in done], desc="generality", unit="model")
+    retried = {s.strip() for s in args.retry.split(",")}
+    done = {r["model"] for r in saved if r["status"] not in retried}
+    params = {m: model_params(m) for m in models if args.force or m not in done}
+    bar = tqdm(sorted(params, key=params.get), desc="generality", unit="model")
     for spec in bar:
         bar.set_postfix_str(spec)
-        if args.device == "cpu" and model_params(spec) > args.max_params:
+        if args.device == "cpu" and params[spec] > args.max_params:
             rows = [{"model": spec, "target": t, "supported": False, "status": "not run",
                      "error": f"over {args.max_params / 1e6:g}M parameters: run it with --device cuda"}
                     for t in cfg.speedups]
