@@ -331,15 +331,20 @@ class _Builder:
     def merge(self, a: Tag, b: Tag, residual: bool, node: fx.Node) -> Tag | None:
         """Tie two tags channel by channel (residual add, gating multiply). Where one side's groups
         are cut differently from the other's (a concatenation added to one group), both are cut
-        at every boundary of either first, so the pieces tie one to one."""
-        if a.channels == b.channels and a.axis == b.axis and not a.flat_size and not b.flat_size:
+        at every boundary of either first, so the pieces tie one to one. A group added to blocks of
+        consecutive channels (after a depthwise channel multiplier) becomes blocks of its own."""
+        four_d = len(node.meta["tensor_meta"].shape) == 4 if "tensor_meta" in node.meta else False
+        if four_d and a.flat_size != b.flat_size and a.axis == b.axis == 1:
+            a = self.reblock(a, b.flat_size) if a.flat_size is None else a
+            b = self.reblock(b, a.flat_size) if b.flat_size is None else b
+        if a.channels == b.channels and a.axis == b.axis and a.flat_size == b.flat_size:
             bounds = sorted({*_starts(a), *_starts(b)})
             for at in bounds:
                 a, b = cut_at(self, a, at) or a, cut_at(self, b, at) or b
                 a, b = self.current(a), self.current(b)
         sizes_a = [g.root().channels for g in a.segments]
         sizes_b = [g.root().channels for g in b.segments]
-        if sizes_a != sizes_b or a.axis != b.axis or a.flat_size or b.flat_size:
+        if sizes_a != sizes_b or a.axis != b.axis or a.flat_size != b.flat_size:
             why = f"{node.name} combines channels that do not line up"
             self.block(a, why)
             self.block(b, why)
@@ -358,6 +363,29 @@ class _Builder:
                 ra.conv_groups = math.lcm(ra.conv_groups, rb.conv_groups)
             ra.residual = ra.residual or residual
         return a
+
+    def reblock(self, tag: Tag, size: int) -> Tag:
+        """``tag``'s group seen as blocks of ``size`` consecutive channels: each member loses whole
+        blocks from now on, and the convs that read it read ``size`` channels per channel. ``tag``
+        unchanged (so the caller blocks) unless it is one plain, uncut group that only dense convs
+        read and that every value holds alone."""
+        if len(tag.segments) != 1 or tag.flat_size is not None:
+            return tag
+        group = tag.segments[0].root()
+        holders = [n for n, t in self.tags.items() if isinstance(t, Tag) and any(g.root() is group for g in t.segments)]
+        if group.channels % size or group.conv_groups > 1 or group not in self.created or \
+                any(w in self.out_layouts for w in group.writers) or \
+                any(r.kind != "conv" or r.groups > 1 for r in group.readers) or \
+                any(len(self.tags[n].segments) != 1 or self.tags[n].flat_size is not None for n in holders):
+            return tag
+        group.channels //= size
+        for member in dict.fromkeys([*group.writers, *group.followers, *group.scales]):
+            group.blocks[member] = group.block_of(member) * size
+        for reader in group.readers:
+            reader.channel_size *= size
+        for n in holders:
+            self.tags[n] = Tag(self.tags[n].segments, self.tags[n].axis, size)
+        return Tag(tag.segments, tag.axis, size)
 
     def cut_group(self, group: ChannelGroup, at: int) -> list[ChannelGroup] | None:
         """Cut ``group`` (a root) into its first ``at`` channels and the rest, two groups with the

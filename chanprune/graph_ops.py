@@ -139,6 +139,26 @@ def _plain_channels(tag: Tag | None) -> bool:
     return tag is not None and tag.flat_size is None and tag.axis == 1
 
 
+def _channel_blocks(tag: Tag | None, node: fx.Node) -> bool:
+    """Whether ``node``'s input (an image batch) holds each channel of its groups as a block of
+    consecutive channels on axis 1: the output of a depthwise conv with a channel multiplier."""
+    return tag is not None and tag.flat_size is not None and tag.axis == 1 and \
+        len(node.args[0].meta["tensor_meta"].shape) == 4
+
+
+def _block_follower(b: _Builder, node: fx.Node, main: Tag, size: int, depthwise: bool = False) -> Tag:
+    """A channel-wise layer whose output holds ``size`` consecutive channels per channel of its
+    groups (a depthwise conv with a channel multiplier; a BatchNorm after one): it loses whole
+    blocks, and what follows reads blocks (its input, for the multiplier, one channel each)."""
+    name = node.target
+    if depthwise:
+        b.depthwise.add(name)
+    b.follow(name, main)
+    for g in main.segments:
+        g.root().blocks[name] = size
+    return Tag(main.segments, 1, size)
+
+
 # -- channel-wise ops without parameters: channel c out depends on channel c in ------------------
 @OPS.register(
     modules=(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
@@ -183,6 +203,8 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     if layer.groups == 1:
         if usable and layer.padding_mode == "zeros":
             b.read(node, main, "conv")
+        elif _channel_blocks(main, node) and layer.padding_mode == "zeros":  # after a channel multiplier
+            b.read(node, main, "conv", channel_size=main.flat_size)
         else:
             b.block(main, f"{name} reads channels that are not on axis 1 or pads them non-zero")
         return b.new_group(node)
@@ -190,6 +212,10 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
         b.depthwise.add(name)
         b.follow(name, main)
         return main
+    if layer.groups == layer.in_channels and (usable or _channel_blocks(main, node)):
+        # depthwise with a channel multiplier, or depthwise on blocks (after one): blocks of blocks
+        multiplier = layer.out_channels // layer.in_channels
+        return _block_follower(b, node, main, (main.flat_size or 1) * multiplier, depthwise=True)
     if usable and layer.padding_mode == "zeros" and layer.groups < layer.in_channels:
         b.read(node, main, "conv", groups=layer.groups)  # reconstructed group by group
     else:
@@ -220,6 +246,8 @@ def linear(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
 def batch_norm(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
     """A BatchNorm follows its channels; right after a conv or Linear it folds into its targets."""
     module = b.modules[node.target]
+    if _channel_blocks(main, node):  # after a depthwise conv with a channel multiplier
+        return _block_follower(b, node, main, main.flat_size)
     if not _plain_channels(main):
         return b.unsupported(node, in_tags, type(module).__name__)
     b.follow(node.target, main)
@@ -271,9 +299,9 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
         return None
     in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
     out_shape = tuple(node.meta["tensor_meta"].shape)
-    if tag.flat_size is None and tag.axis == 1 and len(in_shape) == 4 and len(out_shape) == 2 and \
-            out_shape[0] == in_shape[0] and start_dim in (None, 1):
-        return Tag(tag.segments, 1, in_shape[2] * in_shape[3])
+    if (tag.flat_size is None or _channel_blocks(tag, node)) and tag.axis == 1 and len(in_shape) == 4 and \
+            len(out_shape) == 2 and out_shape[0] == in_shape[0] and start_dim in (None, 1):
+        return Tag(tag.segments, 1, (tag.flat_size or 1) * in_shape[2] * in_shape[3])
     if in_shape == out_shape:
         return tag
     b.block(tag, f"{node.name} reshapes the channels")
@@ -331,11 +359,12 @@ def reduce(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     dims = _arg(node, 1, "dim")
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dims = {d % ndim for d in ([dims] if isinstance(dims, int) else list(dims or []))}
-    if main.flat_size is not None or not dims or main.axis in dims:
+    blocks = _channel_blocks(main, node)  # blocks of channels stay blocks when space is reduced
+    if (main.flat_size is not None and not blocks) or not dims or main.axis in dims:
         b.block(main, f"{node.name} reduces over the channel axis")
         return None
     keepdim = _arg(node, 2, "keepdim", False)
-    return Tag(main.segments, main.axis if keepdim else main.axis - sum(d < main.axis for d in dims))
+    return Tag(main.segments, main.axis if keepdim else main.axis - sum(d < main.axis for d in dims), main.flat_size)
 
 
 @OPS.register(functions=(nn.functional.pad,))
@@ -470,6 +499,8 @@ def tie(b: _Builder, node: fx.Node, residual: bool) -> Tag | None:
         b.layouts[path] = list(tag.segments)
         for g in tag.segments:
             g.root().scales.append(path)
+            if tag.flat_size is not None:  # blocks of consecutive entries per channel
+                g.root().blocks[path] = tag.flat_size
         return tag
     what = "adds to its channels" if residual else "scales its channels by"
     b.block(tag, f"{node.name} {what} a tensor chanprune does not track (the model's input, or the "
@@ -481,7 +512,8 @@ def channel_scale(b: _Builder, other: fx.Node, shape: tuple[int, ...], axis_from
     """The attribute path of a per-channel parameter or buffer that ``other`` is (directly, or
     through view / reshape / unsqueeze / indexing) when it broadcasts along the channel axis
     only; None otherwise."""
-    if tag.flat_size is not None or shape[-axis_from_end] != tag.channels or \
+    entries = tag.channels * (tag.flat_size or 1)
+    if shape[-axis_from_end] != entries or \
             any(d != 1 for i, d in enumerate(shape) if i != len(shape) - axis_from_end):
         return None
     source = other
@@ -492,7 +524,7 @@ def channel_scale(b: _Builder, other: fx.Node, shape: tuple[int, ...], axis_from
         return None
     value = operator.attrgetter(source.target)(b.gm)
     if not isinstance(value, torch.Tensor) or sorted(value.shape)[:-1] != [1] * (value.ndim - 1) or \
-            max(value.shape, default=0) != tag.channels or source.target in b.layouts:
+            max(value.shape, default=0) != entries or source.target in b.layouts:
         return None
     return source.target
 

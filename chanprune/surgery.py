@@ -68,10 +68,13 @@ def keep_outputs(module: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) -> nn.Module:
     """A copy of a Conv2d / Linear reading only input channels ``keep`` (a channel owns
-    ``channel_size`` consecutive input features of a Linear after flatten)."""
+    ``channel_size`` consecutive input features of a Linear after flatten, or input channels of a
+    conv after a depthwise channel multiplier)."""
     keep = keep.to(torch.long)
     if isinstance(module, FactorizedConv2d):
-        return _with_end(module, 0, keep_inputs(module[0], keep))
+        return _with_end(module, 0, keep_inputs(module[0], keep, channel_size))
+    if isinstance(module, nn.Conv2d) and channel_size > 1:
+        keep = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         index = module.index[keep] if isinstance(module, SelectedConv2d) else None
         new = conv_like(module, len(keep), module.out_channels, index=index)
@@ -122,14 +125,28 @@ def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         new = nn.PReLU(len(keep)).to(module.weight.device)
         new.weight = _like(module.weight, module.weight[keep])
         return new
-    if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
-        new = conv_like(module, len(keep), len(keep), groups=len(keep)).to(module.weight.device)
+    if isinstance(module, nn.Conv2d) and module.groups == module.in_channels and \
+            module.out_channels % module.in_channels == 0:  # depthwise, maybe with a channel multiplier
+        multiplier = module.out_channels // module.in_channels
+        _check_whole_blocks(keep, multiplier)
+        groups = len(keep) // multiplier
+        new = conv_like(module, groups, len(keep), groups=groups).to(module.weight.device)
         new.weight = _like(module.weight, module.weight[keep])
         if module.bias is not None:
             new.bias = _like(module.bias, module.bias[keep])
         new.train(module.training)
         return new
     raise ChanpruneError(f"cannot remove channels of {type(module).__name__}")
+
+
+def _check_whole_blocks(keep: torch.Tensor, size: int) -> None:
+    """Refuse outputs ``keep`` of a depthwise conv with ``size`` outputs per input channel unless
+    they are whole blocks, in order."""
+    blocks = keep.reshape(-1, size) if len(keep) % size == 0 else None
+    if blocks is None or bool((blocks[:, 0] % size != 0).any()) or \
+            bool((blocks != blocks[:, :1] + torch.arange(size)[None]).any()) or bool((blocks[:, 0].diff() <= 0).any()):
+        raise ChanpruneError(f"a depthwise conv with {size} outputs per input channel must keep whole blocks of "
+                             f"{size}, in order; the checkpoint does not match its architecture")
 
 
 def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:

@@ -50,7 +50,7 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
             units.append(Unit(g))
         elif cfg.feature_map_sampling or fine:
             units += [Unit(g, r) for r in g.readers
-                      if r.kind == "conv" and r.groups == 1 and len(graph.layouts[r.name]) == 1
+                      if r.kind == "conv" and r.groups == 1 and r.channel_size == 1 and len(graph.layouts[r.name]) == 1
                       and not _excluded([r.name], cfg.exclude)]
         if fine:
             units += [Unit(g, writer=w) for w in fine_writers(graph, g) if not _excluded([w.name], cfg.exclude)]

@@ -83,6 +83,7 @@ CASES = [
     ("timm:mobilenetv3_small_050", 32, SUPPORTED),
     ("timm:ghostnet_050", 32, SUPPORTED),
     ("timm:mixnet_s", 32, SUPPORTED),  # mixed-kernel convs: channels split into pieces, concatenated, added
+    ("timm:fastvit_t8", 32, SUPPORTED),  # depthwise convs with a channel multiplier, layer scale on their blocks
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -156,8 +157,8 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
         if op.op not in ("keep_inputs", "select_inputs"):
             continue
         layer = model.get_submodule(op.layer)
-        if op.layer not in kept:
-            n = layer.in_features // op.channel_size if isinstance(layer, nn.Linear) else layer.in_channels
+        if op.layer not in kept:  # a channel owns channel_size features (Linear) or input channels (conv)
+            n = (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels) // op.channel_size
             kept[op.layer] = (torch.arange(n), op.channel_size)
         index, size = kept[op.layer]
         assert size == op.channel_size, f"{op.layer}: channel size changed between plan operations"
@@ -167,14 +168,15 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
         for name, (index, size) in kept.items():
             layer = reference.get_submodule(name)
             assert isinstance(layer, (nn.Conv2d, nn.Linear)), name
-            n = layer.in_features // size if isinstance(layer, nn.Linear) else layer.in_channels
+            n = (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels) // size
             removed = torch.ones(n, dtype=torch.bool)
             removed[index] = False
             zeroed += int(removed.sum())
+            removed = removed.repeat_interleave(size)
             if isinstance(layer, nn.Linear):
-                layer.weight[:, removed.repeat_interleave(size)] = 0
+                layer.weight[:, removed] = 0
             else:  # conv group j's filters read input j * width + i as their column i
-                width, filters = n // layer.groups, layer.out_channels // layer.groups
+                width, filters = layer.in_channels // layer.groups, layer.out_channels // layer.groups
                 for c in removed.nonzero().flatten().tolist():
                     layer.weight[(c // width) * filters:(c // width + 1) * filters, c % width] = 0
     return reference, zeroed
@@ -348,6 +350,24 @@ def test_ghost_modules_lose_channels_in_both_copies(libraries):
     primaries = [n for n, m in model.named_modules() if n.endswith("primary_conv.0")]
     narrowed = [n for n in primaries if pruned.get_submodule(n).out_channels < model.get_submodule(n).out_channels]
     assert len(narrowed) >= 8  # none before: every group a Ghost module concatenates was blocked
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_channel_multiplier_convs_lose_whole_blocks(libraries):
+    """timm's FastViT downsamples with depthwise convs that double the channels (``groups ==
+    in_channels``): the channels before them are pruned, each taking its block of outputs with
+    it, and the convs stay depthwise (they, and the trunks after them, were left whole)."""
+    spec = "timm:fastvit_t8"
+    model, x = build(spec, 32, libraries, signal=True), images(32)
+    pruned, report = prune_as_expected(spec, model, x)
+    multipliers = [n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.out_channels > m.in_channels]
+    assert len(multipliers) >= 6
+    narrowed = [n for n in multipliers if pruned.get_submodule(n).in_channels < model.get_submodule(n).in_channels]
+    assert narrowed
+    for name in narrowed:
+        before, after = model.get_submodule(name), pruned.get_submodule(name)
+        assert after.groups == after.in_channels and after.out_channels == 2 * after.in_channels
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
 
 

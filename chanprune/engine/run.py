@@ -252,7 +252,8 @@ class PruneRun:
                 self.plan.keep_channels(self.work, name,
                                         block_indices(self.layer_index(name, group, keep), group.block_of(name)))
             for path in group.scales:
-                self.plan.keep_scale(self.work, path, self.layer_index(path, group, keep))
+                self.plan.keep_scale(self.work, path, block_indices(self.layer_index(path, group, keep),
+                                                                    group.block_of(path)))
             self.widths[group.name] = len(keep)
             for cut in self.graph.cuts:  # splits and slices cut at the new widths
                 if group.name in cut.groups:
@@ -436,7 +437,7 @@ def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Mome
 
 
 def channel_features(model: nn.Module, reader: Reader) -> int:
-    """Input features one channel owns in ``reader``: its kernel's area for a conv, H*W for a
-    Linear after flatten."""
+    """Input features one channel owns in ``reader``: H*W for a Linear after flatten, its kernel's
+    area for a conv (times the channels per channel after a depthwise channel multiplier)."""
     layer = model.get_submodule(reader.name)
-    return reader.channel_size if reader.kind == "linear" else math.prod(layer.kernel_size)
+    return reader.channel_size if reader.kind == "linear" else reader.channel_size * math.prod(layer.kernel_size)
