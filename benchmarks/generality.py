@@ -508,12 +508,15 @@ def main(argv: list[str] | None = None) -> None:
               f"at {size}, random weights; time / forward: prune time over one forward pass of the calibration "
               f"images; torch {config['torch']}, torchvision {config.get('torchvision', '?')}, timm "
               f"{config.get('timm', '?')}, {config['threads']} CPU thread(s) on {cfg.device}.")
-    args.out.with_suffix(".md").write_text(f"{header}\n\n{table}")
     complete = {m for m, _ in latest} >= set(models)
+    missing = len(set(models) - {m for m, _ in latest})
+    partial = "" if complete else (f"\n\nPartial: {missing} of the {len(models)} models of the list have no row yet; "
+                                   "the same command continues the sweep.")
+    args.out.with_suffix(".md").write_text(f"{header}\n\n{table}{partial}")
     if args.docs is not None and complete:
         update_docs(args.docs, table, header)
     elif args.docs is not None:
-        print(f"{len(set(models) - {m for m, _ in latest})} models have no row yet: {args.docs} keeps its table")
+        print(f"{missing} models have no row yet: {args.docs} keeps its table")
     print(f"{sum(r['supported'] for r in rows)}/{len(rows)} ok -> {args.out.with_suffix('.json')}")
 
 
