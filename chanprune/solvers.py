@@ -53,7 +53,7 @@ def lasso_select(q_mat: torch.Tensor, q_vec: torch.Tensor, n_keep: int,
     idx = torch.arange(c) if candidates is None else candidates
     if n_keep >= len(idx):
         return idx.sort().values
-    gram = q_mat[idx][:, idx].numpy()
+    gram = q_mat[idx[:, None], idx].numpy()
     xy = q_vec[idx].numpy()
     gram = gram + np.eye(len(idx)) * 1e-10 * max(np.trace(gram) / len(idx), 1e-300)
     # the path is the same however far it is followed: stop soon after n_keep channels can be
@@ -82,17 +82,19 @@ def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
     return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
 
 
+def _every(cols: torch.Tensor, n: int) -> bool:
+    """Whether ``cols`` is every index below ``n``, in order."""
+    return len(cols) == n and bool((cols == torch.arange(n)).all())
+
+
 def _rows(matrix: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``matrix[cols]``, without a copy when ``cols`` is every row in order."""
-    if len(cols) == matrix.shape[0] and bool((cols == torch.arange(len(cols))).all()):
-        return matrix
-    return matrix[cols]
+    return matrix if _every(cols, matrix.shape[0]) else matrix[cols]
 
 
 def _block(matrix: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``matrix[cols][:, cols]``, without a copy when ``cols`` is every row in order."""
-    rows = _rows(matrix, cols)
-    return rows if rows is matrix else rows[:, cols]
+    """``matrix[cols][:, cols]`` in one gather, without a copy when ``cols`` is every row in order."""
+    return matrix if _every(cols, matrix.shape[0]) else matrix[cols[:, None], cols]
 
 
 def ridged_cholesky(a: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -225,14 +227,14 @@ def _eliminate(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge
         mask = torch.ones(len(alive), dtype=torch.bool)
         mask[drop] = False
         rest, gone = block_indices(torch.nonzero(mask).flatten(), k), block_indices(drop, k)
-        for state in states:
+        for state in states:  # one gather per block, the downdate in place (H is (c·k)² floats)
             h, w, scale = state
-            h_rg = h[rest][:, gone]
-            chol = ridged_cholesky(h[gone][:, gone], 1e-12)
+            h_rg = h[rest[:, None], gone]
+            chol = ridged_cholesky(h[gone[:, None], gone], 1e-12)
             w_gone = torch.cholesky_solve(w[gone], chol)
             error += scale * float((w[gone] * w_gone).sum())
-            state[0] = h[rest][:, rest] - h_rg @ torch.cholesky_solve(h_rg.T, chol)
-            state[1] = w[rest] - h_rg @ w_gone
+            state[0] = h[rest[:, None], rest].addmm_(h_rg, torch.cholesky_solve(h_rg.T, chol), alpha=-1)
+            state[1] = w[rest].addmm_(h_rg, w_gone, alpha=-1)
         alive = alive[mask]
         yield alive, error
 
@@ -293,7 +295,7 @@ class _ExchangeState:
         """(H C_j, S_j, r_j) of each dropped channel j: (d_S, J, k), (J, k, k), (J, k, n)."""
         k, n_d = self.k, len(dropped)
         d_cols = block_indices(dropped, k)
-        c = self.xtx[self.cols][:, d_cols]
+        c = self.xtx[self.cols[:, None], d_cols]
         hc = torch.cholesky_solve(c, self.chol)
         schur = _diagonal_blocks(self.xtx, k)[dropped] - torch.einsum(
             "sjk,sjl->jkl", c.reshape(-1, n_d, k), hc.reshape(-1, n_d, k))

@@ -170,7 +170,7 @@ class Moments:
         sub.device = self.device
         sub.count, sub.yty, sub.yy = self.count, self.yty, self.yy.clone()
         sub.sum_x, sub.sum_y = self.sum_x[cols], self.sum_y.clone()
-        sub.xtx, sub.xty = self.xtx[cols][:, cols], self.xty[cols]
+        sub.xtx, sub.xty = self.xtx[cols[:, None], cols], self.xty[cols]
         return sub
 
     def residual(self, cols: torch.Tensor, other: torch.Tensor, w_other: torch.Tensor) -> "Moments":
@@ -179,9 +179,9 @@ class Moments:
         sub = self.restrict(cols)
         if len(other) == 0:
             return sub
-        g_oo = self.xtx[other][:, other]
+        g_oo = self.xtx[other[:, None], other]
         b_o = self.xty[other]
-        sub.xty = sub.xty - self.xtx[cols][:, other] @ w_other.T
+        sub.xty = sub.xty - self.xtx[cols[:, None], other] @ w_other.T
         sub.sum_y = self.sum_y - w_other @ self.sum_x[other]
         sub.yty = self.yty - 2 * float((w_other * b_o.T).sum()) + float(((w_other @ g_oo) * w_other).sum())
         sub.yy = self.yy - 2 * (w_other * b_o.T).sum(1) + ((w_other @ g_oo) * w_other).sum(1)
