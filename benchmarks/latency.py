@@ -84,7 +84,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{r['speedup'][k]:.2f}x ({r['ms'][k]:.2f} ms)" for k in names]
         copies = r["selects"] + r.get("scatters", 0)
-        selects = f"{r['selects']} + {r.get('scatters', 0)} ({100 * r['onnx_copy_share']:.1f}%)" if copies else "0"
+        share = r.get("onnx_copy_share", r.get("onnx_select_share"))  # the older name, before scatters existed
+        selects = f"{r['selects']} + {r.get('scatters', 0)} ({100 * share:.1f}%)" if copies else "0"
         lines.append(f"| {r['model']} | " + (f"{100 * r['test_acc']:.1f}% | " if acc else "") +
                      f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + f" | {selects} |")
     return "\n".join(lines)

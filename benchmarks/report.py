@@ -83,7 +83,8 @@ def stage_table(arms: list[dict], arm_names: tuple[str, ...], speedups: set[floa
 
 def comparison_table(arms: list[dict], refused: list[dict], labels: dict[str, str]) -> str:
     """Arms side by side (``labels``: arm -> column label): test logit error and accuracy as is,
-    and accuracy fine-tuned, per (model, speed-up) where the first arm ran."""
+    and accuracy fine-tuned, per (model, speed-up) where the first arm ran, with the calibration
+    seeds the first arm's rows come from (a suite still running has fewer for some rows)."""
     head = " | ".join(f"{label} {what}" for label in labels.values() for what in ("logit error", "acc.", "FT acc."))
     lines = [f"| model | speed-up | {head} |", "|---|---|" + "---|" * 3 * len(labels)]
     first = next(iter(labels))
@@ -97,7 +98,9 @@ def comparison_table(arms: list[dict], refused: list[dict], labels: dict[str, st
                     continue
                 cells += [mean_sd([r["as_is"]["logit_err"] for r in sel], ".4f"), mean_sd(accs(sel, "as_is")),
                           mean_sd(accs(sel, "ft"))]
-            lines.append(f"| {model} ({base_acc(arms, model):.1f}) | {s:g}× | " + " | ".join(cells) + " |")
+            seeds = ",".join(str(r["seed"]) for r in sorted(select(arms, model=model, arm=first, speedup=s),
+                                                            key=lambda r: r["seed"]))
+            lines.append(f"| {model} ({base_acc(arms, model):.1f}) | {s:g}× (seeds {seeds}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

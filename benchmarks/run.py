@@ -8,7 +8,7 @@
 
 The accuracy jobs append each finished row to ``OUT_DIR/rows/MODEL-seedN.jsonl``; a run that stops
 continues where it stopped when started again. ``accuracy.json`` (what the report reads) is rebuilt
-from every saved rows file after each run, so a run of some models, seeds or ``--parts`` adds to
+from every saved rows file by every run (``--sections ''`` included), so a run of some models, seeds or ``--parts`` adds to
 the results instead of replacing them; ``latency.json`` likewise keeps the models a latency run
 did not measure. ``--restart`` deletes the rows first (after a code change).
 
@@ -225,13 +225,13 @@ def main() -> None:
     if sections & {"accuracy", "curves"}:
         resumed = "accuracy" in sections and any((out_dir / "rows").glob("*.jsonl"))
         curves = run_parallel(size, out_dir, args.workers, sections, parts)
-        if "accuracy" in sections:
-            (out_dir / "accuracy.json").write_text(json.dumps(saved_rows(out_dir / "rows"), indent=1))
         if curves:
             (out_dir / "single_layer.json").write_text(json.dumps(curves, indent=1))
         label = " and ".join(sorted(sections & {"accuracy", "curves"}))
         # a resumed run adds its minutes to those of the runs it continues
         minutes[label] = minutes.get(label, 0.0) * resumed + (time.perf_counter() - started) / 60
+    if any((out_dir / "rows").glob("*.jsonl")):  # the report reads every saved row, whatever this run did
+        (out_dir / "accuracy.json").write_text(json.dumps(saved_rows(out_dir / "rows"), indent=1))
     if "latency" in sections:
         started = time.perf_counter()
         latency_file = out_dir / "latency.json"
