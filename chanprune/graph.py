@@ -335,8 +335,10 @@ class _Builder:
         consecutive channels (after a depthwise channel multiplier) becomes blocks of its own."""
         four_d = len(node.meta["tensor_meta"].shape) == 4 if "tensor_meta" in node.meta else False
         if four_d and a.flat_size != b.flat_size and a.axis == b.axis == 1:
-            a = self.reblock(a, b.flat_size) if a.flat_size is None else a
-            b = self.reblock(b, a.flat_size) if b.flat_size is None else b
+            if a.flat_size is None and b.flat_size is not None and a.channels == b.channels * b.flat_size:
+                a = self.reblock(a, b.flat_size)
+            elif b.flat_size is None and a.flat_size is not None and b.channels == a.channels * a.flat_size:
+                b = self.reblock(b, a.flat_size)
         if a.channels == b.channels and a.axis == b.axis and a.flat_size == b.flat_size:
             bounds = sorted({*_starts(a), *_starts(b)})
             for at in bounds:
