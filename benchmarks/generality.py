@@ -244,6 +244,9 @@ def run_one(spec: str, cfg: SweepConfig) -> list[dict[str, Any]]:
         base["input_size"] = images.shape[-1]
         base["forward_seconds"] = forward_seconds(model, images)
         base["unpruned_share"] = unpruned_share(model, images[:1])
+    except ChanpruneError as err:  # chanprune says why (a model torch.fx cannot trace): a refusal
+        return [{**base, "target": t, "supported": False, "status": "refused", "error": str(err)}
+                for t in cfg.speedups]
     except Exception as err:  # a model that does not build or run: every target fails alike
         return [{**base, "target": t, "supported": False, "status": "crashed",
                  "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-6)}
@@ -442,12 +445,12 @@ def model_params(spec: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    models = []
+    listed = []  # the sweep's whole list; --models runs part of it
     if args.source in ("all", "torchvision"):
-        models += torchvision_models()
+        listed += torchvision_models()
     if args.source in ("all", "timm"):
-        models += timm_models()
-    models = select(models, args.models)
+        listed += timm_models()
+    models = select(listed, args.models)
     if args.list:
         print("\n".join(models))
         return
@@ -508,9 +511,10 @@ def main(argv: list[str] | None = None) -> None:
               f"at {size}, random weights; time / forward: prune time over one forward pass of the calibration "
               f"images; torch {config['torch']}, torchvision {config.get('torchvision', '?')}, timm "
               f"{config.get('timm', '?')}, {config['threads']} CPU thread(s) on {cfg.device}.")
-    complete = {m for m, _ in latest} >= set(models)
-    missing = len(set(models) - {m for m, _ in latest})
-    partial = "" if complete else (f"\n\nPartial: {missing} of the {len(models)} models of the list have no row yet; "
+    every = set(listed)
+    missing = len(every - {m for m, _ in latest})  # of the whole list, whatever --models ran
+    complete = missing == 0
+    partial = "" if complete else (f"\n\nPartial: {missing} of the {len(every)} models of the list have no row yet; "
                                    "the same command continues the sweep.")
     args.out.with_suffix(".md").write_text(f"{header}\n\n{table}{partial}")
     if args.docs is not None and complete:
