@@ -73,8 +73,8 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
     keep = keep.to(torch.long)
     if isinstance(module, FactorizedConv2d):
         return _with_end(module, 0, keep_inputs(module[0], keep, channel_size))
-    if isinstance(module, nn.Conv2d) and channel_size > 1:
-        keep = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
+    # the inputs those channels own
+    keep = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         index = module.index[keep] if isinstance(module, SelectedConv2d) else None
         new = conv_like(module, len(keep), module.out_channels, index=index)
@@ -83,9 +83,8 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
         weight = _grouped_inputs(module, keep)
         new = conv_like(module, len(keep), module.out_channels)
     elif isinstance(module, nn.Linear):
-        cols = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
-        new = nn.Linear(len(cols), module.out_features, module.bias is not None)
-        weight = module.weight[:, cols]
+        new = nn.Linear(len(keep), module.out_features, module.bias is not None)
+        weight = module.weight[:, keep]
     else:
         raise ChanpruneError(f"cannot remove input channels of {type(module).__name__}")
     new.to(module.weight.device)
