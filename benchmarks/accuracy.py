@@ -191,8 +191,8 @@ class Job:
         net, _ = tp_prune(self.model, criterion, speedup, self.images[:n_grad], self.labels[:n_grad])
         self.record(f"tp-{criterion}", "torch-pruning", speedup, net, time.perf_counter() - start)
 
-    def run(self) -> list[dict[str, Any]]:
-        """Every arm of the job's ``parts`` whose row is not saved yet; returns all its rows."""
+    def run(self) -> None:
+        """Every arm of the job's ``parts`` whose row is not saved yet (each appended to the rows file)."""
         b = self.budget
         if "paper" in self.parts and self.residual:
             for speedup in sorted({*b.residual_speedups, *b.peer_speedups}):
@@ -217,12 +217,12 @@ class Job:
             for speedup in b.trunk_speedups:
                 for arm in TRUNK_ARMS:
                     self.chanprune(arm, speedup)
-        return self.rows
 
 
 def run_job(model_name: str, seed: int, budget: Budget, models_dir: str | None, rows_file: str,
-            threads: int, parts: tuple[str, ...] = PARTS) -> list[dict]:
-    """Entry point of a worker process: the arms of ``parts`` of one (model, seed), continuing ``rows_file``."""
+            threads: int, parts: tuple[str, ...] = PARTS) -> None:
+    """Entry point of a worker process: the arms of ``parts`` of one (model, seed), continuing
+    ``rows_file`` (the rows stay in that file: the suite reads every rows file when it ends)."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore", SparseSamplesWarning)
-    return Job(model_name, seed, budget, Path(models_dir) if models_dir else None, Path(rows_file), parts).run()
+    Job(model_name, seed, budget, Path(models_dir) if models_dir else None, Path(rows_file), parts).run()

@@ -103,10 +103,9 @@ def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str],
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         pending = [(fn, pool.apply_async(fn, args)) for fn, args in jobs]
         for fn, result in tqdm(pending, desc="jobs", file=sys.stderr):
+            value = result.get()  # a worker's exception is raised here
             if fn is run_curves:
-                curve_rows = result.get()
-            else:
-                result.get()
+                curve_rows = value
     return curve_rows
 
 
