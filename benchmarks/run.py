@@ -10,7 +10,8 @@ The accuracy jobs append each finished row to ``OUT_DIR/rows/MODEL-seedN.jsonl``
 continues where it stopped when started again. ``accuracy.json`` (what the report reads) is rebuilt
 from every saved rows file by every run (``--sections ''`` included), so a run of some models, seeds or ``--parts`` adds to
 the results instead of replacing them; ``latency.json`` likewise keeps the models a latency run
-did not measure. ``--restart`` deletes the rows first (after a code change).
+did not measure. ``--restart`` deletes the rows first (after a code change); ``--redo ARMS`` deletes
+only those arms' rows and saved models (after a change of the recipe they use).
 
 Accuracy jobs (one per model and calibration seed) and the single-layer curves run in parallel
 worker processes (one thread each); latency runs afterwards, alone, at the machine's thread count,
@@ -44,6 +45,7 @@ from chanprune.io.checkpoint import load_model, save_model
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.evaluate import accuracy
+from chanprune.files import write_text_atomic
 from chanprune.models import create_model
 from chanprune.pruner import prune
 
@@ -107,6 +109,23 @@ def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str],
             if fn is run_curves:
                 curve_rows = value
     return curve_rows
+
+
+def discard_arms(out_dir: Path, arms: set[str], models: tuple[str, ...]) -> int:
+    """Forget the saved rows and seed-0 models of ``arms`` for ``models`` (after a change of the
+    recipe those arms use), so the next accuracy run measures them again; returns how many rows went."""
+    dropped = 0
+    for path in (out_dir / "rows").glob("*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        kept = [r for r in rows if not (r["arm"] in arms and r["model"] in models)]
+        if len(kept) < len(rows):
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            dropped += len(rows) - len(kept)
+    for model in models:
+        for arm in arms:
+            for saved in (out_dir / "models").glob(f"{model}-{arm}-*x.safetensors"):
+                saved.unlink()
+    return dropped
 
 
 def saved_rows(rows_dir: Path) -> list[dict]:
@@ -197,6 +216,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--restart", action="store_true", help="discard the saved rows of earlier accuracy runs")
+    parser.add_argument("--redo", default="", help="comma-separated arms whose saved rows (of --models) are "
+                        "discarded first, e.g. after a change of the default recipe: default,trunk-keep,trunk-fine")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the worker pool is terminated with the run instead of orphaned
@@ -217,6 +238,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.restart:
         shutil.rmtree(out_dir / "rows", ignore_errors=True)
+    if args.redo:
+        dropped = discard_arms(out_dir, set(args.redo.split(",")), size.models)
+        print(f"discarded {dropped} saved rows of {args.redo}", file=sys.stderr)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     minutes_file = out_dir / "minutes.json"
     minutes = json.loads(minutes_file.read_text()) if minutes_file.exists() else {}

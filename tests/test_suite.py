@@ -50,3 +50,20 @@ def test_quick_suite_writes_every_table_with_matched_flops(tmp_path):
                     "Latency", "Targets"):
         assert heading in report
     assert (out / "latency.png").stat().st_size > 0
+
+
+def test_redo_discards_only_the_named_arms_of_the_named_models(tmp_path):
+    from benchmarks.run import discard_arms, saved_rows
+
+    rows = [{"model": m, "arm": a, "speedup": s} for m in ("vgg16-mnist", "resnet20-mnist")
+            for a in ("default", "uniform") for s in (2.0, 4.0)]
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "models").mkdir()
+    for name in ("resnet20-mnist-default-4x", "resnet20-mnist-uniform-4x", "vgg16-mnist-default-4x"):
+        (tmp_path / "models" / f"{name}.safetensors").write_bytes(b"")
+    assert discard_arms(tmp_path, {"default"}, ("resnet20-mnist",)) == 2
+    left = saved_rows(tmp_path / "rows")
+    assert left == [r for r in rows if not (r["model"] == "resnet20-mnist" and r["arm"] == "default")]
+    assert sorted(p.stem for p in (tmp_path / "models").iterdir()) == ["resnet20-mnist-uniform-4x",
+                                                                       "vgg16-mnist-default-4x"]
