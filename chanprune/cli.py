@@ -187,9 +187,9 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
 @click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
               help="; ".join(f"{name}: {a.summary}" for name, a in ALLOCATIONS.items()) +
                    " [default: the recipe's].")
-@click.option("--global-weight", type=click.Choice(GLOBAL_WEIGHTS), default="energy", show_default=True,
+@click.option("--global-weight", type=click.Choice(GLOBAL_WEIGHTS), default=None,
               help="--allocation global: compare layers by error relative to their output energy, or also "
-                   "weighted by the measured sensitivity of the model's output.")
+                   "weighted by the measured sensitivity of the model's output [default: the recipe's].")
 @click.option("--trunk", type=click.Choice(TRUNK_MODES), default=None,
               help="Channels tied by residual adds: keep them whole (paper), prune them jointly, or fine (FCP: "
                    "each layer reads and writes its own subset, the adds stay full width) [default: the recipe's].")
@@ -234,7 +234,7 @@ def _check_outputs(out: Path, report: Path | None = None) -> None:
               help="Report JSON; REPORT.md and REPORT.png (per-layer widths and errors) are written next to it.")
 def prune(model_spec: str | None, arch: str | None, arch_kwargs: str | None, weights: Path | None,
           trust_checkpoint: bool, speedup: float | None, recipe: str, method: str | None, lasso_rounds: int,
-          allocation: str | None, global_weight: str, trunk: str | None, residual_correction: bool | None,
+          allocation: str | None, global_weight: str | None, trunk: str | None, residual_correction: bool | None,
           feature_map_sampling: bool | None, widths_file: Path | None, exclude: tuple[str, ...],
           calib_data: str | None, calib_images: int | None, samples_per_image: str | None,
           input_size: tuple[int, int] | None, seed: int, no_reconstruction: bool, ridge: str | None,

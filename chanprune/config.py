@@ -40,7 +40,7 @@ class PruneConfig:
     recipe: str = "default"  # fills every option below that is left as None (see chanprune.recipes)
     method: str | None = None
     allocation: str | None = None
-    global_weight: str = "energy"  # allocation="global": "energy" or "sensitivity" (see engine.curves)
+    global_weight: str | None = None  # allocation="global": "energy" or "sensitivity" (see engine.curves)
     widths: dict[str, int] | None = None
     exclude: tuple[str, ...] = ()
     samples_per_image: int | str | None = None  # "auto": per layer, enough for 10 fitted samples per input

@@ -15,6 +15,7 @@ class Recipe:
     summary: str
     method: str
     allocation: str
+    global_weight: str
     ridge: float | str
     trunk: str
     residual_correction: bool
@@ -28,14 +29,14 @@ RECIPES: dict[str, Recipe] = {
         "chanprune's best measured: greedy selection, widths from data in blocks of 8 channels (in layers of 64 "
         "or more), ridge chosen "
         "on held-out samples, residual trunks pruned jointly, enough samples for every layer",
-        method="greedy", allocation="global", ridge="auto", trunk="joint", residual_correction=True,
-        feature_map_sampling=True, samples_per_image="auto", round_to="auto"),
+        method="greedy", allocation="global", global_weight="energy", ridge="auto", trunk="joint",
+        residual_correction=True, feature_map_sampling=True, samples_per_image="auto", round_to="auto"),
     "paper": Recipe(
         "He et al. 2017 as published: LASSO selection, uniform widths, trunks kept whole with residual "
         "correction and feature-map sampling, 10 positions per image",
-        method="lasso", allocation="uniform", ridge=1e-6, trunk="keep", residual_correction=True,
-        feature_map_sampling=True, samples_per_image=10, round_to=1),
+        method="lasso", allocation="uniform", global_weight="energy", ridge=1e-6, trunk="keep",
+        residual_correction=True, feature_map_sampling=True, samples_per_image=10, round_to=1),
 }
 
-RECIPE_FIELDS = ("method", "allocation", "ridge", "trunk", "residual_correction", "feature_map_sampling",
-                 "samples_per_image", "round_to")
+RECIPE_FIELDS = ("method", "allocation", "global_weight", "ridge", "trunk", "residual_correction",
+                 "feature_map_sampling", "samples_per_image", "round_to")

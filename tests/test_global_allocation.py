@@ -113,3 +113,11 @@ def test_sensitivity_weighting_meets_the_target(tiny_model, tiny_images):
                            global_weight="sensitivity", progress=False)
     assert abs(sensitivity.speedup_achieved / 2.0 - 1) <= TOLERANCE
     assert sensitivity.config["global_weight"] == "sensitivity"
+
+
+def test_recipes_choose_the_global_weight_unless_the_caller_does():
+    from chanprune.config import PruneConfig
+    from chanprune.recipes import RECIPES
+
+    assert PruneConfig(recipe="default").global_weight == RECIPES["default"].global_weight
+    assert PruneConfig(recipe="paper", global_weight="sensitivity").global_weight == "sensitivity"
