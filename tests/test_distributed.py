@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,29 +21,43 @@ def _join(rank: int, world: int, out: str, name: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/{name}.store", rank=rank, world_size=world)
 
 
-def _rank(rank: int, world: int, out: str) -> None:
+def _case(case: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """The model, images and options of a case: the tiny net with the default recipe, or a
+    residual net with fine-grained trunks (whose writers' curves need the block energy, summed
+    over ranks)."""
+    if case == "fine":
+        from test_multibranch import MiniResNet, images, make
+
+        return make(MiniResNet), images(), {"trunk": "fine", "round_to": 1}
+    return make_tiny(0), random_images(96), {}
+
+
+def _prune(case: str) -> tuple[torch.nn.Module, object]:
+    model, x, options = _case(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return prune(model, x, 1.6, samples_per_image=4, batch_size=16, progress=False, **options)
+
+
+def _rank(rank: int, world: int, out: str, case: str) -> None:
     _join(rank, world, out, "prune")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            pruned, report = prune(make_tiny(0), random_images(96), 1.6, samples_per_image=4, batch_size=16,
-                                   progress=False)
+        pruned, report = _prune(case)
         torch.save({"state": pruned.state_dict(), "plan": [op.to_json() for op in provenance(pruned).plan],
                     "images": report.calibration_images}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_give_the_model_of_one(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        single, _ = prune(make_tiny(0), random_images(96), 1.6, samples_per_image=4, batch_size=16, progress=False)
-    mp.spawn(_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("case", ["tiny", "fine"])
+def test_two_gloo_processes_give_the_model_of_one(tmp_path, case):
+    single, report = _prune(case)
+    mp.spawn(_rank, args=(2, str(tmp_path), case), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected_plan = [op.to_json() for op in provenance(single).plan]
     for result in results:
         assert result["plan"] == expected_plan  # the same kept channels everywhere
-        assert result["images"] == 96
+        assert result["images"] == report.calibration_images
         for name, value in single.state_dict().items():
             torch.testing.assert_close(result["state"][name], value, rtol=0, atol=1e-6, msg=name)
     for name in single.state_dict():  # and the ranks agree with each other exactly
