@@ -5,13 +5,16 @@ Prunes a bundled residual model (by default the paper's enhanced variant: select
 the convs that read a kept trunk; ``--trunk fine --allocation uniform`` also makes every branch
 end write a subset of the trunk), then profiles torch eager CPU forward passes and reports the
 share of time spent copying channels (aten::index_select, and aten::constant_pad_nd for the
-scatters' zero channel) next to the model's latency with and without the copies. "Without"
+scatters' zero channel) next to the model's latency with and without the copies; then the same
+in ONNX Runtime (Gather and Pad nodes' share of kernel time, from its profiler). "Without"
 replaces every select by a plain conv on the first channels of its input and every scatter by
 a zero-padding of the layer's output to the trunk's width: not the same function, only the
-same arithmetic, so it bounds what the copies cost.
+same arithmetic, so it bounds what the copies cost. ``--against joint`` also times the model
+pruned with that trunk mode at the same speed-up and allocation (equal FLOPs within 2%).
 
     python -m benchmarks.select_cost --model resnet56-mnist --speedup 2
     python -m benchmarks.select_cost --model resnet56-mnist --speedup 2 --trunk fine --allocation uniform
+    python -m benchmarks.select_cost --model resnet56-mnist --speedup 4 --trunk fine --allocation uniform --against joint
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
+from chanprune.export import export_onnx, select_cost_onnx
+from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
 from chanprune.config import TRUNK_MODES
 from chanprune.layers import ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d
@@ -89,6 +96,31 @@ def select_share(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: 
     return selects / total if total else 0.0
 
 
+def onnx_timings(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, float]:
+    """ONNX Runtime latency (ms) of ``model`` and the share of its kernel time in Gather and Pad nodes."""
+    with tempfile.TemporaryDirectory(prefix="chanprune-select-cost-") as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", shape)
+        cost = select_cost_onnx(path, shape, batch, repeats, threads=torch.get_num_threads())
+    return {"ms": cost["ms_median"], "copy_share": cost["gather_share"] + cost["pad_share"]}
+
+
+def measure(pruned: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Copies and latency of ``pruned`` in torch eager and ONNX Runtime at batch 1 and 32."""
+    row: dict[str, Any] = {"selects": sum(isinstance(m, SelectedConv2d) for m in pruned.modules()),
+                           "scatters": sum(isinstance(m, (ScatteredConv2d, ScatteredBatchNorm2d))
+                                           for m in pruned.modules()),
+                           "flops": count_flops(pruned, (1, *shape))}
+    plain = without_copies(pruned)
+    for batch in (1, 32):
+        row[f"select_share_b{batch}"] = select_share(pruned, shape, batch, repeats)
+        row[f"ms_b{batch}"] = 1e3 * measure_latency(pruned, shape, batch, repeats)
+        row[f"ms_b{batch}_no_copies"] = 1e3 * measure_latency(plain, shape, batch, repeats)
+        ort, ort_plain = onnx_timings(pruned, shape, batch, repeats), onnx_timings(plain, shape, batch, repeats)
+        row[f"ort_copy_share_b{batch}"] = ort["copy_share"]
+        row[f"ort_ms_b{batch}"], row[f"ort_ms_b{batch}_no_copies"] = ort["ms"], ort_plain["ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56-mnist")
@@ -98,8 +130,12 @@ def main() -> None:
     parser.add_argument("--trunk", choices=TRUNK_MODES, default=None,
                         help="prune with the default recipe and this trunk mode (default: the paper's recipe)")
     parser.add_argument("--allocation", default=None, help="with --trunk: the allocation (default: the recipe's)")
+    parser.add_argument("--against", choices=TRUNK_MODES, default=None,
+                        help="with --trunk: also time this trunk mode at the same speed-up and allocation")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/select-cost-MODEL.json")
     args = parser.parse_args()
+    if args.against and not args.trunk:
+        parser.error("--against compares trunk modes: give --trunk too")
     warnings.simplefilter("ignore", SparseSamplesWarning)
     entry = BUNDLED[args.model]
     shape = (entry.in_chans, *entry.input_size)
@@ -107,16 +143,15 @@ def main() -> None:
     images = calibration_subset(mnist_split("train"), args.calib_images, 0)
     options = {"recipe": "paper"} if args.trunk is None else {"trunk": args.trunk, "allocation": args.allocation}
     pruned, _ = prune(model, images, args.speedup, progress=False, **options)
-    n_selects = sum(isinstance(m, SelectedConv2d) for m in pruned.modules())
-    n_scatters = sum(isinstance(m, (ScatteredConv2d, ScatteredBatchNorm2d)) for m in pruned.modules())
     row = {"model": args.model, "speedup": args.speedup, "trunk": args.trunk or "paper", "allocation": args.allocation,
-           "selects": n_selects, "scatters": n_scatters, "threads": torch.get_num_threads()}
-    for batch in (1, 32):
-        row[f"select_share_b{batch}"] = select_share(pruned, shape, batch, args.repeats)
-        row[f"ms_b{batch}"] = 1e3 * measure_latency(pruned, shape, batch, args.repeats)
-        row[f"ms_b{batch}_no_copies"] = 1e3 * measure_latency(without_copies(pruned), shape, batch, args.repeats)
+           "threads": torch.get_num_threads(), "flops_original": count_flops(model, (1, *shape)),
+           **measure(pruned, shape, args.repeats)}
+    if args.against:
+        other, _ = prune(model, images, args.speedup, progress=False, **{**options, "trunk": args.against})
+        row[args.against] = measure(other, shape, args.repeats)
     print(json.dumps(row), flush=True)
     suffix = "" if args.trunk is None else f"-{args.trunk}-{args.allocation or 'default'}"
+    suffix += f"-{args.speedup:g}x-vs-{args.against}" if args.against else ""
     out = args.out or Path(f"benchmarks/results/select-cost-{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
