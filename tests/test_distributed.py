@@ -23,8 +23,7 @@ def _join(rank: int, world: int, out: str, name: str) -> None:
 
 def _case(case: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     """The model, images and options of a case: the tiny net with the default recipe, or a
-    residual net with fine-grained trunks (whose writers' curves need the block energy, summed
-    over ranks)."""
+    residual net with fine-grained trunks (channel selects, trunk writers' curves and scatters)."""
     if case == "fine":
         from test_multibranch import MiniResNet, images, make
 

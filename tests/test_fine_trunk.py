@@ -158,25 +158,3 @@ def test_write_units_shrink_only_the_writer_in_the_flop_model():
     flops = FlopModel(graph, total, per_layer).layer_flops({"write:layer1.0.conv2": 6}, per_layer)
     assert flops["layer1.0.conv2"] == pytest.approx(per_layer["layer1.0.conv2"] / 2)
     assert all(flops[name] == per_layer[name] for name in per_layer if name != "layer1.0.conv2")
-
-
-def test_a_writer_curve_is_relative_to_the_trunk_it_writes_into():
-    from chanprune.engine.curves import writer_curve
-
-    energy = torch.tensor([1.0, 4.0, 2.0, 3.0])
-    own = writer_curve(energy, 1)
-    trunk = writer_curve(energy, 1, block=20.0)
-    assert own.widths == trunk.widths == (1, 2, 3, 4)
-    assert own.errors == pytest.approx((0.6, 0.3, 0.1, 0.0))  # the weakest outputs go first
-    assert trunk.errors == pytest.approx((6 / 20, 3 / 20, 1 / 20, 0.0))
-
-
-def test_block_energy_is_the_centred_energy_of_every_sample():
-    from chanprune.engine.calibration import BlockEnergy
-
-    rows = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
-    block = BlockEnergy()
-    block.add(rows[:20])
-    block.add(rows[20:])
-    assert block.total(distributed=False) == pytest.approx(float((rows - rows.mean(0)).square().sum()), rel=1e-9)
-    assert BlockEnergy().total(distributed=False) == 0.0

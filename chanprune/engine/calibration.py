@@ -15,7 +15,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -236,23 +236,17 @@ class Calibration:
         try:
             for i, readers in enumerate(reader_sets):
                 want = {r.input_node for r in readers} | {r.output_node for r in readers}
-                want |= {r.shortcut for r in readers if r.shortcut}
                 result = self._new_moments(probe.gm, readers)
-                block = {r.name: BlockEnergy() for r in readers if r.shortcut}
                 for batch, values in probe.look_ahead(want):
                     for r in readers:
                         pos = self.positions(r, batch)
                         x = reader_samples(probe.gm.get_submodule(r.name), r, values[r.input_node], pos)
                         self._update(result[r.name], batch, pos, x,
                                      sample_output(values[r.output_node], r.layout, pos).float())
-                        if r.shortcut:
-                            block[r.name].add(sample_output(values[r.output_node] + values[r.shortcut],
-                                                            r.layout, pos).float())
                 sensitivity = None
                 if clean is not None:
                     sensitivity = self._sensitivity(probe, readers, clean, noise, i)
-                energies = {name: e.total(self.shard[1] > 1) for name, e in block.items()}
-                yield Unpruned(self._reduced(result), sensitivity, energies)
+                yield Unpruned(self._reduced(result), sensitivity)
                 if i + 1 < len(reader_sets):
                     probe.advance(self.reader_position(reader_sets[i + 1], probe))
         finally:
@@ -330,33 +324,6 @@ class Unpruned:
 
     moments: dict[str, tuple[Moments, Moments]]
     sensitivity: float | None = None
-    block_energy: dict[str, float] = field(default_factory=dict)  # reader with a shortcut -> ||Y + shortcut||²
-
-
-class BlockEnergy:
-    """Centred energy of a residual block's output (a reader's output plus its shortcut), summed
-    over channels: what a fine-grained trunk writer's dropped outputs are measured against."""
-
-    def __init__(self) -> None:
-        self.count, self.sums, self.squares = 0, None, None
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
-        sums, squares = rows.sum(0), rows.square().sum(0)
-        self.count += len(rows)
-        self.sums = sums if self.sums is None else self.sums + sums
-        self.squares = squares if self.squares is None else self.squares + squares
-
-    def total(self, distributed: bool) -> float:
-        """Σ over channels of Σ (y - ȳ)², over every rank's samples when ``distributed``."""
-        if self.sums is None:
-            return 0.0
-        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sums.device),
-                            self.sums, self.squares])
-        if distributed:
-            torch.distributed.all_reduce(packed)
-        n, (sums, squares) = float(packed[0]), packed[1:].chunk(2)
-        return float((squares - sums.square() / max(n, 1.0)).clamp_min(0.0).sum())
 
 
 def _tensors(output: object) -> torch.Tensor:

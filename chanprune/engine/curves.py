@@ -3,8 +3,7 @@
 Each unit's readers see inputs and targets of the unpruned model (one extra pass through it);
 greedy backward elimination on their moments gives the least-squares error at every width in
 one run, relative to each reader's target energy and summed over readers. A fine-grained trunk
-writer's curve is the energy of the outputs it would stop writing, weakest first, relative to
-the energy of the trunk it writes into.
+writer's curve is the energy of the outputs it would stop writing, weakest first.
 """
 
 from __future__ import annotations
@@ -39,8 +38,7 @@ def error_curves(calibration: Calibration, run: PruneRun, units: list[Unit], nar
     for unit, stats in tqdm(zip(units, found), total=len(units), desc="error curves", disable=not progress,
                             leave=False):
         if unit.writer is not None:
-            curve = writer_curve(stats.moments[unit.writer.name][0].centred_yy(), narrowest[unit.name],
-                                 stats.block_energy.get(unit.writer.name))
+            curve = writer_curve(stats.moments[unit.writer.name][0].centred_yy(), narrowest[unit.name])
             curves[unit.name] = curve.scaled(stats.sensitivity) if stats.sensitivity is not None else curve
             continue
         if any(r.groups > 1 for r in unit.readers):
@@ -77,14 +75,12 @@ def conv_group_curve(run: PruneRun, unit: Unit, moments: dict, narrowest: int) -
     return curve
 
 
-def writer_curve(energy: torch.Tensor, narrowest: int, block: float | None = None) -> ErrorCurve:
+def writer_curve(energy: torch.Tensor, narrowest: int) -> ErrorCurve:
     """Relative error of a trunk writer that keeps its ``w`` strongest outputs (``energy``: each
     output's centred ||Y_j||²), for every ``w`` from ``narrowest`` to all of them: on the
-    unpruned model it reproduces what it keeps, so the error is the energy it drops, relative to
-    the energy of the block output it is added to (``block``: ||Y + shortcut||², the trunk the
-    next readers see; the writer's own output energy when there is no shortcut)."""
+    unpruned model it reproduces what it keeps, so the error is the energy it drops."""
     ordered = energy.sort(descending=True).values
     dropped = ordered.flip(0).cumsum(0).flip(0)  # dropped[w] = energy of outputs w, w+1, ... (0-based)
-    total = max(block if block else float(ordered.sum()), 1e-300)
+    total = max(float(ordered.sum()), 1e-300)
     widths = tuple(range(narrowest, len(energy) + 1))
     return ErrorCurve(widths, tuple(float(dropped[w]) / total if w < len(energy) else 0.0 for w in widths))
