@@ -88,10 +88,11 @@ def run_curves(size: Size, threads: int) -> list[dict]:
 
 
 def run_parallel(size: Size, out_dir: Path, workers: int, sections: set[str],
-                 parts: tuple[str, ...] = PARTS) -> list[dict]:
-    """Accuracy jobs (the arms of ``parts``) and/or the curves, in ``workers`` processes; returns
-    the curve rows (the jobs' rows are in their rows files)."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+                 parts: tuple[str, ...] = PARTS, threads: int | None = None) -> list[dict]:
+    """Accuracy jobs (the arms of ``parts``) and/or the curves, in ``workers`` processes of
+    ``threads`` threads each (default: the machine's cores shared out); returns the curve rows
+    (the jobs' rows are in their rows files)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     rows_dir = out_dir / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     # seed by seed (a stopped run leaves whole seeds), the longest (residual) jobs first within a seed
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"the accuracy jobs' comparisons to run, any of {','.join(PARTS)}")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: the cores shared out among the workers)")
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--restart", action="store_true", help="discard the saved rows of earlier accuracy runs")
     parser.add_argument("--redo", default="", help="comma-separated arms whose saved rows (of --models) are "
@@ -247,7 +250,7 @@ def main() -> None:
     started = time.perf_counter()
     if sections & {"accuracy", "curves"}:
         resumed = "accuracy" in sections and any((out_dir / "rows").glob("*.jsonl"))
-        curves = run_parallel(size, out_dir, args.workers, sections, parts)
+        curves = run_parallel(size, out_dir, args.workers, sections, parts, args.threads)
         if curves:
             (out_dir / "single_layer.json").write_text(json.dumps(curves, indent=1))
         label = " and ".join(sorted(sections & {"accuracy", "curves"}))
