@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from chanprune.data import calibration_subset, mnist_split
 from chanprune.errors import SparseSamplesWarning
 from chanprune.export import export_onnx, select_cost_onnx
+from chanprune.files import write_text_atomic
 from chanprune.flops import count_flops
 from chanprune.latency import measure_latency
 from chanprune.config import TRUNK_MODES
@@ -132,7 +133,8 @@ def main() -> None:
     parser.add_argument("--allocation", default=None, help="with --trunk: the allocation (default: the recipe's)")
     parser.add_argument("--against", choices=TRUNK_MODES, default=None,
                         help="with --trunk: also time this trunk mode at the same speed-up and allocation")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/select-cost-MODEL.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/select-cost-MODEL[-TRUNK-ALLOCATION[-Sx-vs-MODE]].json")
     args = parser.parse_args()
     if args.against and not args.trunk:
         parser.error("--against compares trunk modes: give --trunk too")
@@ -153,8 +155,7 @@ def main() -> None:
     suffix = "" if args.trunk is None else f"-{args.trunk}-{args.allocation or 'default'}"
     suffix += f"-{args.speedup:g}x-vs-{args.against}" if args.against else ""
     out = args.out or Path(f"benchmarks/results/select-cost-{args.model}{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(row, indent=2) + "\n")
 
 
 if __name__ == "__main__":
