@@ -43,6 +43,8 @@ from chanprune.models import BUNDLED, create_model
 from chanprune.pruner import prune
 from chanprune.surgery import replace_module
 
+BATCHES = (1, 32)
+
 
 def without_copies(model: nn.Module) -> nn.Module:
     """The same arithmetic minus the copies: each SelectedConv2d becomes a conv over the first
@@ -97,12 +99,14 @@ def select_share(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: 
     return selects / total if total else 0.0
 
 
-def onnx_timings(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, float]:
-    """ONNX Runtime latency (ms) of ``model`` and the share of its kernel time in Gather and Pad nodes."""
+def onnx_timings(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...],
+                 repeats: int) -> dict[int, dict[str, float]]:
+    """For each batch size, ONNX Runtime latency (ms) of ``model`` and the share of its kernel time
+    in Gather and Pad nodes (the model is exported once)."""
     with tempfile.TemporaryDirectory(prefix="chanprune-select-cost-") as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx", shape)
-        cost = select_cost_onnx(path, shape, batch, repeats, threads=torch.get_num_threads())
-    return {"ms": cost["ms_median"], "copy_share": cost["gather_share"] + cost["pad_share"]}
+        costs = {b: select_cost_onnx(path, shape, b, repeats, threads=torch.get_num_threads()) for b in batches}
+    return {b: {"ms": c["ms_median"], "copy_share": c["gather_share"] + c["pad_share"]} for b, c in costs.items()}
 
 
 def measure(pruned: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
@@ -112,13 +116,13 @@ def measure(pruned: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str
                                            for m in pruned.modules()),
                            "flops": count_flops(pruned, (1, *shape))}
     plain = without_copies(pruned)
-    for batch in (1, 32):
+    ort, ort_plain = onnx_timings(pruned, shape, BATCHES, repeats), onnx_timings(plain, shape, BATCHES, repeats)
+    for batch in BATCHES:
         row[f"select_share_b{batch}"] = select_share(pruned, shape, batch, repeats)
         row[f"ms_b{batch}"] = 1e3 * measure_latency(pruned, shape, batch, repeats)
         row[f"ms_b{batch}_no_copies"] = 1e3 * measure_latency(plain, shape, batch, repeats)
-        ort, ort_plain = onnx_timings(pruned, shape, batch, repeats), onnx_timings(plain, shape, batch, repeats)
-        row[f"ort_copy_share_b{batch}"] = ort["copy_share"]
-        row[f"ort_ms_b{batch}"], row[f"ort_ms_b{batch}_no_copies"] = ort["ms"], ort_plain["ms"]
+        row[f"ort_copy_share_b{batch}"] = ort[batch]["copy_share"]
+        row[f"ort_ms_b{batch}"], row[f"ort_ms_b{batch}_no_copies"] = ort[batch]["ms"], ort_plain[batch]["ms"]
     return row
 
 
