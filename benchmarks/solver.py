@@ -45,8 +45,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso
 from torch import nn
 
-from chanprune.solvers import block_indices, lasso_problem, lasso_select, least_squares, relative_error
-from chanprune.stats import Moments, Positions, conv_patches
+from chanprune.solvers import lasso_problem, lasso_select, least_squares, relative_error
+from chanprune.stats import Moments, Positions, block_indices, conv_patches
 
 K = 9  # 3x3 consumer kernel
 CROP = 40  # crop side in pixels; the stride-2 stem turns it into a 20x20 feature map

@@ -34,7 +34,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError
 from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
-from .layers import SelectedConv2d
+from .shuffle import Rewrite, without_shuffles
+from .tracing import first_line, trace
 
 OUTPUT_REASON = "its channels are a model output"
 WEIGHTED = (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS, nn.PReLU)  # modules whose weights follow their channels
@@ -141,7 +142,9 @@ class ChannelGraph:
     axis (one entry unless the input is a concatenation); ``depthwise`` holds depthwise convs
     (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution;
     ``node_layouts`` gives the channel layout of every traced value that carries groups;
-    ``cuts`` the ops that cut channels at positions a pruned model must move.
+    ``cuts`` the ops that cut channels at positions a pruned model must move; ``rewrites`` the
+    steps that turned channel shuffles into slices in ``gm`` (:mod:`chanprune.shuffle`), which the
+    pruned model replays first.
     """
 
     groups: list[ChannelGroup]
@@ -154,6 +157,7 @@ class ChannelGraph:
     node_layouts: dict[str, NodeLayout] = field(default_factory=dict)
     out_layouts: dict[str, list[str]] = field(default_factory=dict)
     cuts: list[Cut] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -169,38 +173,25 @@ class ChannelGraph:
         return min(self.order[r.name] for r in group.readers)
 
 
-class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of BatchNorm
-    and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise activation)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (SelectedConv2d, nn.Linear, *FOLLOWER_NORMS)) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; a clear error if torch.fx cannot."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # fx raises many types on dynamic control flow
-        raise ChanpruneError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {_first_line(err)}); "
-            "remove data-dependent control flow from forward() or wrap it in a leaf module") from err
-    return fx.GraphModule(model, graph, type(model).__name__)
-
-
 def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> ChannelGraph:
-    """Trace ``model`` on ``example`` (a batch of 1 is enough) and find its channel groups."""
+    """Trace ``model`` on ``example`` (a batch of 1 is enough), rewrite its channel shuffles as
+    slices, and find its channel groups."""
     gm = trace(model)
     check_runs(gm, example)
     try:
         ShapeProp(gm).propagate(example)
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
-                             f"({type(err).__name__}: {_first_line(err)}); pass the right --input-size") from err
+                             f"({type(err).__name__}: {first_line(err)}); pass the right --input-size") from err
+    gm, rewrites = without_shuffles(gm, example)
+    if rewrites:
+        ShapeProp(gm).propagate(example)
     builder = _Builder(gm)
     for node in gm.graph.nodes:
         builder.visit(node)
-    return builder.finish(tuple(example.shape), warn)
+    graph = builder.finish(tuple(example.shape), warn)
+    graph.rewrites = rewrites
+    return graph
 
 
 PROBE_SIZES = (8, 16, 32, 64, 128, 224, 256, 512)
@@ -216,7 +207,7 @@ def check_runs(gm: fx.GraphModule, example: torch.Tensor) -> None:
             gm(example)
     except Exception as err:
         height, width = example.shape[-2:]
-        reason = f"{type(err).__name__}: {_first_line(err)}"
+        reason = f"{type(err).__name__}: {first_line(err)}"
         size = _size_that_runs(gm, example)
         if size is None:
             raise ChanpruneError(f"the model does not run on images of {height}x{width} ({reason}); check the "
@@ -280,12 +271,6 @@ def _op_name(node: fx.Node, module: nn.Module | None) -> str:
     if node.op == "call_method":
         return f".{node.target}"
     return getattr(node.target, "__name__", str(node.target))
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (torch's often run to many lines)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 class _Builder:

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 
 from .graph import ChannelGroup, Reader
-from .solvers import (backward_elimination, block_indices, lasso_problem, lasso_select, least_squares,
+from .solvers import (backward_elimination, lasso_problem, lasso_select, least_squares,
                       swap_search)
-from .stats import Moments
+from .stats import Moments, block_indices
 
 
 @dataclass

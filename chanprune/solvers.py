@@ -15,7 +15,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import lars_path_gram
 
-from .stats import Moments
+from .stats import Moments, block_indices
 
 
 def channel_gram(xtx: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,11 +75,6 @@ def lasso_select(q_mat: torch.Tensor, q_vec: torch.Tensor, n_keep: int,
         order = np.lexsort((-np.abs(xy), -np.abs(last)))
         chosen = order[:n_keep]
     return idx[torch.from_numpy(np.sort(chosen))]
-
-
-def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
-    """Column indices of the k features owned by each of ``channels``."""
-    return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
 
 
 def _every(cols: torch.Tensor, n: int) -> bool:

@@ -19,6 +19,11 @@ from .graph import Reader
 from .layers import SelectedConv2d
 
 
+def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the k features owned by each of ``channels``."""
+    return (channels[:, None] * k + torch.arange(k)[None]).reshape(-1)
+
+
 FOLD_EVERY = 16384  # samples summed in float32 before they are folded into the float64 totals
 MIN_SHIFT_SAMPLES = 64  # a batch that sets the float32 shift must have at least this many samples
 

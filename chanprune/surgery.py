@@ -16,8 +16,10 @@ import torch
 from torch import fx, nn
 
 from .errors import ChanpruneError
-from .graph import trace
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
+from .stats import block_indices
+from .shuffle import REWRITE_OPS, Rewrite, apply_rewrite
+from .tracing import trace
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -74,7 +76,7 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor, channel_size: int = 1) ->
     if isinstance(module, FactorizedConv2d):
         return _with_end(module, 0, keep_inputs(module[0], keep, channel_size))
     # the inputs those channels own
-    keep = (keep[:, None] * channel_size + torch.arange(channel_size)[None]).reshape(-1)
+    keep = block_indices(keep, channel_size)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         index = module.index[keep] if isinstance(module, SelectedConv2d) else None
         new = conv_like(module, len(keep), module.out_channels, index=index)
@@ -310,8 +312,8 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
 
 
 OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
-       "factorize_spatial", "factorize_channel", "cut_channels")
-GRAPH_OPS = ("cut_channels",)  # operations on the traced graph: a model replaying them is traced first
+       "factorize_spatial", "factorize_channel", "cut_channels", *REWRITE_OPS)
+GRAPH_OPS = ("cut_channels", *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
 
 
 @dataclass(frozen=True)
@@ -447,10 +449,15 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
     if op.op == "keep_scale":
         keep_scale(model, op.layer, torch.tensor(op.keep, dtype=torch.long))
         return
+    if op.op in GRAPH_OPS and not isinstance(model, fx.GraphModule):
+        raise ChanpruneError(f"pruning plan edits the traced graph at {op.layer!r} of a model that is not traced")
     if op.op == "cut_channels":
-        if not isinstance(model, fx.GraphModule) or not op.keep:
-            raise ChanpruneError(f"pruning plan cuts channels at {op.layer!r} of a model that is not traced")
+        if not op.keep:
+            raise ChanpruneError(f"pruning plan cuts channels at {op.layer!r} without positions")
         cut_channels(model, op.layer, op.keep[0], op.keep[1:])
+        return
+    if op.op in REWRITE_OPS:
+        apply_rewrite(model, Rewrite(op.op, op.layer, op.keep))
         return
     try:
         layer = model.get_submodule(op.layer)

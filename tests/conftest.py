@@ -170,3 +170,42 @@ def assert_round_trips(pruned: nn.Module, fresh: nn.Module, x: torch.Tensor, fol
     if onnx:
         export_onnx(pruned, folder / "m.onnx", tuple(x.shape[1:]))
         assert check_onnx(pruned, folder / "m.onnx", tuple(x.shape[1:]))["ok"]
+
+
+def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose layers read zeros wherever the plan removed one of their input
+    channels, and the number of input channels zeroed.
+
+    ``keep_inputs`` / ``select_inputs`` indices (and the ``permute_inputs`` orders of a rewritten
+    channel shuffle) are in the layer's input coordinates at the time of the op; composing them in
+    order gives the kept channels in the original coordinates.
+    """
+    reference = copy.deepcopy(model)
+    kept: dict[str, tuple[torch.Tensor, int]] = {}
+    for op in plan:
+        if op.op not in ("keep_inputs", "select_inputs", "permute_inputs"):
+            continue
+        layer = model.get_submodule(op.layer)
+        if op.layer not in kept:  # a channel owns channel_size features (Linear) or input channels (conv)
+            n = (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels) // op.channel_size
+            kept[op.layer] = (torch.arange(n), op.channel_size)
+        index, size = kept[op.layer]
+        assert size == op.channel_size, f"{op.layer}: channel size changed between plan operations"
+        kept[op.layer] = (index[torch.tensor(op.keep, dtype=torch.long)], size)
+    zeroed = 0
+    with torch.no_grad():
+        for name, (index, size) in kept.items():
+            layer = reference.get_submodule(name)
+            assert isinstance(layer, (nn.Conv2d, nn.Linear)), name
+            n = (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels) // size
+            removed = torch.ones(n, dtype=torch.bool)
+            removed[index] = False
+            zeroed += int(removed.sum())
+            removed = removed.repeat_interleave(size)
+            if isinstance(layer, nn.Linear):
+                layer.weight[:, removed] = 0
+            else:  # conv group j's filters read input j * width + i as their column i
+                width, filters = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+                for c in removed.nonzero().flatten().tolist():
+                    layer.weight[(c // width) * filters:(c // width + 1) * filters, c % width] = 0
+    return reference, zeroed

@@ -121,8 +121,7 @@ class WithAdd(nn.Module):
 
 
 class WithShuffle(nn.Module):
-    """A channel shuffle (view / transpose / view) on conv1's channels: chanprune cannot prune
-    through it, so it must leave those channels whole."""
+    """A channel shuffle (view / transpose / reshape) on conv1's channels, which conv2 reads."""
 
     def __init__(self):
         super().__init__()
@@ -202,16 +201,17 @@ def test_trunk_keep_leaves_the_residual_channels_whole():
     assert pruned.conv3.out_channels == 3 and pruned.conv4.in_channels == 3
 
 
-def test_channel_shuffle_blocks_its_group_with_a_warning_and_the_rest_prunes():
+def test_channel_shuffle_is_rewritten_so_its_group_prunes():
+    """The shuffle becomes slices of conv1's output and conv2's input columns follow the new order
+    (``chanprune.shuffle``): conv1's channels prune like any other, and keeping them all is exact."""
     model = seeded(WithShuffle)
     graph, messages = graph_with_warnings(model)
-    assert not graph.group("conv1").prunable
-    assert any("view" in why for why in graph.group("conv1").blocked_by)
-    assert any("conv1" in m and "view" in m for m in messages)
-    assert graph.group("conv2").prunable
-    (pruned, _), images = prune_one_group(model, "conv3", 4)
-    assert pruned.conv1.out_channels == 8 and pruned.conv2.in_channels == 8
-    assert pruned.conv2.out_channels == 4 and pruned.conv3.in_channels == 4
+    assert messages == []
+    assert [(r.op, r.target) for r in graph.rewrites] == [("slice_shuffle", "reshape"), ("permute_inputs", "conv2")]
+    assert graph.group("conv1").prunable and graph.group("conv2").prunable
+    (pruned, _), images = prune_one_group(model, "conv2", 4)
+    assert pruned.conv1.out_channels == 4 and pruned.conv2.in_channels == 4
+    assert pruned.conv2.out_channels == 8 and pruned.conv3.in_channels == 8
     assert outputs(pruned, images).shape == outputs(model, images).shape
     same, _, _, _ = prune_groups_directly(model, random_images(40), {"conv2": 8})
     assert rel_error(outputs(same, images), outputs(model, images)) < 1e-4

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso, lars_path
 
-from chanprune.solvers import (block_indices, channel_corr, channel_gram, lasso_problem, lasso_select,
+from chanprune.solvers import (channel_corr, channel_gram, lasso_problem, lasso_select,
                                least_squares, relative_error, squared_error)
-from chanprune.stats import Moments
+from chanprune.stats import Moments, block_indices
 
 C, K, N_OUT, N = 8, 4, 6, 600
 

@@ -23,7 +23,7 @@ from torch import fx
 from ..data import iterate_batches, validate_images
 from ..errors import ChanpruneError
 from ..graph import ChannelGraph, NodeLayout, Reader
-from ..stats import GroupedMoments, Moments, Positions, reader_dim, reader_samples, sample_output, sample_positions
+from ..stats import GroupedMoments, Moments, block_indices, Positions, reader_dim, reader_samples, sample_output, sample_positions
 from .frontier import Frontier, without_inplace
 from .store import BatchStore
 
@@ -362,7 +362,7 @@ def _axis_index(layout: NodeLayout, group: str, keep: torch.Tensor, widths: dict
         offset += widths[g]
     index = torch.cat(parts)
     if layout.flat_size:
-        index = (index[:, None] * layout.flat_size + torch.arange(layout.flat_size)[None]).reshape(-1)
+        index = block_indices(index, layout.flat_size)
     return index
 
 

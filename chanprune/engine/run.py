@@ -22,9 +22,9 @@ from ..errors import ChanpruneError
 from ..factorize import Ranks, channel_factors, least_squares_on, spatial_factors, window_map
 from ..graph import ChannelGraph, ChannelGroup, Reader
 from ..selection import STRATEGIES, ReaderProblem, SelectionProblem
-from ..solvers import (block_indices, heldout_least_squares, least_squares, output_errors, relative_error,
+from ..solvers import (heldout_least_squares, least_squares, output_errors, relative_error,
                        squared_error)
-from ..stats import GroupedMoments, Moments
+from ..stats import GroupedMoments, Moments, block_indices
 from ..surgery import Plan, PlanOp, folded_weight, replay, write_folded
 from .calibration import Calibration
 from .resume import ResumeDir, UnitRecord
@@ -67,6 +67,7 @@ class PruneRun:
         self.work: fx.GraphModule = copy.deepcopy(graph.gm).to(device)
         self.plan = plan or Plan()
         self.first_op = len(self.plan.ops)
+        self.plan.ops += [PlanOp(r.op, r.target, r.index) for r in graph.rewrites]  # already done in graph.gm
         self.widths = {g.name: g.channels for g in graph.groups}
         self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
         self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels

@@ -1,0 +1,34 @@
+"""Tracing a model with torch.fx the way chanprune reads it: its own layers and norms as leaves."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .errors import ChanpruneError
+from .graph_ops import FOLLOWER_NORMS
+from .layers import SelectedConv2d
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of BatchNorm
+    and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise activation)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (SelectedConv2d, nn.Linear, *FOLLOWER_NORMS)) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model``; a clear error if torch.fx cannot."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # fx raises many types on dynamic control flow
+        raise ChanpruneError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {first_line(err)}); "
+            "remove data-dependent control flow from forward() or wrap it in a leaf module") from err
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's often run to many lines)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
