@@ -547,14 +547,19 @@ class CircularConv(Base):
 
 
 def channel_shuffle(x: torch.Tensor) -> torch.Tensor:
-    """ShuffleNet's interleaving of two channel groups (view / transpose / reshape), which
-    chanprune does not track."""
+    """ShuffleNet's interleaving of two channel groups (view / transpose / reshape); chanprune
+    rewrites it as slices only where the layers downstream can follow the new order."""
     n, c, h, w = x.shape
     return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class ChannelShuffle(Base):
-    """conv1's channels shuffled before conv2."""
+    """conv1's channels shuffled before a grouped conv2, whose conv groups could not take them in
+    another order, so the shuffle stays (before a dense conv it is rewritten as slices and
+    prunes: tests/test_shuffle.py)."""
+
+    def make_conv2(self):
+        return nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
 
     def op(self, x):
         return channel_shuffle(x)
