@@ -204,16 +204,15 @@ def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: li
     if node.op == "call_module":
         return _carry_module(node, modules[node.target], orders, steps)
     handler = OPS.lookup(node, None) if node.op in ("call_function", "call_method") else None
-    carried = [a for a in node.all_input_nodes if a in orders]
+    first = node.args[0] if node.args else None
+    alone = [a for a in node.all_input_nodes if a in orders] == [first]  # only the first argument carries
     if handler is shape_query:
         return True
-    if handler is passthrough:
-        if carried != [node.args[0]]:
-            return False
-        orders[node] = orders[node.args[0]]
+    if handler is passthrough and alone:
+        orders[node] = orders[first]
         return True
-    if handler is split and _channel_split(node) and carried == [node.args[0]]:
-        order, parts = orders[node.args[0]], []
+    if handler is split and alone and _channel_split(node):
+        order, parts = orders[first], []
         for lo, hi in _split_ranges(node):
             part = order[lo:hi] - lo
             if bool(((part < 0) | (part >= hi - lo)).any()):
@@ -221,8 +220,8 @@ def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: li
             parts.append(None if _in_order(part) else part)
         orders[node] = parts
         return True
-    if handler is getitem and isinstance(orders.get(node.args[0]), list) and isinstance(node.args[1], int):
-        part = orders[node.args[0]][node.args[1]]
+    if handler is getitem and alone and isinstance(orders[first], list) and isinstance(node.args[1], int):
+        part = orders[first][node.args[1]]
         if part is not None:
             orders[node] = part
         return True
@@ -243,15 +242,17 @@ def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: li
 
 
 def _carry_tie(node: fx.Node, orders: dict) -> bool:
-    """An add or multiply passes the order on when every operand with channels has the same one."""
-    order = None
+    """An add or multiply passes the order on when every operand has it or is the same for every
+    channel (a number, or a tensor that broadcasts along the channel axis)."""
+    order, out = None, _shape(node)
     for value in node.all_input_nodes:
         shape = _shape(value)
         if value in orders:
             if isinstance(orders[value], list) or (order is not None and not torch.equal(order, orders[value])):
                 return False
             order = orders[value]
-        elif shape is not None and len(shape) > 1 and shape[1] != 1:
+        elif out is None or shape is None or len(out) < 2 or \
+                ((1,) * (len(out) - len(shape)) + shape)[1] != 1:  # a layer scale (C, 1, 1) holds channels
             return False
     orders[node] = order
     return True

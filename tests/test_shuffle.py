@@ -88,6 +88,37 @@ class ShuffleToLinear(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 4), 1))
 
 
+class PermuteShuffle(nn.Module):
+    """A shuffle written with ``permute`` and ``flatten``, three groups, before a dense conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        n, c, h, w = y.shape
+        y = y.view(n, 3, c // 3, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+        return self.fc(torch.relu(self.conv2(y)).mean((2, 3)))
+
+
+class ShuffleThenScale(nn.Module):
+    """A shuffle whose channels a per-channel parameter multiplies, in the original order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 8).reshape(8, 1, 1))
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = channel_shuffle(torch.relu(self.conv1(x)), 2) * self.scale
+        return self.fc(torch.relu(self.conv2(y)).mean((2, 3)))
+
+
 def images(n: int = 48) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(3))
 
@@ -153,6 +184,26 @@ def test_a_shuffle_whose_channels_cannot_be_permuted_stays_unpruned():
     assert graph.rewrites == []
     conv = graph.group("conv")
     assert not conv.prunable and any("view" in reason for reason in conv.blocked_by)
+
+
+def test_a_shuffle_written_with_permute_and_flatten_is_rewritten_too(tmp_path):
+    model, x = randomise(PermuteShuffle(), 0), images()
+    graph = build_graph(model, x[:1])
+    assert [(r.op, r.target) for r in graph.rewrites] == [("slice_shuffle", "flatten"), ("permute_inputs", "conv2")]
+    pruned, _ = prune(model, x, None, widths={"conv2": 6}, method="max_response", reconstruct=False,
+                      progress=False)
+    reference, zeroed = zeroed_reference(model, provenance(pruned).plan)
+    assert zeroed == 6 and pruned.conv1.out_channels == 6
+    torch.testing.assert_close(in_float64(pruned, x), in_float64(reference, x), rtol=1e-10, atol=1e-10)
+    assert_round_trips(pruned, randomise(PermuteShuffle(), 5), x, tmp_path, onnx=False)
+
+
+def test_a_shuffle_scaled_per_channel_afterwards_is_not_rewritten():
+    """The scale holds its channels in the shuffled order, which a rewrite would move."""
+    model, x = randomise(ShuffleThenScale(), 0), images()
+    with pytest.warns(UserWarning, match="view"):
+        graph = build_graph(model, x[:1])
+    assert graph.rewrites == [] and not graph.group("conv1").prunable
 
 
 def test_plans_that_rewrite_what_is_not_a_shuffle_are_refused():
