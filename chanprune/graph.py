@@ -26,7 +26,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -189,9 +189,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
     builder = _Builder(gm)
     for node in gm.graph.nodes:
         builder.visit(node)
-    graph = builder.finish(tuple(example.shape), warn)
-    graph.rewrites = rewrites
-    return graph
+    return replace(builder.finish(tuple(example.shape), warn), rewrites=rewrites)
 
 
 PROBE_SIZES = (8, 16, 32, 64, 128, 224, 256, 512)

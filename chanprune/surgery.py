@@ -17,8 +17,8 @@ from torch import fx, nn
 
 from .errors import ChanpruneError
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
-from .stats import block_indices
 from .shuffle import REWRITE_OPS, Rewrite, apply_rewrite
+from .stats import block_indices
 from .tracing import trace
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -321,7 +321,9 @@ class PlanOp:
     """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
     (and, for a Linear after flatten, the ``channel_size`` features each channel owns; for
     ``scatter_outputs``, the width the outputs are scattered into). ``cut_channels`` names a
-    traced node instead of a layer, and ``keep`` is (channel axis, cut positions...)."""
+    traced node instead of a layer, and ``keep`` is (channel axis, cut positions...); the steps
+    that rewrite a channel shuffle (:data:`chanprune.shuffle.REWRITE_OPS`) keep their slices or
+    channel order in ``keep``."""
 
     op: str
     layer: str

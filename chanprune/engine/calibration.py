@@ -23,7 +23,8 @@ from torch import fx
 from ..data import iterate_batches, validate_images
 from ..errors import ChanpruneError
 from ..graph import ChannelGraph, NodeLayout, Reader
-from ..stats import GroupedMoments, Moments, block_indices, Positions, reader_dim, reader_samples, sample_output, sample_positions
+from ..stats import (GroupedMoments, Moments, Positions, block_indices, reader_dim, reader_samples, sample_output,
+                     sample_positions)
 from .frontier import Frontier, without_inplace
 from .store import BatchStore
 
