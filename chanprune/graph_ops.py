@@ -445,15 +445,16 @@ def split(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None
 
 @OPS.register(functions=(torch.cat,))
 def concat(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
-    """``cat`` along channels lays its inputs' groups side by side."""
+    """``cat`` along the channel axis (1, or the last axis of channels-last values) lays its
+    inputs' groups side by side."""
     parts = node.args[0]
     dim = _arg(node, 1, "dim", 0)
     held = b.tags.get(parts) if isinstance(parts, fx.Node) else None
     tags = list(held.tags) if isinstance(held, Pieces) else \
         [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
     ndim = len(node.meta["tensor_meta"].shape)
-    if all(_plain_channels(t) for t in tags) and dim % ndim == 1:
-        return Tag(tuple(g for t in tags for g in t.segments))
+    if all(t is not None and t.flat_size is None and t.axis == dim % ndim for t in tags):  # NCHW, or channels last
+        return Tag(tuple(g for t in tags for g in t.segments), dim % ndim)
     if isinstance(held, Pieces):
         b.block(held, f"{node.name} concatenates channels chanprune cannot track")
     for t in tags:

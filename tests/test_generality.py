@@ -86,6 +86,7 @@ CASES = [
     ("timm:ghostnet_050", 32, SUPPORTED),
     ("timm:mixnet_s", 32, SUPPORTED),  # mixed-kernel convs: channels split into pieces, concatenated, added
     ("timm:fastvit_t8", 32, SUPPORTED),  # depthwise convs with a channel multiplier, layer scale on their blocks
+    ("timm:mambaout_femto", 32, SUPPORTED),  # channels-last gated blocks: a split and a cat along the last axis
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -321,6 +322,18 @@ def test_channel_shuffles_are_pruned_through(libraries):
     for name in ("stage2.1.branch2.0", "stage3.0.branch1.2", "conv5.0"):  # after a chunk, a shuffle, the last
         assert pruned.get_submodule(name).in_channels < model.get_submodule(name).in_channels, name
     assert not any(n.target == "transpose" or n.target is torch.transpose for n in pruned.graph.nodes)
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_channels_last_gates_lose_hidden_channels(libraries):
+    """MambaOut's gated blocks split fc1's channels-last output into a gate and two pieces that are
+    concatenated along the last axis again (it was refused: nothing prunable): the hidden channels
+    of every block now lose channels."""
+    spec = "timm:mambaout_femto"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, report = prune_as_expected(spec, model, x)
+    hidden = [name for name, m in model.named_modules() if name.endswith(".fc2")]
+    assert hidden and all(pruned.get_submodule(n).in_features < model.get_submodule(n).in_features for n in hidden)
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
 
 

@@ -5,6 +5,7 @@ matches its FLOPs report, saves, loads and exports."""
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -15,9 +16,10 @@ from chanprune import prune
 from chanprune.errors import ChanpruneError
 from chanprune.flops import count_flops
 from chanprune.graph import build_graph
+from chanprune.io.provenance import provenance
 from chanprune.surgery import PlanOp, apply_op
 
-from conftest import assert_round_trips, prune_groups_directly, randomise
+from conftest import assert_round_trips, prune_groups_directly, randomise, zeroed_reference
 
 SHAPE = (3, 12, 12)
 DEAD_STEM = (7, 12)  # stem channels (both in the second split piece) that are zero everywhere
@@ -188,3 +190,41 @@ def test_a_concatenation_added_to_one_group_ties_piece_by_piece(tmp_path):
     assert pruned.stem.out_channels == pruned.a.out_channels + pruned.b.out_channels == pruned.out.in_channels
     assert report.flops_after == count_flops(pruned, (1, *SHAPE))
     assert_round_trips(pruned, randomise(CatPlusTrunk(), 5), x, tmp_path, onnx=False)
+
+
+class ChannelsLastGate(nn.Module):
+    """MambaOut's gated block on channels-last values: fc1's output split along the last axis into
+    a gate g (6), a kept piece i (2) and a piece c (4) that a depthwise conv mixes in NCHW; the
+    gate multiplies ``cat((i, c), -1)``, which fc2 reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 12)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc2 = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x)).permute(0, 2, 3, 1)
+        g, i, c = torch.split(self.fc1(y), [6, 2, 4], dim=-1)
+        c = self.dw(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        z = self.fc2(nn.functional.gelu(g) * torch.cat((i, c), dim=-1))
+        return self.head(z.mean((1, 2)))
+
+
+def test_a_concatenation_along_the_last_axis_of_channels_last_values_prunes(tmp_path):
+    model, x = randomise(ChannelsLastGate(), 0), images()
+    graph = build_graph(model, x[:1])
+    # the gate is cut to match i and c, and each gate piece is tied to the piece it multiplies
+    assert graph.out_layouts["fc1"] == ["fc1[0:2]", "fc1[2:6]", "fc1[0:2]", "fc1[2:6]"]
+    assert graph.group("fc1[2:6]").followers == ["dw"] and graph.group("fc1[0:2]").prunable
+    pruned, _ = prune(model, x, None, widths={"group:fc1[0:2]": 1, "group:fc1[2:6]": 3}, method="max_response",
+                      reconstruct=False, progress=False)
+    assert (pruned.fc1.out_features, pruned.dw.out_channels, pruned.fc2.in_features) == (8, 3, 4)
+    reference, zeroed = zeroed_reference(model, provenance(pruned).plan)
+    assert zeroed > 0
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(pruned).double()(x.double()), reference.double()(x.double()),
+                                   rtol=1e-10, atol=1e-10)
+    assert_round_trips(pruned, randomise(ChannelsLastGate(), 5), x, tmp_path, onnx=False)
