@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from .layers import SelectedConv2d
+from .layers import SelectedConv2d, own_forward
 
 if TYPE_CHECKING:
     from .graph import ChannelGroup, _Builder
@@ -200,6 +200,9 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     name, layer = node.target, b.modules[node.target]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
+    if own_forward(layer) and not (layer.groups == layer.in_channels == layer.out_channels and usable
+                                   and _convolves(layer, tuple(node.args[0].meta["tensor_meta"].shape))):
+        return _conv_with_own_forward(b, node, main)
     if layer.groups == 1:
         if usable and layer.padding_mode == "zeros":
             b.read(node, main, "conv")
@@ -226,6 +229,47 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     else:  # depthwise, with a channel multiplier or on channels chanprune does not track
         b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
     return out
+
+
+def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None) -> Tag | None:
+    """A conv with a forward of its own (timm's Conv2dSame) writes a group like any conv when its
+    output is a convolution of its input with its weights, but its input stays whole: the samples
+    of its input would need the padding its forward computes. (As a depthwise conv it follows.)"""
+    name, layer = node.target, b.modules[node.target]
+    kind = type(layer).__name__
+    b.block(main, f"{name} ({kind}) reads its input in a forward of its own")
+    out = b.new_group(node)
+    if not _convolves(layer, tuple(node.args[0].meta["tensor_meta"].shape)):
+        b.block(out, f"{name} ({kind}) is not a plain convolution of its input")
+    elif 1 < layer.groups < layer.in_channels:
+        out.segments[0].conv_groups = layer.groups
+    elif layer.groups > 1:
+        b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
+    return out
+
+
+def _convolves(layer: nn.Conv2d, shape: tuple[int, ...]) -> bool:
+    """Whether ``layer`` computes a convolution of a random input of ``shape`` with its weights,
+    zero-padded as its settings say or as TensorFlow's 'SAME' does (checked, not assumed)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(layer.weight)
+    with torch.no_grad():
+        y = layer(x)
+        tf_same = []
+        for size, k, s, d in zip(reversed(shape[2:]), reversed(layer.kernel_size), reversed(layer.stride),
+                                 reversed(layer.dilation)):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            tf_same += [total // 2, total - total // 2]
+        paddings = [(tf_same, 0)] + ([((), layer.padding)] if layer.padding_mode == "zeros" else [])
+        scale = 1e-5 * (1 + float(y.abs().max()))
+        for pad, padding in paddings:
+            try:
+                c = nn.functional.conv2d(nn.functional.pad(x, pad) if pad else x, layer.weight, layer.bias,
+                                         layer.stride, padding, layer.dilation, layer.groups)
+            except RuntimeError:  # a kernel larger than the unpadded input
+                continue
+            if c.shape == y.shape and bool(torch.allclose(c, y, rtol=1e-4, atol=scale)):
+                return True
+    return False
 
 
 @OPS.register(modules=(nn.Linear,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -100,13 +102,36 @@ class FactorizedConv2d(nn.Sequential):
         return self[-1].weight
 
 
+def own_forward(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is another library's Conv2d subclass with a forward of its own (timm's
+    Conv2dSame pads its input there, by an amount that depends on the input's size)."""
+    return type(conv).forward is not nn.Conv2d.forward and not isinstance(conv, SelectedConv2d)
+
+
 def conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int | None = None,
               index: torch.Tensor | None = None) -> nn.Conv2d:
-    """A fresh conv with ``conv``'s geometry and new channel counts; keeps (or sets) a channel select."""
+    """A fresh conv with ``conv``'s geometry and new channel counts (weights uninitialised); keeps
+    (or sets) a channel select, and the class of a conv with its own forward."""
     args = (out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups if groups is None else groups, conv.bias is not None, conv.padding_mode)
     if index is None and isinstance(conv, SelectedConv2d):
         index = conv.index
     if index is not None:
         return SelectedConv2d(index, *args)
+    if own_forward(conv):
+        return _resized(conv, in_channels, out_channels, args[5])
     return nn.Conv2d(in_channels, *args)
+
+
+def _resized(conv: nn.Conv2d, in_channels: int, out_channels: int, groups: int) -> nn.Conv2d:
+    """A copy of ``conv`` (its class and settings) with new channel counts and empty weights."""
+    weight, bias = conv.weight, conv.bias
+    conv.weight, conv.bias = None, None  # not copied
+    try:
+        new = copy.deepcopy(conv)
+    finally:
+        conv.weight, conv.bias = weight, bias
+    new.in_channels, new.out_channels, new.groups = in_channels, out_channels, groups
+    new.weight = nn.Parameter(weight.new_empty(out_channels, in_channels // groups, *conv.kernel_size))
+    new.bias = nn.Parameter(bias.new_empty(out_channels)) if bias is not None else None
+    return new

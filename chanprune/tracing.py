@@ -6,15 +6,15 @@ from torch import fx, nn
 
 from .errors import ChanpruneError
 from .graph_ops import FOLLOWER_NORMS
-from .layers import SelectedConv2d
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of BatchNorm
-    and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise activation)."""
+    """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of Conv2d,
+    BatchNorm and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise
+    activation; its Conv2dSame, whose padding depends on the input's size, which fx cannot trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (SelectedConv2d, nn.Linear, *FOLLOWER_NORMS)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -87,6 +87,7 @@ CASES = [
     ("timm:mixnet_s", 32, SUPPORTED),  # mixed-kernel convs: channels split into pieces, concatenated, added
     ("timm:fastvit_t8", 32, SUPPORTED),  # depthwise convs with a channel multiplier, layer scale on their blocks
     ("timm:mambaout_femto", 32, SUPPORTED),  # channels-last gated blocks: a split and a cat along the last axis
+    ("timm:tf_efficientnet_b0", 32, SUPPORTED),  # Conv2dSame: padding computed in forward (traced as a leaf)
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
