@@ -76,6 +76,7 @@ def plan_ranks(model: nn.Module, flop_model: FlopModel, units: list[Unit], width
         for r in unit.readers:
             conv = model.get_submodule(r.name)
             if unit.writer is not None or r.kind != "conv" or not isinstance(conv, nn.Conv2d) or conv.groups != 1 \
+                    or r.pads is not None \
                     or len(flop_model.graph.layouts[r.name]) != 1 or r.name in flop_model.graph.depthwise:
                 continue
             frac_in, frac_out = flop_model.fractions(widths, r.name)

@@ -50,7 +50,9 @@ class Reader:
     every block. ``channel_size`` input features belong to one channel (H*W for a Linear after flatten);
     ``layout`` says where the channel axis is ("nchw", "nc" or "nhwc"); ``bn`` is a BatchNorm
     applied directly to the reader's output (folded into its targets); ``shortcut`` names the fx
-    node added to the reader's (BN's) output by a residual add, when there is one.
+    node added to the reader's (BN's) output by a residual add, when there is one; ``pads`` is the
+    (left, right, top, bottom) zero padding a conv with a forward of its own applies (timm's
+    Conv2dSame; None: the conv's settings say), so it takes no channel select either.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Reader:
     input_node: str = ""
     output_node: str = ""
     groups: int = 1
+    pads: tuple[int, int, int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -428,11 +431,11 @@ class _Builder:
             g.root().followers.append(name)
 
     def read(self, node: fx.Node, tag: Tag, kind: str, channel_size: int = 1, layout: str = "nchw",
-             groups: int = 1) -> None:
+             groups: int = 1, pads: tuple[int, int, int, int] | None = None) -> None:
         """Make the layer called by ``node`` a reader of the groups in ``tag`` (a group held
         twice, as a Ghost module's ``cat([x, cheap(x)])``, loses the same channels in both places)."""
         reader = Reader(node.target, kind, channel_size, layout, input_node=node.args[0].name, output_node=node.name,
-                        groups=groups)
+                        groups=groups, pads=pads)
         self.readers[reader.name] = (reader, list(tag.segments))
         for root in dict.fromkeys(g.root() for g in tag.segments):
             root.readers.append(reader)

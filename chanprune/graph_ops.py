@@ -201,7 +201,7 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
     if own_forward(layer) and not (layer.groups == layer.in_channels == layer.out_channels and usable
-                                   and _convolves(layer, tuple(node.args[0].meta["tensor_meta"].shape))):
+                                   and _padding(layer, tuple(node.args[0].meta["tensor_meta"].shape)) is not None):
         return _conv_with_own_forward(b, node, main)
     if layer.groups == 1:
         if usable and layer.padding_mode == "zeros":
@@ -232,25 +232,34 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
 
 
 def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None) -> Tag | None:
-    """A conv with a forward of its own (timm's Conv2dSame) writes a group like any conv when its
-    output is a convolution of its input with its weights, but its input stays whole: the samples
-    of its input would need the padding its forward computes. (As a depthwise conv it follows.)"""
+    """A conv with a forward of its own (timm's Conv2dSame) reads and writes groups like any conv
+    once its output is checked to be a convolution of its input with its weights: its samples are
+    taken with the padding found (:attr:`Reader.pads`). Otherwise both sides stay whole. (As a
+    depthwise conv it follows, see :func:`conv`.)"""
     name, layer = node.target, b.modules[node.target]
     kind = type(layer).__name__
-    b.block(main, f"{name} ({kind}) reads its input in a forward of its own")
-    out = b.new_group(node)
-    if not _convolves(layer, tuple(node.args[0].meta["tensor_meta"].shape)):
+    pads = _padding(layer, tuple(node.args[0].meta["tensor_meta"].shape))
+    if pads is None:
+        b.block(main, f"{name} ({kind}) is not a plain convolution of its input")
+        out = b.new_group(node)
         b.block(out, f"{name} ({kind}) is not a plain convolution of its input")
-    elif 1 < layer.groups < layer.in_channels:
+        return out
+    if _plain_channels(main) and layer.groups < layer.in_channels:
+        b.read(node, main, "conv", groups=layer.groups, pads=pads)
+    else:
+        b.block(main, f"{name} ({kind}, {layer.groups} groups) reads channels chanprune cannot follow into it")
+    out = b.new_group(node)
+    if 1 < layer.groups < layer.in_channels:
         out.segments[0].conv_groups = layer.groups
     elif layer.groups > 1:
         b.block(out, f"{name} is a grouped conv ({layer.groups} groups): its output channels stay whole")
     return out
 
 
-def _convolves(layer: nn.Conv2d, shape: tuple[int, ...]) -> bool:
-    """Whether ``layer`` computes a convolution of a random input of ``shape`` with its weights,
-    zero-padded as its settings say or as TensorFlow's 'SAME' does (checked, not assumed)."""
+def _padding(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """The (left, right, top, bottom) zero padding with which ``layer`` computes a convolution of a
+    random input of ``shape`` with its weights: TensorFlow's 'SAME', or what its settings say
+    (checked, not assumed); None when it computes something else."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(layer.weight)
     with torch.no_grad():
         y = layer(x)
@@ -259,17 +268,20 @@ def _convolves(layer: nn.Conv2d, shape: tuple[int, ...]) -> bool:
                                  reversed(layer.dilation)):
             total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
             tf_same += [total // 2, total - total // 2]
-        paddings = [(tf_same, 0)] + ([((), layer.padding)] if layer.padding_mode == "zeros" else [])
+        paddings = [tuple(tf_same)]
+        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            ph, pw = layer.padding
+            paddings.append((pw, pw, ph, ph))
         scale = 1e-5 * (1 + float(y.abs().max()))
-        for pad, padding in paddings:
+        for pads in paddings:
             try:
-                c = nn.functional.conv2d(nn.functional.pad(x, pad) if pad else x, layer.weight, layer.bias,
-                                         layer.stride, padding, layer.dilation, layer.groups)
-            except RuntimeError:  # a kernel larger than the unpadded input
+                c = nn.functional.conv2d(nn.functional.pad(x, pads), layer.weight, layer.bias, layer.stride, 0,
+                                         layer.dilation, layer.groups)
+            except RuntimeError:  # a kernel larger than the padded input
                 continue
             if c.shape == y.shape and bool(torch.allclose(c, y, rtol=1e-4, atol=scale)):
-                return True
-    return False
+                return pads
+    return None
 
 
 @OPS.register(modules=(nn.Linear,))

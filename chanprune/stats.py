@@ -253,12 +253,14 @@ def sample_positions(image_ids: torch.Tensor, height: int, width: int, per_image
     return Positions(image, flat // width, flat % width)
 
 
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions ``pos``: (P, c*kh*kw), channel-major like the weight."""
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions,
+                 pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Input patches of ``conv`` at output positions ``pos``: (P, c*kh*kw), channel-major like the
+    weight; ``pads`` (left, right, top, bottom) for a conv that pads in its own forward."""
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    left, _, top, _ = _conv_padding(conv)
+    left, _, top, _ = pads if pads is not None else _conv_padding(conv)
     device = x.device
     # positions in the unpadded input; those in the zero padding read a clamped pixel, then zeroed
     # (no padded copy of the whole map is made)
@@ -336,7 +338,7 @@ def reader_samples(layer: nn.Module, reader: Reader, x: torch.Tensor, pos: Posit
     if isinstance(layer, nn.Conv2d):
         if isinstance(layer, SelectedConv2d):
             x = x.index_select(1, layer.index)
-        return conv_patches(layer, x, pos)
+        return conv_patches(layer, x, pos, reader.pads)
     if reader.layout == "nhwc":
         return x[pos.image, pos.row, pos.col]
     return x.reshape(len(x), -1)[pos.image]

@@ -35,7 +35,8 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
 
     Prunable groups become units, except residual trunks under ``trunk="keep"`` or ``"fine"``.
     With feature-map sampling, each conv reading a group that stays whole (a kept trunk, or
-    channels blocked by an op chanprune cannot prune through) becomes a select unit of its own;
+    channels blocked by an op chanprune cannot prune through) becomes a select unit of its own
+    (not one that pads in its own forward: a select would replace that forward);
     under ``trunk="fine"`` every conv reading a trunk does, and every writer that can write a
     subset of it (:func:`fine_writers`) becomes a write unit, after the unit that refits it.
     """
@@ -51,7 +52,7 @@ def pruning_units(graph: ChannelGraph, cfg: PruneConfig) -> list[Unit]:
         elif cfg.feature_map_sampling or fine:
             units += [Unit(g, r) for r in g.readers
                       if r.kind == "conv" and r.groups == 1 and r.channel_size == 1 and len(graph.layouts[r.name]) == 1
-                      and not _excluded([r.name], cfg.exclude)]
+                      and r.pads is None and not _excluded([r.name], cfg.exclude)]
         if fine:
             units += [Unit(g, writer=w) for w in fine_writers(graph, g) if not _excluded([w.name], cfg.exclude)]
     return sorted(units, key=lambda u: (min(graph.order[r.name] for r in u.readers), u.kind == "write"))
@@ -65,7 +66,8 @@ def fine_writers(graph: ChannelGraph, trunk: ChannelGroup) -> list[Reader]:
     entries = {r.name: r for g in graph.groups for r in g.readers}
     reads_trunk = {r.name for r in trunk.readers}
     return [entries[w] for w in trunk.writers
-            if w in entries and entries[w].shortcut and entries[w].kind == "conv" and trunk.block_of(w) == 1
+            if w in entries and entries[w].shortcut and entries[w].kind == "conv" and entries[w].pads is None
+            and trunk.block_of(w) == 1
             and w not in graph.depthwise and w not in reads_trunk and w not in graph.out_layouts]
 
 

@@ -1,7 +1,8 @@
 """Convs with a forward of their own (timm's Conv2dSame: TensorFlow's 'SAME' padding, computed
-from the input's size in forward, which torch.fx cannot trace): traced as leaves, they write and
-follow channels like any conv (checked to be a convolution first), their input stays whole, and
-the pruned model keeps their class; a subclass that is not a plain convolution is left whole."""
+from the input's size in forward, which torch.fx cannot trace): traced as leaves and checked to be
+a convolution, they read, write and follow channels like any conv (their input samples taken with
+the padding found), and the pruned model keeps their class; a subclass that is not a plain
+convolution is left whole."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from chanprune import prune
+from chanprune.config import PruneConfig
 from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
+from chanprune.units import pruning_units
 
-from conftest import assert_round_trips, randomise, zeroed_reference
+from conftest import assert_round_trips, prune_groups_directly, randomise, zeroed_reference
 
 
 class SameConv2d(nn.Conv2d):
@@ -38,12 +41,15 @@ class SameConv2d(nn.Conv2d):
 class DoubledConv2d(nn.Conv2d):
     """Not a plain convolution: twice one."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=2, **kwargs)
+
     def forward(self, x):
         return 2 * super().forward(x)
 
 
 class SameNet(nn.Module):
-    """stem (SAME, stride 2) → BN → depthwise (SAME, stride 2) → BN → 1x1 → SAME 3x3 reader → head."""
+    """stem (SAME, stride 2) → BN → depthwise (SAME, stride 2) → BN → 1x1 → SAME 5x5 reader → head."""
 
     def __init__(self, reader: type[nn.Conv2d] = SameConv2d):
         super().__init__()
@@ -52,7 +58,7 @@ class SameNet(nn.Module):
         self.dw = SameConv2d(8, 8, 3, stride=2, groups=8, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
         self.pw = nn.Conv2d(8, 12, 1)
-        self.conv = reader(12, 10, 3, stride=2)
+        self.conv = reader(12, 10, 5, stride=2)
         self.fc = nn.Linear(10, 5)
 
     def forward(self, x):
@@ -71,23 +77,33 @@ def in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return copy.deepcopy(model).double()(x.double())
 
 
-def test_convs_with_their_own_padding_write_and_follow_channels():
+def test_convs_with_their_own_padding_read_write_and_follow_channels():
     graph = build_graph(randomise(SameNet(), 0), images(1))
     stem, pw, conv = graph.group("stem"), graph.group("pw"), graph.group("conv")
     assert stem.prunable and stem.followers == ["bn1", "dw", "bn2"] and [r.name for r in stem.readers] == ["pw"]
-    assert not pw.prunable and pw.blocked_by == ["conv (SameConv2d) reads its input in a forward of its own"]
-    assert conv.prunable  # what it writes prunes
+    assert pw.prunable and [r.name for r in pw.readers] == ["conv"]
+    assert pw.readers[0].pads == (1, 2, 1, 2)  # 'SAME' for a 5x5 stride-2 conv on 4x4: 3 rows, 1 before
+    assert stem.readers[0].pads is None and conv.prunable
+
+
+def test_refitting_a_reader_that_pads_in_its_forward_keeps_its_function():
+    """Least squares at full width recovers the weights only if the samples were padded as the
+    conv's forward pads."""
+    model, x = randomise(SameNet(), 0), images(200)
+    same, _, _, _ = prune_groups_directly(model, x, {"pw": 12}, method="greedy")
+    assert type(same.conv) is SameConv2d
+    torch.testing.assert_close(in_float64(same, x), in_float64(model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_dropping_channels_they_write_is_exact_and_keeps_their_class(tmp_path):
     model, x = randomise(SameNet(), 0), images()
-    pruned, _ = prune(model, x, None, widths={"pw": 5, "fc": 6}, method="max_response", reconstruct=False,
-                      progress=False)
+    pruned, _ = prune(model, x, None, widths={"pw": 5, "conv": 7, "fc": 6}, method="max_response",
+                      reconstruct=False, progress=False)
     assert type(pruned.stem) is SameConv2d and type(pruned.dw) is SameConv2d and type(pruned.conv) is SameConv2d
     assert (pruned.stem.out_channels, pruned.dw.groups, pruned.pw.in_channels) == (5, 5, 5)
-    assert pruned.conv.out_channels == 6
+    assert (pruned.pw.out_channels, pruned.conv.in_channels, pruned.conv.out_channels) == (7, 7, 6)
     reference, zeroed = zeroed_reference(model, provenance(pruned).plan)
-    assert zeroed == 3 + 4
+    assert zeroed == 3 + 5 + 4
     torch.testing.assert_close(in_float64(pruned, x), in_float64(reference, x), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(in_float64(model, x), in_float64(reference, x), rtol=1e-4)
     assert_round_trips(pruned, randomise(SameNet(), 5), x, tmp_path)
@@ -98,3 +114,12 @@ def test_a_subclass_that_is_not_a_plain_convolution_stays_whole():
         graph = build_graph(randomise(SameNet(DoubledConv2d), 0), images(1))
     assert not graph.group("conv").prunable and not graph.group("pw").prunable
     assert graph.group("stem").prunable
+
+
+def test_a_reader_that_pads_in_its_forward_takes_no_channel_select():
+    """Feature-map sampling would put it behind a SelectedConv2d, which pads as a plain conv."""
+    model, x = randomise(SameNet(), 0), images()
+    units = pruning_units(build_graph(model, x[:1]), PruneConfig(exclude=("pw",), feature_map_sampling=True))
+    assert [(u.name, u.reader) for u in units] == [("conv", None)]  # no select unit: conv reads all of pw's
+    pruned, _ = prune(model, x, None, widths={"fc": 6}, exclude=("pw",), feature_map_sampling=True, progress=False)
+    assert type(pruned.conv) is SameConv2d and (pruned.conv.in_channels, pruned.conv.out_channels) == (12, 6)
