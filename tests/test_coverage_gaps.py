@@ -29,7 +29,7 @@ from chanprune.selection import STRATEGIES, ReaderProblem, SelectionProblem
 from chanprune.solvers import backward_elimination, least_squares, relative_error, squared_error
 from chanprune.stats import Moments
 
-from conftest import make_tiny, randomise, random_images, rel_error
+from conftest import assert_round_trips, make_tiny, randomise, random_images, rel_error
 
 # ------------------------------------------------------------------------------------------------
 # 1. the resnet-paper allocation preset
@@ -676,6 +676,35 @@ class AllBlocked(nn.Module):
 
     def forward(self, x):
         return self.fc(channel_shuffle(F.relu(self.conv1(x))).mean((2, 3)))
+
+
+class Blurred(nn.Module):
+    """A fixed blur filter kept out of the state dict (timm's BlurPool2d), applied with F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("filt", torch.full((8, 1, 3, 3), 1 / 9), persistent=False)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.conv3 = nn.Conv2d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.conv2d(F.relu(self.conv1(x)), self.filt, padding=1, groups=8)
+        return self.fc(F.relu(self.conv3(F.relu(self.conv2(x)))).mean((2, 3)))
+
+
+def test_a_buffer_kept_out_of_the_state_dict_survives_pruning(tmp_path):
+    """The trace holds such a buffer as an ordinary one; the pruned model (the user's class) still
+    has it, with its value, and saves and loads without it."""
+    model, images = seeded(Blurred), random_images(60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # conv1's channels stay whole: a conv2d call, not a layer
+        pruned, report = prune(model, images, 1.3, progress=False)
+    assert "filt" not in pruned.state_dict() and torch.equal(pruned.filt, model.filt)
+    assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels < 12
+    assert abs(report.speedup_achieved / 1.3 - 1) <= 0.02
+    assert_round_trips(pruned, seeded(Blurred), images, tmp_path, onnx=False)
 
 
 def test_nothing_prunable_is_a_chanprune_error():

@@ -404,7 +404,9 @@ class PruneRun:
         pruned = replay(copy.deepcopy(original), self.plan.ops[self.first_op:])
         # copied tensor by tensor: a model's own _load_from_state_dict (torchvision's MNASNet
         # rebuilds its stem for old checkpoint versions) must not see the traced copy's state
-        target = pruned.state_dict(keep_vars=True)
+        target = {**dict(pruned.named_buffers()), **pruned.state_dict(keep_vars=True)}
+        # (named_buffers: a buffer the model keeps out of its state dict, as timm's BlurPool2d keeps
+        # its filter, is an ordinary buffer of the trace)
         with torch.no_grad():
             for name, value in self.work.state_dict(keep_vars=True).items():
                 if name not in target:
