@@ -11,3 +11,9 @@ class UnreachableSpeedup(ChanpruneError):
 
 class SparseSamplesWarning(UserWarning):
     """Some layers were fitted on fewer than 3 samples per kept input: held-out error may be high."""
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as "Type: first line of its message" (torch's messages often run to many lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

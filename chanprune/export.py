@@ -23,18 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ChanpruneError
+from .errors import ChanpruneError, error_line
 from .extras import require
 from .files import write_atomically
 from .io.provenance import input_shape as recorded_input_shape
 
 INPUT_NAME = "input"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def resolve_input_shape(model: nn.Module | None, input_shape: Sequence[int] | None) -> tuple[int, ...]:
@@ -83,7 +78,7 @@ def _outputs(model: Callable[[torch.Tensor], Any], x: torch.Tensor, what: str = 
     try:
         out = model(x)
     except Exception as err:
-        raise ChanpruneError(f"{what} does not run on an input of shape {tuple(x.shape)} ({_first_line(err)}); "
+        raise ChanpruneError(f"{what} does not run on an input of shape {tuple(x.shape)} ({error_line(err)}); "
                              "check input_shape") from None
     outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else None
     if outs is None or not outs or not all(isinstance(o, torch.Tensor) for o in outs):
@@ -139,7 +134,7 @@ def _export_onnx_file(model: nn.Module, x: torch.Tensor, dest: Path, outputs: li
     except ChanpruneError:
         raise
     except Exception as err:
-        raise ChanpruneError(f"cannot export {type(model).__name__} to ONNX opset {opset} ({_first_line(err)}); "
+        raise ChanpruneError(f"cannot export {type(model).__name__} to ONNX opset {opset} ({error_line(err)}); "
                              "replace the unsupported operation, or try another opset or exporter") from None
 
 
@@ -171,7 +166,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] |
             try:
                 onnx.checker.check_model(str(tmp))
             except Exception as err:
-                raise ChanpruneError(f"the exported ONNX graph is invalid ({_first_line(err)})") from None
+                raise ChanpruneError(f"the exported ONNX graph is invalid ({error_line(err)})") from None
 
         return write_atomically(path, write)
 
@@ -198,7 +193,7 @@ def _session(path: str | Path, threads: int = 1, profile_prefix: str | None = No
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise ChanpruneError(f"ONNX Runtime cannot load {str(path)!r} ({_first_line(err)}); "
+        raise ChanpruneError(f"ONNX Runtime cannot load {str(path)!r} ({error_line(err)}); "
                              "re-create it with export_onnx") from None
 
 
@@ -221,7 +216,7 @@ def _run_session(session: Any, feed: dict[str, np.ndarray], path: str | Path) ->
     except Exception as err:
         x = next(iter(feed.values()))
         raise ChanpruneError(f"ONNX Runtime cannot run {str(path)!r} on an input of shape {x.shape} "
-                             f"({_first_line(err)}); was it exported with another input shape or "
+                             f"({error_line(err)}); was it exported with another input shape or "
                              "a fixed batch size (dynamic_batch=False)?") from None
 
 
@@ -257,7 +252,7 @@ def check_program(model: nn.Module, path: str | Path, input_shape: Sequence[int]
     try:
         loaded = torch.export.load(str(path)).module()
     except Exception as err:
-        raise ChanpruneError(f"cannot load {str(path)!r} as a torch.export archive ({_first_line(err)})") from None
+        raise ChanpruneError(f"cannot load {str(path)!r} as a torch.export archive ({error_line(err)})") from None
     shape = resolve_input_shape(model, input_shape)
     with _eval_mode(model):
         x = example_input(model, shape, batch_size, seed)
@@ -283,7 +278,7 @@ def export_program(model: nn.Module, path: str | Path, input_shape: Sequence[int
         try:
             program = torch.export.export(model, (x,), dynamic_shapes=dynamic)
         except Exception as err:
-            raise ChanpruneError(f"torch.export cannot capture {type(model).__name__} ({_first_line(err)}); "
+            raise ChanpruneError(f"torch.export cannot capture {type(model).__name__} ({error_line(err)}); "
                                  "see https://pytorch.org/docs/stable/export.html for what it supports") from None
 
         def write(tmp: Path) -> None:
@@ -292,7 +287,7 @@ def export_program(model: nn.Module, path: str | Path, input_shape: Sequence[int
             except OSError:
                 raise
             except Exception as err:
-                raise ChanpruneError(f"cannot save the exported program ({_first_line(err)})") from None
+                raise ChanpruneError(f"cannot save the exported program ({error_line(err)})") from None
             check = check_program(model, tmp, shape, 2 if dynamic_batch else batch_size, atol, rtol)
             if not check["ok"]:
                 raise ChanpruneError(f"the saved program's outputs differ from the model's by "

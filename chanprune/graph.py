@@ -32,10 +32,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ChanpruneError
+from .errors import ChanpruneError, error_line
 from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
 from .shuffle import Rewrite, without_shuffles
-from .tracing import first_line, trace
+from .tracing import trace
 
 OUTPUT_REASON = "its channels are a model output"
 WEIGHTED = (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS, nn.PReLU)  # modules whose weights follow their channels
@@ -185,7 +185,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
         ShapeProp(gm).propagate(example)
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
-                             f"({type(err).__name__}: {first_line(err)}); pass the right --input-size") from err
+                             f"({error_line(err)}); pass the right --input-size") from err
     gm, rewrites = without_shuffles(gm, example)
     if rewrites:
         ShapeProp(gm).propagate(example)
@@ -208,7 +208,7 @@ def check_runs(gm: fx.GraphModule, example: torch.Tensor) -> None:
             gm(example)
     except Exception as err:
         height, width = example.shape[-2:]
-        reason = f"{type(err).__name__}: {first_line(err)}"
+        reason = error_line(err)
         size = _size_that_runs(gm, example)
         if size is None:
             raise ChanpruneError(f"the model does not run on images of {height}x{width} ({reason}); check the "

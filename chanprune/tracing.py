@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .errors import ChanpruneError
+from .errors import ChanpruneError, error_line
 from .graph_ops import FOLLOWER_NORMS
 
 
@@ -23,12 +23,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as err:  # fx raises many types on dynamic control flow
         raise ChanpruneError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {first_line(err)}); "
+            f"cannot trace {type(model).__name__} with torch.fx ({error_line(err)}); "
             "remove data-dependent control flow from forward() or wrap it in a leaf module") from err
     return fx.GraphModule(model, graph, type(model).__name__)
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (torch's often run to many lines)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
