@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ChanpruneError
+from .outputs import output_tensors
 from .graph_ops import FOLLOWER_NORMS, OPS, concat, gating_tie, getitem, passthrough, residual_tie, shape_query, split
 
 REWRITE_OPS = ("slice_shuffle", "permute_inputs", "permute_channels")
@@ -337,18 +338,10 @@ def permute_layer(gm: fx.GraphModule, op: str, name: str, index: tuple[int, ...]
 
 
 def _same_outputs(before: fx.GraphModule, after: fx.GraphModule, example: torch.Tensor) -> bool:
-    """Whether the rewrite kept the model's function on ``example``."""
+    """Whether the rewrite kept the model's function on ``example`` (an output that is not made of
+    tensors cannot be checked, so it does not count as kept)."""
     with torch.no_grad():
-        old, new = _tensors(before(example)), _tensors(after(example))
-    return len(old) == len(new) and all(
+        old, new = output_tensors(before(example)), output_tensors(after(example))
+    return old is not None and new is not None and len(old) == len(new) and all(
         a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + float(a.abs().max()))))
         for a, b in zip(old, new))
-
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    """The tensors in a model's output (a tensor, or containers of them), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for v in value for t in _tensors(v)] if isinstance(value, (list, tuple)) else []

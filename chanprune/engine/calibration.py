@@ -23,6 +23,7 @@ from torch import fx
 from ..data import iterate_batches, validate_images
 from ..errors import ChanpruneError
 from ..graph import ChannelGraph, NodeLayout, Reader
+from ..outputs import output_tensors
 from ..stats import (GroupedMoments, Moments, Positions, block_indices, reader_dim, reader_samples, sample_output,
                      sample_positions)
 from .frontier import Frontier, without_inplace
@@ -330,12 +331,9 @@ class Unpruned:
 def _tensors(output: object) -> torch.Tensor:
     """Every tensor in a model output (a tensor, or tuples, lists and dicts of them), as one
     (batch, features) float matrix."""
-    if isinstance(output, torch.Tensor):
-        return output.detach().float().reshape(len(output), -1)
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return torch.cat([_tensors(o) for o in output], 1)
+    tensors = output_tensors(output)
+    if tensors is not None:
+        return torch.cat([t.detach().float().reshape(len(t), -1) for t in tensors], 1)
     raise ChanpruneError(f"the model returns a {type(output).__name__}; allocation='global' needs tensors "
                          "(or tuples, lists and dicts of them) to measure output sensitivity")
 

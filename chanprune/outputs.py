@@ -1,0 +1,19 @@
+"""A model's output, whatever containers hold it, as the tensors in it: what comparisons of two
+models' outputs read."""
+
+from __future__ import annotations
+
+import torch
+
+
+def output_tensors(output: object) -> list[torch.Tensor] | None:
+    """The tensors in ``output`` (a tensor, or tuples, lists and dicts of them), in order; None
+    when it holds anything else."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if not isinstance(output, (tuple, list)):
+        return None
+    parts = [output_tensors(o) for o in output]
+    return None if any(p is None for p in parts) else [t for p in parts for t in p]
