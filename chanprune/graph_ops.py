@@ -99,7 +99,7 @@ def _hashable(target: object) -> bool:
 OPS = OpRegistry()
 
 
-def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+def call_arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     """Argument ``index`` of a call, given positionally or as keyword ``name``."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
@@ -340,7 +340,7 @@ def flatten_module(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[T
 
 @OPS.register(functions=(torch.flatten,))
 def flatten_function(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
-    return flatten(b, node, main, _arg(node, 1, "start_dim", 0))
+    return flatten(b, node, main, call_arg(node, 1, "start_dim", 0))
 
 
 @OPS.register(methods=("flatten", "view", "reshape"))
@@ -371,7 +371,7 @@ def pixel_shuffle_module(b: _Builder, node: fx.Node, main: Tag | None, in_tags: 
 
 @OPS.register(functions=(nn.functional.pixel_shuffle, torch.pixel_shuffle))
 def pixel_shuffle_function(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
-    return pixel_shuffle(b, node, main, _arg(node, 1, "upscale_factor"))
+    return pixel_shuffle(b, node, main, call_arg(node, 1, "upscale_factor"))
 
 
 def pixel_shuffle(b: _Builder, node: fx.Node, tag: Tag | None, factor: int) -> Tag | None:
@@ -412,14 +412,14 @@ def reduce(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     """A reduction over other axes keeps the channels (the axis shifts unless ``keepdim``)."""
     if main is None:
         return None
-    dims = _arg(node, 1, "dim")
+    dims = call_arg(node, 1, "dim")
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dims = {d % ndim for d in ([dims] if isinstance(dims, int) else list(dims or []))}
     blocks = _channel_blocks(main, node)  # blocks of channels stay blocks when space is reduced
     if (main.flat_size is not None and not blocks) or not dims or main.axis in dims:
         b.block(main, f"{node.name} reduces over the channel axis")
         return None
-    keepdim = _arg(node, 2, "keepdim", False)
+    keepdim = call_arg(node, 2, "keepdim", False)
     return Tag(main.segments, main.axis if keepdim else main.axis - sum(d < main.axis for d in dims), main.flat_size)
 
 
@@ -430,7 +430,7 @@ def pad(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None])
     the first pair)."""
     if main is None:
         return None
-    widths = list(_arg(node, 1, "pad"))
+    widths = list(call_arg(node, 1, "pad"))
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     pair = widths[2 * (ndim - 1 - main.axis):][:2]
     if any(p != 0 for p in pair):
@@ -468,7 +468,7 @@ def narrow(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     """``x.narrow(dim, start, length)``: a channel range when ``dim`` is the channel axis."""
     if main is None:
         return None
-    dim, start, length = (_arg(node, i, n) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
+    dim, start, length = (call_arg(node, i, n) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     if dim % ndim != main.axis:
         return main
@@ -486,7 +486,7 @@ def split(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None
     the input's channels."""
     if main is None:
         return None
-    dim = _arg(node, 2, "dim", 0)
+    dim = call_arg(node, 2, "dim", 0)
     metas = node.meta["tensor_meta"]
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     if dim % ndim != main.axis:
@@ -504,7 +504,7 @@ def concat(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     """``cat`` along the channel axis (1, or the last axis of channels-last values) lays its
     inputs' groups side by side."""
     parts = node.args[0]
-    dim = _arg(node, 1, "dim", 0)
+    dim = call_arg(node, 1, "dim", 0)
     held = b.tags.get(parts) if isinstance(parts, fx.Node) else None
     tags = list(held.tags) if isinstance(held, Pieces) else \
         [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]

@@ -27,7 +27,8 @@ from torch import fx, nn
 
 from .errors import ChanpruneError
 from .outputs import output_tensors
-from .graph_ops import FOLLOWER_NORMS, OPS, concat, gating_tie, getitem, passthrough, residual_tie, shape_query, split
+from .graph_ops import (FOLLOWER_NORMS, OPS, call_arg, concat, gating_tie, getitem, passthrough, residual_tie,
+                        shape_query, split)
 
 REWRITE_OPS = ("slice_shuffle", "permute_inputs", "permute_channels")
 MAX_CHANNELS = 1 << 20  # a slice bound beyond this is not from a real model
@@ -187,12 +188,8 @@ def _split_ranges(node: fx.Node) -> list[tuple[int, int]]:
 
 
 def _channel_split(node: fx.Node) -> bool:
-    return OPS.lookup(node, None) is split and _arg(node, 2, "dim", 0) in (1, -3) and \
+    return OPS.lookup(node, None) is split and call_arg(node, 2, "dim", 0) in (1, -3) and \
         isinstance(node.meta.get("tensor_meta"), (tuple, list))
-
-
-def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _in_order(order: torch.Tensor) -> bool:
@@ -226,7 +223,7 @@ def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: li
         if part is not None:
             orders[node] = part
         return True
-    if handler is concat and _arg(node, 1, "dim", 0) in (1, -3) and isinstance(node.args[0], (list, tuple)):
+    if handler is concat and call_arg(node, 1, "dim", 0) in (1, -3) and isinstance(node.args[0], (list, tuple)):
         parts, offset = [], 0
         for value in node.args[0]:
             order = orders.get(value)
