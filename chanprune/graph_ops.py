@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from .layers import SelectedConv2d, own_forward
+from .layers import SelectedConv2d, conv_padding, own_forward
 
 if TYPE_CHECKING:
     from .graph import ChannelGroup, _Builder
@@ -270,8 +270,7 @@ def _padding(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int, int, i
             tf_same += [total // 2, total - total // 2]
         paddings = [tuple(tf_same)]
         if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-            ph, pw = layer.padding
-            paddings.append((pw, pw, ph, ph))
+            paddings.append(conv_padding(layer))
         scale = 1e-5 * (1 + float(y.abs().max()))
         for pads in paddings:
             try:

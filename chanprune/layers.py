@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
 
 
 class SelectedConv2d(nn.Conv2d):
@@ -100,6 +101,18 @@ class FactorizedConv2d(nn.Sequential):
     def weight(self) -> torch.Tensor:
         """The last conv's weights: one row per output channel, what filter-ranking criteria read."""
         return self[-1].weight
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding as the conv applies it ('same' puts any odd extra
+    row or column at the bottom / right, as PyTorch does)."""
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    if conv.padding == "same":
+        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = _pair(conv.padding)
+    return pw, pw, ph, ph
 
 
 def own_forward(conv: nn.Conv2d) -> bool:

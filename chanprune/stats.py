@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from .graph import Reader
-from .layers import SelectedConv2d
+from .layers import SelectedConv2d, conv_padding
 
 
 def block_indices(channels: torch.Tensor, k: int) -> torch.Tensor:
@@ -260,7 +259,7 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, pos: Positions,
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
-    left, _, top, _ = pads if pads is not None else _conv_padding(conv)
+    left, _, top, _ = pads if pads is not None else conv_padding(conv)
     device = x.device
     # positions in the unpadded input; those in the zero padding read a clamped pixel, then zeroed
     # (no padded copy of the whole map is made)
@@ -301,18 +300,6 @@ class GroupedMoments:
 
     def to(self, device: torch.device | str) -> "GroupedMoments":
         return GroupedMoments([part.to(device) for part in self.parts])
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding as the conv applies it ('same' puts any odd extra
-    row or column at the bottom / right, as PyTorch does)."""
-    if conv.padding == "valid":
-        return 0, 0, 0, 0
-    if conv.padding == "same":
-        (th, tw) = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
-        return tw // 2, tw - tw // 2, th // 2, th - th // 2
-    ph, pw = _pair(conv.padding)
-    return pw, pw, ph, ph
 
 
 def reader_dim(model: nn.Module, reader: Reader) -> int:
