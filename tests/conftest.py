@@ -209,3 +209,10 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
                 for c in removed.nonzero().flatten().tolist():
                     layer.weight[(c // width) * filters:(c // width + 1) * filters, c % width] = 0
     return reference, zeroed
+
+
+def in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` computed in float64 on a copy (the model keeps its dtype): comparisons of
+    outputs that should be equal then differ only by summation order."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())

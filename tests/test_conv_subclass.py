@@ -6,7 +6,6 @@ convolution is left whole."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -20,7 +19,7 @@ from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
 from chanprune.units import pruning_units
 
-from conftest import assert_round_trips, prune_groups_directly, randomise, zeroed_reference
+from conftest import assert_round_trips, in_float64, prune_groups_directly, randomise, zeroed_reference
 
 
 class SameConv2d(nn.Conv2d):
@@ -70,11 +69,6 @@ class SameNet(nn.Module):
 
 def images(n: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, 15, 15, generator=torch.Generator().manual_seed(3))
-
-
-def in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(x.double())
 
 
 def test_convs_with_their_own_padding_read_write_and_follow_channels():

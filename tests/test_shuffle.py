@@ -6,7 +6,6 @@ what is not a shuffle is refused."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from chanprune.io.provenance import provenance
 from chanprune.shuffle import REWRITE_OPS
 from chanprune.surgery import PlanOp, apply_op
 
-from conftest import assert_round_trips, randomise, zeroed_reference
+from conftest import assert_round_trips, in_float64, randomise, zeroed_reference
 
 SHAPE = (3, 16, 16)
 
@@ -125,11 +124,6 @@ def images(n: int = 48) -> torch.Tensor:
 
 def net(seed: int = 0) -> TinyShuffleNet:
     return randomise(TinyShuffleNet(), seed)
-
-
-def in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(x.double())
 
 
 def test_shuffles_become_slices_and_every_group_is_prunable():
