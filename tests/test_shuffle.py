@@ -6,7 +6,6 @@ what is not a shuffle is refused."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import fx, nn
