@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError, error_line
+from .folding import FOLD_OP, with_folded_convs
 from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
 from .shuffle import Rewrite, without_shuffles
 from .tracing import trace
@@ -146,8 +147,9 @@ class ChannelGraph:
     (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution;
     ``node_layouts`` gives the channel layout of every traced value that carries groups;
     ``cuts`` the ops that cut channels at positions a pruned model must move; ``rewrites`` the
-    steps that turned channel shuffles into slices in ``gm`` (:mod:`chanprune.shuffle`), which the
-    pruned model replays first.
+    steps that folded convs deriving their weight into plain ones (:mod:`chanprune.folding`) and
+    turned channel shuffles into slices (:mod:`chanprune.shuffle`) in ``gm``, which the pruned
+    model replays first.
     """
 
     groups: list[ChannelGroup]
@@ -177,8 +179,8 @@ class ChannelGraph:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> ChannelGraph:
-    """Trace ``model`` on ``example`` (a batch of 1 is enough), rewrite its channel shuffles as
-    slices, and find its channel groups."""
+    """Trace ``model`` on ``example`` (a batch of 1 is enough), fold convs that derive their
+    weight into plain ones, rewrite its channel shuffles as slices, and find its channel groups."""
     gm = trace(model)
     check_runs(gm, example)
     try:
@@ -186,9 +188,11 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
                              f"({error_line(err)}); pass the right --input-size") from err
+    folds = [Rewrite(FOLD_OP, name, ()) for name in with_folded_convs(gm)]
     gm, rewrites = without_shuffles(gm, example)
     if rewrites:
         ShapeProp(gm).propagate(example)
+    rewrites = folds + rewrites
     builder = _Builder(gm)
     for node in gm.graph.nodes:
         builder.visit(node)

@@ -201,7 +201,7 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
     if own_forward(layer) and not (layer.groups == layer.in_channels == layer.out_channels and usable
-                                   and _padding(layer, tuple(node.args[0].meta["tensor_meta"].shape)) is not None):
+                                   and own_padding(layer, tuple(node.args[0].meta["tensor_meta"].shape)) is not None):
         return _conv_with_own_forward(b, node, main)
     if layer.groups == 1:
         if usable and layer.padding_mode == "zeros":
@@ -238,7 +238,7 @@ def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None) -> Tag 
     depthwise conv it follows, see :func:`conv`.)"""
     name, layer = node.target, b.modules[node.target]
     kind = type(layer).__name__
-    pads = _padding(layer, tuple(node.args[0].meta["tensor_meta"].shape))
+    pads = own_padding(layer, tuple(node.args[0].meta["tensor_meta"].shape))
     if pads is None:
         b.block(main, f"{name} ({kind}) is not a plain convolution of its input")
         out = b.new_group(node)
@@ -256,7 +256,7 @@ def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None) -> Tag 
     return out
 
 
-def _padding(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+def own_padding(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
     """The (left, right, top, bottom) zero padding with which ``layer`` computes a convolution of a
     random input of ``shape`` with its weights: TensorFlow's 'SAME', or what its settings say
     (checked, not assumed); None when it computes something else."""

@@ -36,9 +36,11 @@ MAX_CHANNELS = 1 << 20  # a slice bound beyond this is not from a real model
 
 @dataclass(frozen=True)
 class Rewrite:
-    """One replayable step: ``slice_shuffle`` replaces the shuffle ending at traced node ``target``
-    by slices (``index``: start, stop of each, in order); ``permute_inputs`` / ``permute_channels``
-    reorder layer ``target``'s input columns / channels so that position p holds ``index[p]``."""
+    """One replayable step taken on the trace before its channels are read: ``slice_shuffle``
+    replaces the shuffle ending at traced node ``target`` by slices (``index``: start, stop of
+    each, in order); ``permute_inputs`` / ``permute_channels`` reorder layer ``target``'s input
+    columns / channels so that position p holds ``index[p]``; ``fold_conv`` replaces layer
+    ``target`` by the plain conv its forward computes (:mod:`chanprune.folding`)."""
 
     op: str
     target: str

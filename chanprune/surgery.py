@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ChanpruneError
+from .folding import FOLD_OP, fold_conv
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
 from .shuffle import REWRITE_OPS, Rewrite, apply_rewrite
 from .stats import block_indices
@@ -312,7 +313,7 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
 
 
 OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
-       "factorize_spatial", "factorize_channel", "cut_channels", *REWRITE_OPS)
+       "factorize_spatial", "factorize_channel", "cut_channels", FOLD_OP, *REWRITE_OPS)
 GRAPH_OPS = ("cut_channels", *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
 
 
@@ -488,6 +489,8 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
         replace_module(model, op.layer, scatter_outputs(layer, keep, op.channel_size))
     elif op.op == "add_bias":
         with_bias(layer)
+    elif op.op == FOLD_OP:
+        replace_module(model, op.layer, fold_conv(layer, op.layer))
     else:
         raise ChanpruneError(f"unknown pruning operation {op.op!r}; the checkpoint is newer than this chanprune")
 

@@ -20,12 +20,14 @@ from torch import nn
 from chanprune import load_model, save_model
 from chanprune.errors import ChanpruneError
 from chanprune.export import check_onnx, export_onnx
+from chanprune.folding import FOLD_OP
 from chanprune.graph import build_graph
 from chanprune.io.libraries import import_library
 from chanprune.config import PruneConfig
 from chanprune.engine.calibration import Calibration, Sampling
 from chanprune.engine.store import BatchStore
 from chanprune.engine.run import PruneRun, prune_units
+from chanprune.surgery import replay
 from chanprune.units import pruning_units
 
 IMAGE_SHAPE = (3, 8, 8)
@@ -178,9 +180,10 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
 
     ``keep_inputs`` / ``select_inputs`` indices (and the ``permute_inputs`` orders of a rewritten
     channel shuffle) are in the layer's input coordinates at the time of the op; composing them in
-    order gives the kept channels in the original coordinates.
+    order gives the kept channels in the original coordinates. Convs the plan folds (weight
+    standardization) are folded in the copy first, since the zeros go into the folded weights.
     """
-    reference = copy.deepcopy(model)
+    reference = replay(copy.deepcopy(model), [op for op in plan if op.op == FOLD_OP])
     kept: dict[str, tuple[torch.Tensor, int]] = {}
     for op in plan:
         if op.op not in ("keep_inputs", "select_inputs", "permute_inputs"):

@@ -37,14 +37,14 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-class DoubledConv2d(nn.Conv2d):
-    """Not a plain convolution: twice one."""
+class SquaredConv2d(nn.Conv2d):
+    """Not a convolution: the square of one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, padding=2, **kwargs)
 
     def forward(self, x):
-        return 2 * super().forward(x)
+        return super().forward(x) ** 2
 
 
 class SameNet(nn.Module):
@@ -105,7 +105,7 @@ def test_dropping_channels_they_write_is_exact_and_keeps_their_class(tmp_path):
 
 def test_a_subclass_that_is_not_a_plain_convolution_stays_whole():
     with pytest.warns(UserWarning, match="not a plain convolution"):
-        graph = build_graph(randomise(SameNet(DoubledConv2d), 0), images(1))
+        graph = build_graph(randomise(SameNet(SquaredConv2d), 0), images(1))
     assert not graph.group("conv").prunable and not graph.group("pw").prunable
     assert graph.group("stem").prunable
 

@@ -47,6 +47,7 @@ from torch import nn
 from chanprune import ChanpruneError, load_model, prune, save_model
 from chanprune.config import PruneConfig
 from chanprune.experiment import constructor_model, load_model_spec
+from chanprune.folding import FOLD_OP
 from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef
@@ -88,6 +89,7 @@ CASES = [
     ("timm:fastvit_t8", 32, SUPPORTED),  # depthwise convs with a channel multiplier, layer scale on their blocks
     ("timm:mambaout_femto", 32, SUPPORTED),  # channels-last gated blocks: a split and a cat along the last axis
     ("timm:tf_efficientnet_b0", 32, SUPPORTED),  # Conv2dSame: padding computed in forward (traced as a leaf)
+    ("timm:nf_regnet_b0", 32, SUPPORTED),  # weight-standardized convs, folded into plain ones
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -178,14 +180,15 @@ def test_keep_all_is_identical(spec, size, expected, libraries):
         return
     pruned, report = result
     plan = provenance(pruned).plan
-    assert all(op.op in REWRITE_OPS for op in plan)  # only channel shuffles rewritten as slices
+    assert all(op.op in (*REWRITE_OPS, FOLD_OP) for op in plan)  # shuffles rewritten as slices, convs folded
     assert report.flops_after == report.flops_before
     assert pruned is not model
     if not plan:
         with torch.no_grad():
             assert torch.equal(pruned(x), model(x))
-    else:  # the same function with permuted channels: equal up to summation order
-        torch.testing.assert_close(in_float64(pruned, x), in_float64(model, x), rtol=1e-10, atol=1e-10)
+    else:  # permuted channels: equal up to summation order; folded convs: up to their float32 weights
+        tol = 1e-5 if any(op.op == FOLD_OP for op in plan) else 1e-10
+        torch.testing.assert_close(in_float64(pruned, x), in_float64(model, x), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("spec, size, expected", CASES, ids=IDS)
@@ -400,3 +403,22 @@ def test_stochastic_depth_passes_channels_so_trunks_prune(libraries):
                       samples_per_image=SAMPLES_PER_IMAGE, progress=False)
     assert any(layer.kind == "trunk" and layer.in_channels_after < layer.in_channels_before
                for layer in report.layers)
+
+
+def test_weight_standardized_convs_are_folded_and_pruned(libraries):
+    """NF-RegNet's ScaledStdConv2d standardize their weights in forward, so they could not be
+    refitted and the model was refused (1.01x reachable): each is folded into a plain conv, and
+    the convs of every block lose input channels."""
+    spec = "timm:nf_regnet_b0"
+    model, x = build(spec, 32, libraries), images(32)
+    std = [name for name, m in model.named_modules() if type(m).__name__ == "ScaledStdConv2d"]
+    pruned, report = prune_as_expected(spec, model, x)
+    folds = [op.layer for op in provenance(pruned).plan if op.op == FOLD_OP]
+    assert std and folds == std
+    assert all(type(pruned.get_submodule(n)) is nn.Conv2d for n in std)
+    def shape(m: nn.Module) -> tuple[int, int]:
+        return m.in_channels, m.out_channels
+
+    narrowed = [n for n in std if shape(pruned.get_submodule(n)) != shape(model.get_submodule(n))]
+    assert len(narrowed) > len(std) / 2 and "final_conv" in narrowed
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
