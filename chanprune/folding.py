@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from .errors import ChanpruneError
 from .graph_ops import own_padding
