@@ -53,6 +53,8 @@ class _Tracer(fx.Tracer):
             for attr in [a for a, proxy in self.attr_proxies.items() if proxy.node in erased]:
                 del self.attr_proxies[attr]
             self.module_stack, self.num_calls = stack, calls
+            for inner in [n for n in self.untraceable if n.startswith(f"{qualname}.")]:
+                del self.untraceable[inner]  # inside a leaf now: not traced at all
             self.untraceable[qualname] = error_line(err)
             return super().call_module(m, forward, args, kwargs)
 

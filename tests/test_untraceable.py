@@ -79,3 +79,25 @@ def test_the_channels_around_it_stay_whole_and_the_rest_prunes(tmp_path):
     torch.testing.assert_close(in_float64(pruned, x), in_float64(reference, x), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(in_float64(model, x), in_float64(reference, x), rtol=1e-4)
     assert_round_trips(pruned, randomise(GatedNet(), 5), x, tmp_path, onnx=False)
+
+
+class Outer(nn.Module):
+    """An untraceable gate inside a module that itself branches on the data after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate(8)
+        self.scale = nn.Parameter(torch.ones(1))  # read by GatedNet's forward
+
+    def forward(self, x):
+        y = self.gate(x)
+        return y if y.std() > 0 else x
+
+
+def test_only_the_outermost_untraceable_module_is_named():
+    model = GatedNet()
+    model.gate = Outer()
+    with pytest.warns(UserWarning) as caught:
+        gm = trace(randomise(model, 0))
+    assert [str(w.message).split(" ")[0] for w in caught] == ["gate"]  # not gate.gate, which is inside it
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv1", "gate", "conv2", "conv3", "fc"]
