@@ -35,7 +35,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import ChanpruneError, error_line
 from .folding import FOLD_OP, with_folded_convs
 from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
-from .shuffle import Rewrite, without_shuffles
+from .plan_op import PlanOp
+from .shuffle import without_shuffles
 from .tracing import trace
 
 OUTPUT_REASON = "its channels are a model output"
@@ -162,7 +163,7 @@ class ChannelGraph:
     node_layouts: dict[str, NodeLayout] = field(default_factory=dict)
     out_layouts: dict[str, list[str]] = field(default_factory=dict)
     cuts: list[Cut] = field(default_factory=list)
-    rewrites: list[Rewrite] = field(default_factory=list)
+    rewrites: list[PlanOp] = field(default_factory=list)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -188,7 +189,7 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
                              f"({error_line(err)}); pass the right --input-size") from err
-    folds = [Rewrite(FOLD_OP, name, ()) for name in with_folded_convs(gm)]
+    folds = [PlanOp(FOLD_OP, name) for name in with_folded_convs(gm)]
     gm, rewrites = without_shuffles(gm, example)
     if rewrites:
         ShapeProp(gm).propagate(example)

@@ -11,7 +11,7 @@ channel graph then sees slices and concatenations, which it prunes.
 
 A shuffle is rewritten only when the permuted channels reach nothing but channel-wise ops,
 splits, concatenations, followers and dense readers; otherwise every shuffle stays as it is and
-its channels stay unpruned, with the reason. The rewrite is recorded as :class:`Rewrite` steps
+its channels stay unpruned, with the reason. The rewrite is recorded as plan steps
 (``slice_shuffle`` on a traced node, ``permute_inputs`` / ``permute_channels`` on a layer) that a
 saved model replays on load.
 """
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from .errors import ChanpruneError
 from .outputs import output_tensors
+from .plan_op import PlanOp
 from .graph_ops import (FOLLOWER_NORMS, OPS, call_arg, concat, gating_tie, getitem, passthrough, residual_tie,
                         shape_query, split)
 
@@ -34,20 +34,7 @@ REWRITE_OPS = ("slice_shuffle", "permute_inputs", "permute_channels")
 MAX_CHANNELS = 1 << 20  # a slice bound beyond this is not from a real model
 
 
-@dataclass(frozen=True)
-class Rewrite:
-    """One replayable step taken on the trace before its channels are read: ``slice_shuffle``
-    replaces the shuffle ending at traced node ``target`` by slices (``index``: start, stop of
-    each, in order); ``permute_inputs`` / ``permute_channels`` reorder layer ``target``'s input
-    columns / channels so that position p holds ``index[p]``; ``fold_conv`` replaces layer
-    ``target`` by the plain conv its forward computes (:mod:`chanprune.folding`)."""
-
-    op: str
-    target: str
-    index: tuple[int, ...]
-
-
-def without_shuffles(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, list[Rewrite]]:
+def without_shuffles(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.GraphModule, list[PlanOp]]:
     """``gm`` (shapes propagated) with its channel shuffles rewritten as slices, on a copy, and the
     steps taken; ``gm`` itself and no steps when it has none or they cannot all be rewritten."""
     ends = {}
@@ -68,12 +55,12 @@ def without_shuffles(gm: fx.GraphModule, example: torch.Tensor) -> tuple[fx.Grap
     return rewritten, steps
 
 
-def apply_rewrite(gm: fx.GraphModule, step: Rewrite) -> None:
+def apply_rewrite(gm: fx.GraphModule, step: PlanOp) -> None:
     """Apply one recorded step to the traced ``gm`` (checked against what the graph and layer are)."""
     if step.op == "slice_shuffle":
-        slice_shuffle(gm, step.target, step.index)
+        slice_shuffle(gm, step.layer, step.keep)
     elif step.op in ("permute_inputs", "permute_channels"):
-        permute_layer(gm, step.op, step.target, step.index)
+        permute_layer(gm, step.op, step.layer, step.keep)
     else:
         raise ChanpruneError(f"unknown rewrite {step.op!r}; the checkpoint does not match this version")
 
@@ -139,13 +126,13 @@ def _groups(chain: list[fx.Node]) -> int | None:
 
 
 # -- planning: the slices of each shuffle and the permutations they cause --------------------------
-def _plan(gm: fx.GraphModule, ends: dict[fx.Node, list[fx.Node]]) -> list[Rewrite] | None:
+def _plan(gm: fx.GraphModule, ends: dict[fx.Node, list[fx.Node]]) -> list[PlanOp] | None:
     """The rewrite steps, or None when permuted channels reach something that cannot follow them."""
     modules = dict(gm.named_modules())
     inner = {n for chain in ends.values() for n in chain[:-1]}
     orders: dict[fx.Node, torch.Tensor | list[torch.Tensor | None]] = {}  # non-identity channel orders
-    slices: list[Rewrite] = []
-    permutations: list[Rewrite] = []
+    slices: list[PlanOp] = []
+    permutations: list[PlanOp] = []
     for node in gm.graph.nodes:
         if node in inner:
             continue
@@ -161,7 +148,7 @@ def _plan(gm: fx.GraphModule, ends: dict[fx.Node, list[fx.Node]]) -> list[Rewrit
     return slices + permutations
 
 
-def _slices(end: fx.Node, chain: list[fx.Node], before: torch.Tensor | None) -> tuple[Rewrite, torch.Tensor | None]:
+def _slices(end: fx.Node, chain: list[fx.Node], before: torch.Tensor | None) -> tuple[PlanOp, torch.Tensor | None]:
     """The slices replacing one shuffle whose input holds original channels ``before`` (None: in
     order), and the original output channels its result then holds (None: in order)."""
     channels, groups = _shape(end)[1], _groups(chain)
@@ -174,7 +161,7 @@ def _slices(end: fx.Node, chain: list[fx.Node], before: torch.Tensor | None) -> 
     runs = []
     for run in torch.tensor_split(take, torch.nonzero(starts).flatten()[1:]):
         runs += [int(run[0]), int(run[-1]) + 1]
-    return Rewrite("slice_shuffle", end.name, tuple(runs)), None if _in_order(order) else order
+    return PlanOp("slice_shuffle", end.name, tuple(runs)), None if _in_order(order) else order
 
 
 def _pieces(end: fx.Node, channels: int) -> list[tuple[int, int]]:
@@ -198,7 +185,7 @@ def _in_order(order: torch.Tensor) -> bool:
     return bool((order == torch.arange(len(order))).all())
 
 
-def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: list[Rewrite]) -> bool:
+def _carry(node: fx.Node, modules: dict[str, nn.Module], orders: dict, steps: list[PlanOp]) -> bool:
     """Follow permuted channels through ``node``: record what its layer needs and the order of its
     result in ``orders``; False when ``node`` cannot take permuted channels."""
     if node.op == "call_module":
@@ -258,22 +245,22 @@ def _carry_tie(node: fx.Node, orders: dict) -> bool:
     return True
 
 
-def _carry_module(node: fx.Node, module: nn.Module, orders: dict, steps: list[Rewrite]) -> bool:
+def _carry_module(node: fx.Node, module: nn.Module, orders: dict, steps: list[PlanOp]) -> bool:
     x = node.args[0] if node.args else None
     if [a for a in node.all_input_nodes if a in orders] != [x] or isinstance(orders[x], list):
         return False
     order = orders[x]
-    if any(s.target == node.target for s in steps):  # a layer called twice cannot take two orders
+    if any(s.layer == node.target for s in steps):  # a layer called twice cannot take two orders
         return False
     if type(module) in (nn.Conv2d, nn.Linear) and (isinstance(module, nn.Linear) or module.groups == 1):
         if isinstance(module, nn.Linear) and len(_shape(x) or ()) != 2:
             return False
-        steps.append(Rewrite("permute_inputs", node.target, tuple(order.tolist())))
+        steps.append(PlanOp("permute_inputs", node.target, tuple(order.tolist())))
         return True
     depthwise = type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
     per_channel = isinstance(module, FOLLOWER_NORMS) or (isinstance(module, nn.PReLU) and module.num_parameters > 1)
     if depthwise or per_channel:
-        steps.append(Rewrite("permute_channels", node.target, tuple(order.tolist())))
+        steps.append(PlanOp("permute_channels", node.target, tuple(order.tolist())))
         orders[node] = order
         return True
     if OPS.lookup(node, module) is passthrough or (isinstance(module, nn.PReLU) and module.num_parameters == 1):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -18,7 +17,8 @@ from torch import fx, nn
 from .errors import ChanpruneError
 from .folding import FOLD_OP, fold_conv
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
-from .shuffle import REWRITE_OPS, Rewrite, apply_rewrite
+from .plan_op import PlanOp
+from .shuffle import REWRITE_OPS, apply_rewrite
 from .stats import block_indices
 from .tracing import trace
 
@@ -317,29 +317,6 @@ OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bia
 GRAPH_OPS = ("cut_channels", *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
 
 
-@dataclass(frozen=True)
-class PlanOp:
-    """One recorded edit: ``op`` (one of :data:`OPS`) on ``layer`` with channel indices ``keep``
-    (and, for a Linear after flatten, the ``channel_size`` features each channel owns; for
-    ``scatter_outputs``, the width the outputs are scattered into). ``cut_channels`` names a
-    traced node instead of a layer, and ``keep`` is (channel axis, cut positions...); the steps
-    that rewrite a channel shuffle (:data:`chanprune.shuffle.REWRITE_OPS`) keep their slices or
-    channel order in ``keep``."""
-
-    op: str
-    layer: str
-    keep: tuple[int, ...] = ()
-    channel_size: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"op": self.op, "layer": self.layer}
-        if self.op != "add_bias":
-            out["keep"] = list(self.keep)
-        if self.op in ("keep_inputs", "scatter_outputs"):
-            out["channel_size"] = self.channel_size
-        return out
-
-
 @dataclass
 class Plan:
     """Ordered surgery operations, replayable on a fresh model of the same architecture."""
@@ -460,7 +437,7 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
         cut_channels(model, op.layer, op.keep[0], op.keep[1:])
         return
     if op.op in REWRITE_OPS:
-        apply_rewrite(model, Rewrite(op.op, op.layer, op.keep))
+        apply_rewrite(model, op)
         return
     try:
         layer = model.get_submodule(op.layer)

@@ -74,7 +74,7 @@ def test_the_weight_read_off_the_forward_is_the_standardized_one(layer):
 def test_every_std_conv_is_folded_and_every_group_prunes():
     model, x = randomise(StdNet(), 0), images()
     graph = build_graph(model, x[:1])
-    assert [(r.op, r.target) for r in graph.rewrites] == [(FOLD_OP, n) for n in ("stem", "grouped", "pw", "conv")]
+    assert [(r.op, r.layer) for r in graph.rewrites] == [(FOLD_OP, n) for n in ("stem", "grouped", "pw", "conv")]
     assert all(type(graph.gm.get_submodule(n)) is nn.Conv2d for n in ("stem", "grouped", "pw", "conv"))
     assert type(model.stem) is StdConv2d  # the user's model is left as it was
     assert all(g.prunable for g in graph.groups if g.name != "fc")

@@ -207,7 +207,7 @@ def test_channel_shuffle_is_rewritten_so_its_group_prunes():
     model = seeded(WithShuffle)
     graph, messages = graph_with_warnings(model)
     assert messages == []
-    assert [(r.op, r.target) for r in graph.rewrites] == [("slice_shuffle", "reshape"), ("permute_inputs", "conv2")]
+    assert [(r.op, r.layer) for r in graph.rewrites] == [("slice_shuffle", "reshape"), ("permute_inputs", "conv2")]
     assert graph.group("conv1").prunable and graph.group("conv2").prunable
     (pruned, _), images = prune_one_group(model, "conv2", 4)
     assert pruned.conv1.out_channels == 4 and pruned.conv2.in_channels == 4

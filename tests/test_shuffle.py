@@ -130,7 +130,7 @@ def test_shuffles_become_slices_and_every_group_is_prunable():
     before = in_float64(model, x)
     graph = build_graph(model, x[:1])
     assert [r.op for r in graph.rewrites if r.op == "slice_shuffle"] == ["slice_shuffle"] * 3
-    permuted = {r.target for r in graph.rewrites if r.op != "slice_shuffle"}
+    permuted = {r.layer for r in graph.rewrites if r.op != "slice_shuffle"}
     assert {"stage.1.branch2.0", "stage.2.branch2.0", "head.0"} <= permuted  # readers of shuffled channels
     assert [g.name for g in graph.groups if not g.prunable] == ["fc"]  # only the logits
     assert not any(n.target is torch.transpose for n in graph.gm.graph.nodes)
@@ -182,7 +182,7 @@ def test_a_shuffle_whose_channels_cannot_be_permuted_stays_unpruned():
 def test_a_shuffle_written_with_permute_and_flatten_is_rewritten_too(tmp_path):
     model, x = randomise(PermuteShuffle(), 0), images()
     graph = build_graph(model, x[:1])
-    assert [(r.op, r.target) for r in graph.rewrites] == [("slice_shuffle", "flatten"), ("permute_inputs", "conv2")]
+    assert [(r.op, r.layer) for r in graph.rewrites] == [("slice_shuffle", "flatten"), ("permute_inputs", "conv2")]
     pruned, _ = prune(model, x, None, widths={"conv2": 6}, method="max_response", reconstruct=False,
                       progress=False)
     reference, zeroed = zeroed_reference(model, provenance(pruned).plan)

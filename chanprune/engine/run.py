@@ -67,7 +67,7 @@ class PruneRun:
         self.work: fx.GraphModule = copy.deepcopy(graph.gm).to(device)
         self.plan = plan or Plan()
         self.first_op = len(self.plan.ops)
-        self.plan.ops += [PlanOp(r.op, r.target, r.index) for r in graph.rewrites]  # already done in graph.gm
+        self.plan.ops += graph.rewrites  # already done in graph.gm
         self.widths = {g.name: g.channels for g in graph.groups}
         self.kept: dict[str, torch.Tensor] = {}  # unit name -> kept original channel indices
         self.kept_outputs: dict[str, torch.Tensor] = {}  # layer -> kept original output channels
