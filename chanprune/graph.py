@@ -34,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ChanpruneError, error_line
 from .folding import FOLD_OP, with_folded_convs
+from .functional_convs import CONV_MODULE_OP, with_conv_modules
 from .graph_ops import FOLLOWER_NORMS, OPS, Pieces, Tag, cut_at
 from .plan_op import PlanOp
 from .shuffle import without_shuffles
@@ -148,9 +149,9 @@ class ChannelGraph:
     (followers whose FLOPs scale with their channels); ``order`` ranks modules by execution;
     ``node_layouts`` gives the channel layout of every traced value that carries groups;
     ``cuts`` the ops that cut channels at positions a pruned model must move; ``rewrites`` the
-    steps that folded convs deriving their weight into plain ones (:mod:`chanprune.folding`) and
-    turned channel shuffles into slices (:mod:`chanprune.shuffle`) in ``gm``, which the pruned
-    model replays first.
+    steps that made functional convs modules (:mod:`chanprune.functional_convs`), folded convs
+    deriving their weight into plain ones (:mod:`chanprune.folding`) and turned channel shuffles
+    into slices (:mod:`chanprune.shuffle`) in ``gm``, which the pruned model replays first.
     """
 
     groups: list[ChannelGroup]
@@ -180,8 +181,9 @@ class ChannelGraph:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> ChannelGraph:
-    """Trace ``model`` on ``example`` (a batch of 1 is enough), fold convs that derive their
-    weight into plain ones, rewrite its channel shuffles as slices, and find its channel groups."""
+    """Trace ``model`` on ``example`` (a batch of 1 is enough), make functional convs with a
+    constant weight conv modules, fold convs that derive their weight into plain ones, rewrite its
+    channel shuffles as slices, and find its channel groups."""
     gm = trace(model)
     check_runs(gm, example)
     try:
@@ -189,7 +191,8 @@ def build_graph(model: nn.Module, example: torch.Tensor, warn: bool = True) -> C
     except Exception as err:
         raise ChanpruneError(f"the model does not run on an input of shape {tuple(example.shape)} "
                              f"({error_line(err)}); pass the right --input-size") from err
-    folds = [PlanOp(FOLD_OP, name) for name in with_folded_convs(gm)]
+    folds = [PlanOp(CONV_MODULE_OP, name) for name in with_conv_modules(gm)]
+    folds += [PlanOp(FOLD_OP, name) for name in with_folded_convs(gm)]
     gm, rewrites = without_shuffles(gm, example)
     if rewrites:
         ShapeProp(gm).propagate(example)

@@ -80,9 +80,11 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     device = store.device
     graph = build_graph(original, first[:1].to(model_device(original)))
     input_shape = (1, *first.shape[1:])
-    flops_before, per_layer = flop_breakdown(original, input_shape)
+    # the trace computes what the model does, with functional convs made modules (their FLOPs then
+    # belong to a layer) and convs that derive their weight folded
+    flops_before, per_layer = flop_breakdown(graph.gm, input_shape)
     flop_model = FlopModel(graph, flops_before, per_layer)
-    units = units_that_fit(original, pruning_units(graph, cfg))
+    units = units_that_fit(graph.gm, pruning_units(graph, cfg))
     record = provenance_or_class(original)
     run = PruneRun(graph, cfg, Plan(list(record.plan)), device)
     sampling = Sampling(cfg.positions_per_image, cfg.seed, cfg.heldout_every)
@@ -131,7 +133,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
         flops_before=flops_before, flops_after=count_flops(pruned, input_shape),
         params_before=count_params(original), params_after=count_params(pruned),
         seconds=0.0, config=cfg.to_dict(),
-        layers=layer_reports(original, pruned, run.errors, positions) + unit_reports(todo, run.kept, run.errors))
+        layers=layer_reports(graph.gm, pruned, run.errors, positions) + unit_reports(todo, run.kept, run.errors))
     report.calibration_images = calibration.images
     report.resumed_units = resumed
     report.peak_activation_bytes = store.peak_bytes

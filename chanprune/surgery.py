@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .errors import ChanpruneError
 from .folding import FOLD_OP, fold_conv
+from .functional_convs import CONV_MODULE_OP, as_conv_module
 from .layers import FactorizedConv2d, ScatteredBatchNorm2d, ScatteredConv2d, SelectedConv2d, conv_like
 from .plan_op import PlanOp
 from .shuffle import REWRITE_OPS, apply_rewrite
@@ -313,8 +314,8 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
 
 
 OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
-       "factorize_spatial", "factorize_channel", "cut_channels", FOLD_OP, *REWRITE_OPS)
-GRAPH_OPS = ("cut_channels", *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
+       "factorize_spatial", "factorize_channel", "cut_channels", FOLD_OP, CONV_MODULE_OP, *REWRITE_OPS)
+GRAPH_OPS = ("cut_channels", CONV_MODULE_OP, *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
 
 
 @dataclass
@@ -438,6 +439,9 @@ def apply_op(model: nn.Module, op: PlanOp) -> None:
         return
     if op.op in REWRITE_OPS:
         apply_rewrite(model, op)
+        return
+    if op.op == CONV_MODULE_OP:
+        as_conv_module(model, op.layer)
         return
     try:
         layer = model.get_submodule(op.layer)

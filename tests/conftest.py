@@ -21,6 +21,7 @@ from chanprune import load_model, save_model
 from chanprune.errors import ChanpruneError
 from chanprune.export import check_onnx, export_onnx
 from chanprune.folding import FOLD_OP
+from chanprune.functional_convs import CONV_MODULE_OP
 from chanprune.graph import build_graph
 from chanprune.io.libraries import import_library
 from chanprune.config import PruneConfig
@@ -181,14 +182,15 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
     ``keep_inputs`` / ``select_inputs`` indices (and the ``permute_inputs`` orders of a rewritten
     channel shuffle) are in the layer's input coordinates at the time of the op; composing them in
     order gives the kept channels in the original coordinates. Convs the plan folds (weight
-    standardization) are folded in the copy first, since the zeros go into the folded weights.
+    standardization) or makes modules (functional convs) are so in the copy first, since the zeros
+    go into their weights there.
     """
-    reference = replay(copy.deepcopy(model), [op for op in plan if op.op == FOLD_OP])
+    reference = replay(copy.deepcopy(model), [op for op in plan if op.op in (CONV_MODULE_OP, FOLD_OP)])
     kept: dict[str, tuple[torch.Tensor, int]] = {}
     for op in plan:
         if op.op not in ("keep_inputs", "select_inputs", "permute_inputs"):
             continue
-        layer = model.get_submodule(op.layer)
+        layer = reference.get_submodule(op.layer)
         if op.layer not in kept:  # a channel owns channel_size features (Linear) or input channels (conv)
             n = (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels) // op.channel_size
             kept[op.layer] = (torch.arange(n), op.channel_size)

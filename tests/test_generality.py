@@ -48,6 +48,7 @@ from chanprune import ChanpruneError, load_model, prune, save_model
 from chanprune.config import PruneConfig
 from chanprune.experiment import constructor_model, load_model_spec
 from chanprune.folding import FOLD_OP
+from chanprune.functional_convs import CONV_MODULE_OP
 from chanprune.graph import build_graph
 from chanprune.io.provenance import provenance
 from chanprune.io.references import ArchRef
@@ -90,6 +91,7 @@ CASES = [
     ("timm:mambaout_femto", 32, SUPPORTED),  # channels-last gated blocks: a split and a cat along the last axis
     ("timm:tf_efficientnet_b0", 32, SUPPORTED),  # Conv2dSame: padding computed in forward (traced as a leaf)
     ("timm:nf_regnet_b0", 32, SUPPORTED),  # weight-standardized convs, folded into plain ones
+    ("timm:resnetblur18", 32, SUPPORTED),  # BlurPool2d: a functional depthwise conv, made a conv module
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -180,7 +182,7 @@ def test_keep_all_is_identical(spec, size, expected, libraries):
         return
     pruned, report = result
     plan = provenance(pruned).plan
-    assert all(op.op in (*REWRITE_OPS, FOLD_OP) for op in plan)  # shuffles rewritten as slices, convs folded
+    assert all(op.op in (*REWRITE_OPS, FOLD_OP, CONV_MODULE_OP) for op in plan)  # steps on the trace only
     assert report.flops_after == report.flops_before
     assert pruned is not model
     if not plan:
@@ -421,4 +423,21 @@ def test_weight_standardized_convs_are_folded_and_pruned(libraries):
 
     narrowed = [n for n in std if shape(pruned.get_submodule(n)) != shape(model.get_submodule(n))]
     assert len(narrowed) > len(std) / 2 and "final_conv" in narrowed
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_blur_pools_are_followed_so_the_layers_around_them_prune(libraries):
+    """ResNet-blur's BlurPool2d filters each channel with F.conv2d (a functional call, so the stem and
+    every downsampling block's channels stayed whole): each becomes a depthwise conv module that
+    narrows with the channels it filters."""
+    spec = "timm:resnetblur18"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, report = prune_as_expected(spec, model, x, allocation="uniform")
+    blurs = [op.layer for op in provenance(pruned).plan if op.op == CONV_MODULE_OP]
+    assert len(blurs) == 4
+    groups = [pruned.get_submodule(n).groups for n in blurs]
+    assert all(g < before for g, before in zip(groups, (64, 128, 256, 512))), groups
+    assert all(pruned.get_submodule(n).in_channels == pruned.get_submodule(n).out_channels == g
+               for n, g in zip(blurs, groups))
+    assert pruned.conv1.out_channels == groups[0]  # the stem, filtered by the first blur
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
