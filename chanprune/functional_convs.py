@@ -67,6 +67,9 @@ def as_conv_module(gm: fx.GraphModule, name: str) -> None:
     for attr in constants:
         if not attr.users:
             gm.graph.erase_node(attr)
+        if not any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes):
+            owner, _, field = attr.target.rpartition(".")  # now the module's weight: not kept twice
+            delattr(gm.get_submodule(owner) if owner else gm, field)
     gm.recompile()
 
 

@@ -79,6 +79,7 @@ def test_dropping_channels_through_a_blur_is_exact_and_round_trips(tmp_path):
                       reconstruct=False, progress=False)
     assert (pruned.conv1.out_channels, pruned.conv2d.groups, pruned.conv2d_1.in_channels) == (5, 5, 5)
     assert pruned.conv2d_1.out_channels == 7 and not pruned.conv2d.weight.requires_grad
+    assert not hasattr(pruned.blur, "filt") and "weight" not in pruned.state_dict()  # held once, by the modules
     reference, zeroed = zeroed_reference(model, provenance(pruned).plan)
     assert zeroed == 3 + 5
     torch.testing.assert_close(in_float64(pruned, x), in_float64(reference, x), rtol=1e-10, atol=1e-10)
