@@ -25,7 +25,8 @@ PROBE_BATCH = 4096  # one-hot inputs per forward call while reading a weight off
 def effective_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias ``conv``'s forward computes with, assuming it pads with zeros as its
     settings say: its response at one output position to a zero input (the bias), and to a one-hot
-    input on each (input channel, kernel offset) less the bias."""
+    input on each (input channel, kernel offset) less the bias. Conv groups see only their own
+    inputs, so one input probes the same entry of every group at once."""
     (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
     left, _, top, _ = conv_padding(conv)
     th, tw = -top % sh, -left % sw  # where the window starts so that an output position reads it unpadded
@@ -33,17 +34,17 @@ def effective_weight(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     oh, ow = (th + top) // sh, (tw + left) // sw
     per_group, out_per_group = conv.in_channels // conv.groups, conv.out_channels // conv.groups
     weight = conv.weight.new_empty(conv.groups, out_per_group, per_group, kh, kw)
-    entries = conv.in_channels * kh * kw
+    entries = per_group * kh * kw
+    offsets = per_group * torch.arange(conv.groups)  # the first input channel of every group
     with torch.no_grad():
         zero = conv(conv.weight.new_zeros(1, conv.in_channels, height, width))[0, :, oh, ow]
         for start in range(0, entries, PROBE_BATCH):
             b = torch.arange(start, min(start + PROBE_BATCH, entries))
-            channel, i, j = b // (kh * kw), b // kw % kh, b % kw
+            channel, i, j = b // (kh * kw), b // kw % kh, b % kw  # channel within its group
             x = conv.weight.new_zeros(len(b), conv.in_channels, height, width)
-            x[torch.arange(len(b)), channel, th + i * dh, tw + j * dw] = 1
+            x[b[:, None] - start, channel[:, None] + offsets, (th + i * dh)[:, None], (tw + j * dw)[:, None]] = 1
             y = (conv(x)[:, :, oh, ow] - zero).reshape(len(b), conv.groups, out_per_group)
-            group = channel // per_group
-            weight[group, :, channel % per_group, i, j] = y[torch.arange(len(b)), group]
+            weight[:, :, channel, i, j] = y.permute(1, 2, 0)
     return weight.reshape_as(conv.weight), zero
 
 
