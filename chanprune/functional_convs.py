@@ -27,12 +27,16 @@ _SETTINGS = ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "group
 
 def conv_module(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
     """The ``nn.Conv2d`` computing what ``node`` computes, when it is a functional 2-D conv whose
-    weight (and bias, if any) are tensors of the model and its settings are constants; else None."""
+    weight (and bias, if any) are tensors of the model and its settings are constants; else None.
+    A tensor that belongs to a layer the model also calls (a tied weight) is left alone."""
     if node.op != "call_function" or node.target not in _CONV2D or len(node.args) < 2:
         return None
     weight, bias = node.args[1], call_arg(node, 2, "bias")
     tensors = [a for a in (weight, bias) if a is not None]
     if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in tensors):
+        return None
+    called = [n.target for n in node.graph.nodes if n.op == "call_module"]
+    if any(a.target.startswith(f"{layer}.") for a in tensors for layer in called):
         return None
     values = [operator.attrgetter(a.target)(gm) for a in tensors]
     settings = [call_arg(node, i, name) for i, name, _ in _SETTINGS]

@@ -13,11 +13,12 @@ class PlanOp:
     owns; for ``scatter_outputs``, the width the outputs are scattered into). ``cut_channels``
     names a traced node instead of a layer, and ``keep`` is (channel axis, cut positions...). The
     steps :func:`chanprune.graph.build_graph` takes on the trace before reading its channels come
-    first in a plan: ``conv_module`` makes the functional conv at a traced node a conv module
-    of that name (:mod:`chanprune.functional_convs`); ``fold_conv`` replaces a layer by the plain conv its forward computes
-    (:mod:`chanprune.folding`); ``slice_shuffle`` replaces the shuffle ending at a traced node by
-    slices (``keep``: start, stop of each); ``permute_inputs`` / ``permute_channels`` reorder a
-    layer's input columns / channels so that position p holds ``keep[p]`` (:mod:`chanprune.shuffle`)."""
+    first in a plan: ``conv_module`` makes the functional conv at a traced node a conv module of
+    that name (:mod:`chanprune.functional_convs`); ``fold_conv`` replaces a layer by the plain
+    conv its forward computes (:mod:`chanprune.folding`); ``slice_shuffle`` replaces the shuffle
+    ending at a traced node by slices (``keep``: start, stop of each); ``permute_inputs`` /
+    ``permute_channels`` reorder a layer's input columns / channels so that position p holds
+    ``keep[p]`` (:mod:`chanprune.shuffle`)."""
 
     op: str
     layer: str

@@ -91,3 +91,22 @@ def test_a_plan_that_names_another_node_is_refused():
     model = randomise(BlurNet(), 0)
     with pytest.raises(ChanpruneError, match="makes 'relu' a conv module, which is not a functional conv"):
         replay(copy.deepcopy(model), [PlanOp(CONV_MODULE_OP, "relu")])
+
+
+class Tied(nn.Module):
+    """A functional conv with the weight of a layer the model also calls: left as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(F.conv2d(self.conv(x), self.conv.weight, padding=1).mean((2, 3)))
+
+
+def test_a_tied_weight_stays_with_its_layer():
+    model, x = randomise(Tied(), 0), images(2)
+    with pytest.warns(UserWarning, match=r"conv2d \(conv2d\) is not supported"):
+        graph = build_graph(model, x[:1])
+    assert graph.rewrites == [] and model.conv.weight is not None and hasattr(graph.gm.conv, "weight")
