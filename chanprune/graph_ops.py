@@ -164,7 +164,7 @@ def _block_follower(b: _Builder, node: fx.Node, main: Tag, size: int, depthwise:
     modules=(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
              nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.MaxPool2d, nn.AvgPool2d,
              nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.ZeroPad2d,
-             nn.Upsample),
+             nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample),
     functions=(torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
                nn.functional.silu, nn.functional.hardswish, nn.functional.leaky_relu, nn.functional.elu,
                nn.functional.mish, nn.functional.hardtanh, nn.functional.softplus, torch.sigmoid, torch.tanh,
@@ -325,10 +325,23 @@ def prelu(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None
     return b.unsupported(node, in_tags, "PReLU")
 
 
-@OPS.register(modules=(nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm))
+@OPS.register(modules=(nn.LayerNorm, nn.LocalResponseNorm))
 def coupling_norm(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
     b.block(main, f"{node.target} ({type(b.modules[node.target]).__name__}) couples every channel it normalises")
     return None
+
+
+@OPS.register(modules=(nn.GroupNorm,))
+def group_norm(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A GroupNorm normalises each of its groups of consecutive channels on their own statistics,
+    so removing whole groups leaves the others exact: the channels it reads become blocks of one
+    norm group each (see :func:`coarsen`), which it follows."""
+    module = b.modules[node.target]
+    size = module.num_channels // module.num_groups
+    if module.num_groups == 1 or coarsen(b, main, size) is None:
+        b.block(main, f"{node.target} ({type(module).__name__}) couples every channel it normalises")
+        return None
+    return _block_follower(b, node, Tag(main.segments, 1, size), size)
 
 
 # -- ops on the channel layout ----------------------------------------------------------------
@@ -378,20 +391,31 @@ def pixel_shuffle(b: _Builder, node: fx.Node, tag: Tag | None, factor: int) -> T
     becomes one of r²-channel blocks for its writers and followers (nothing may read it before)."""
     if tag is None:
         return None
-    group = tag.segments[0].root()
-    earlier = [t for t in b.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
-    if len(tag.segments) != 1 or tag.axis != 1 or tag.flat_size is not None or group.readers or \
-            group.residual or group.conv_groups > 1 or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
+    group = coarsen(b, tag, factor * factor)
+    if group is None:
         b.block(tag, f"{node.name} (pixel shuffle) reads channels that are also used elsewhere")
         return None
-    size = factor * factor
+    return Tag((group,), 1)
+
+
+def coarsen(b: _Builder, tag: Tag | None, size: int) -> ChannelGroup | None:
+    """Make ``tag``'s group one of ``size``-channel blocks for its writers and followers, and the
+    values that hold it say so; None (nothing changed) unless it is a single plain group that
+    nothing has read yet, off any trunk and not written by a grouped conv."""
+    if tag is None or len(tag.segments) != 1:
+        return None
+    group = tag.segments[0].root()
+    earlier = [t for t in b.tags.values() if t is not None and any(g.root() is group for g in t.segments)]
+    if tag.axis != 1 or tag.flat_size is not None or group.readers or group.residual or group.conv_groups > 1 or \
+            group.channels % size or any(len(t.segments) != 1 or t.flat_size is not None for t in earlier):
+        return None
     group.channels //= size
     for member in dict.fromkeys([*group.writers, *group.followers]):
         group.blocks[member] = group.block_of(member) * size
-    for n, t in list(b.tags.items()):  # values before the shuffle hold blocks of r² channels
+    for n, t in list(b.tags.items()):  # values that hold the group now hold blocks
         if t in earlier:
             b.tags[n] = Tag(t.segments, t.axis, size)
-    return Tag((group,), 1)
+    return group
 
 
 @OPS.register(functions=(torch.permute,), methods=("permute",))

@@ -120,10 +120,18 @@ def _grouped_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> torch.Tensor:
 
 
 def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
-    """A copy of a channel-wise layer (BatchNorm, PReLU, depthwise Conv2d) with only channels ``keep``."""
+    """A copy of a channel-wise layer (BatchNorm, GroupNorm, PReLU, depthwise Conv2d) with only channels ``keep``."""
     keep = keep.to(torch.long)
     if isinstance(module, _NORMS):
         return _sliced_norm(module, keep)
+    if isinstance(module, nn.GroupNorm):  # whole norm groups only: the others keep their statistics
+        size = module.num_channels // module.num_groups
+        _check_whole_blocks(keep, size, "a GroupNorm")
+        new = copy.deepcopy(module)
+        new.num_groups, new.num_channels = len(keep) // size, len(keep)
+        if module.affine:
+            new.weight, new.bias = _like(module.weight, module.weight[keep]), _like(module.bias, module.bias[keep])
+        return new
     if isinstance(module, nn.PReLU):
         new = nn.PReLU(len(keep)).to(module.weight.device)
         new.weight = _like(module.weight, module.weight[keep])
@@ -131,7 +139,7 @@ def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     if isinstance(module, nn.Conv2d) and module.groups == module.in_channels and \
             module.out_channels % module.in_channels == 0:  # depthwise, maybe with a channel multiplier
         multiplier = module.out_channels // module.in_channels
-        _check_whole_blocks(keep, multiplier)
+        _check_whole_blocks(keep, multiplier, "a depthwise conv")
         groups = len(keep) // multiplier
         new = conv_like(module, groups, len(keep), groups=groups).to(module.weight.device)
         new.weight = _like(module.weight, module.weight[keep])
@@ -142,14 +150,14 @@ def keep_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     raise ChanpruneError(f"cannot remove channels of {type(module).__name__}")
 
 
-def _check_whole_blocks(keep: torch.Tensor, size: int) -> None:
-    """Refuse outputs ``keep`` of a depthwise conv with ``size`` outputs per input channel unless
-    they are whole blocks, in order."""
+def _check_whole_blocks(keep: torch.Tensor, size: int, layer: str) -> None:
+    """Refuse channels ``keep`` of ``layer`` (a depthwise conv with ``size`` outputs per input
+    channel, a GroupNorm with ``size`` channels per group) unless they are whole blocks, in order."""
     blocks = keep.reshape(-1, size) if len(keep) % size == 0 else None
     if blocks is None or bool((blocks[:, 0] % size != 0).any()) or \
             bool((blocks != blocks[:, :1] + torch.arange(size)[None]).any()) or bool((blocks[:, 0].diff() <= 0).any()):
-        raise ChanpruneError(f"a depthwise conv with {size} outputs per input channel must keep whole blocks of "
-                             f"{size}, in order; the checkpoint does not match its architecture")
+        raise ChanpruneError(f"{layer} with blocks of {size} channels must keep whole blocks of {size}, in order; "
+                             "the checkpoint does not match its architecture")
 
 
 def _sliced_norm(module: nn.Module, keep: torch.Tensor) -> nn.Module:
@@ -494,7 +502,8 @@ def _channel_bound(layer: nn.Module, op: PlanOp) -> int:
         if isinstance(layer, nn.Conv2d):
             return layer.in_channels
         return weight.shape[1] if weight is not None else 0
-    return getattr(layer, "num_features", None) or (weight.shape[0] if weight is not None else 0)
+    return getattr(layer, "num_features", None) or getattr(layer, "num_channels", None) or \
+        (weight.shape[0] if weight is not None else 0)
 
 
 def replay(model: nn.Module, ops: list[PlanOp] | tuple[PlanOp, ...]) -> nn.Module:

@@ -15,8 +15,8 @@ from .graph_ops import FOLLOWER_NORMS
 
 class _Tracer(fx.Tracer):
     """torch.fx tracer that keeps chanprune's own layers as leaves, and subclasses of Conv2d,
-    BatchNorm and Linear from other libraries (timm's BatchNormAct2d: BN then a channel-wise
-    activation; its Conv2dSame, whose padding depends on the input's size, which fx cannot trace).
+    BatchNorm, GroupNorm and Linear from other libraries (timm's BatchNormAct2d and GroupNormAct:
+    the norm then a channel-wise activation; its Conv2dSame, whose padding depends on the input's size, which fx cannot trace).
 
     A submodule whose forward fx cannot trace (data-dependent control flow) becomes a leaf too:
     what it recorded is taken back and it is called whole, so the rest of the model is still read
@@ -28,7 +28,7 @@ class _Tracer(fx.Tracer):
         self.attr_proxies: dict[str, fx.Proxy] = {}  # fx's cache of parameter proxies (set on first use)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, (nn.Conv2d, nn.Linear, *FOLLOWER_NORMS)) or qualname in self.untraceable
+        return (isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm, *FOLLOWER_NORMS)) or qualname in self.untraceable
                 or super().is_leaf_module(m, qualname))
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
