@@ -17,6 +17,7 @@ from torch import fx, nn
 from .errors import ChanpruneError
 from .graph_ops import own_padding
 from .layers import conv_padding, own_forward
+from .outputs import computes_the_same
 
 FOLD_OP = "fold_conv"
 PROBE_BATCH = 4096  # one-hot inputs per forward call while reading a weight off
@@ -64,7 +65,7 @@ def plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return plain
 
 
-def computes_the_same(conv: nn.Conv2d, plain: nn.Conv2d, shape: tuple[int, ...]) -> bool:
+def folds_exactly(conv: nn.Conv2d, plain: nn.Conv2d, shape: tuple[int, ...]) -> bool:
     """Whether ``plain`` computes what ``conv`` does on a random input of ``shape``."""
     left, right, top, bottom = conv_padding(conv)
     if (left, top) != (right, bottom):
@@ -76,7 +77,7 @@ def computes_the_same(conv: nn.Conv2d, plain: nn.Conv2d, shape: tuple[int, ...])
             z = plain(x)
         except RuntimeError:  # a kernel larger than the padded input
             return False
-    return z.shape == y.shape and bool(torch.allclose(z, y, rtol=1e-4, atol=1e-5 * (1 + float(y.abs().max()))))
+    return computes_the_same(y, z)
 
 
 def fold_conv(conv: nn.Module, name: str) -> nn.Conv2d:
@@ -86,7 +87,7 @@ def fold_conv(conv: nn.Module, name: str) -> nn.Conv2d:
                              "checkpoint does not match its architecture")
     plain = plain_conv(conv)
     extent = [(k - 1) * d + 1 + s for k, d, s in zip(conv.kernel_size, conv.dilation, conv.stride)]
-    if not computes_the_same(conv, plain, (2, conv.in_channels, *extent)):
+    if not folds_exactly(conv, plain, (2, conv.in_channels, *extent)):
         raise ChanpruneError(f"pruning plan folds {name!r} into a plain conv, which does not compute what it "
                              "does; the checkpoint does not match its architecture")
     return plain
@@ -105,7 +106,7 @@ def with_folded_convs(gm: fx.GraphModule) -> list[str]:
         if own_padding(conv, shape) is not None or node.target in folded:
             continue
         plain = plain_conv(conv)
-        if computes_the_same(conv, plain, shape):
+        if folds_exactly(conv, plain, shape):
             parent, _, child = node.target.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, child, plain)
             folded.append(node.target)

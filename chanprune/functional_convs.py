@@ -65,6 +65,13 @@ def as_conv_module(gm: fx.GraphModule, name: str) -> None:
     if conv is None or hasattr(gm, name):
         raise ChanpruneError(f"pruning plan makes {name!r} a conv module, which is not a functional conv with a "
                              "constant weight; the checkpoint does not match its architecture")
+    _install(gm, node, conv)
+
+
+def _install(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d) -> None:
+    """Call ``conv``, added to ``gm`` under ``node``'s name, where ``node`` called the function; the
+    constants only it read go with it."""
+    name = node.name
     constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
     gm.add_submodule(name, conv)
     node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
@@ -80,7 +87,10 @@ def as_conv_module(gm: fx.GraphModule, name: str) -> None:
 def with_conv_modules(gm: fx.GraphModule) -> list[str]:
     """Turn every functional conv with a constant weight in ``gm`` into a conv module; the names
     of the nodes turned, each now also the name of its module."""
-    names = [n.name for n in gm.graph.nodes if conv_module(gm, n) is not None and not hasattr(gm, n.name)]
-    for name in names:
-        as_conv_module(gm, name)
+    names = []
+    for node in list(gm.graph.nodes):
+        conv = conv_module(gm, node)
+        if conv is not None and not hasattr(gm, node.name):
+            _install(gm, node, conv)
+            names.append(node.name)
     return names

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from .layers import SelectedConv2d, conv_padding, own_forward
+from .outputs import computes_the_same
 
 if TYPE_CHECKING:
     from .graph import ChannelGroup, _Builder
@@ -200,9 +201,10 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     name, layer = node.target, b.modules[node.target]
     b.layer_kinds[name] = "conv"
     usable = _plain_channels(main)
-    if own_forward(layer) and not (layer.groups == layer.in_channels == layer.out_channels and usable
-                                   and own_padding(layer, tuple(node.args[0].meta["tensor_meta"].shape)) is not None):
-        return _conv_with_own_forward(b, node, main)
+    if own_forward(layer):
+        pads = own_padding(layer, tuple(node.args[0].meta["tensor_meta"].shape))
+        if not (layer.groups == layer.in_channels == layer.out_channels and usable and pads is not None):
+            return _conv_with_own_forward(b, node, main, pads)
     if layer.groups == 1:
         if usable and layer.padding_mode == "zeros":
             b.read(node, main, "conv")
@@ -231,14 +233,14 @@ def conv(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]
     return out
 
 
-def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None) -> Tag | None:
+def _conv_with_own_forward(b: _Builder, node: fx.Node, main: Tag | None,
+                           pads: tuple[int, int, int, int] | None) -> Tag | None:
     """A conv with a forward of its own (timm's Conv2dSame) reads and writes groups like any conv
-    once its output is checked to be a convolution of its input with its weights: its samples are
-    taken with the padding found (:attr:`Reader.pads`). Otherwise both sides stay whole. (As a
-    depthwise conv it follows, see :func:`conv`.)"""
+    once its output is checked to be a convolution of its input with its weights (``pads``, from
+    :func:`own_padding`): its samples are taken with that padding (:attr:`Reader.pads`). Otherwise
+    both sides stay whole. (As a depthwise conv it follows, see :func:`conv`.)"""
     name, layer = node.target, b.modules[node.target]
     kind = type(layer).__name__
-    pads = own_padding(layer, tuple(node.args[0].meta["tensor_meta"].shape))
     if pads is None:
         b.block(main, f"{name} ({kind}) is not a plain convolution of its input")
         out = b.new_group(node)
@@ -271,14 +273,13 @@ def own_padding(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int, int
         paddings = [tuple(tf_same)]
         if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
             paddings.append(conv_padding(layer))
-        scale = 1e-5 * (1 + float(y.abs().max()))
         for pads in paddings:
             try:
                 c = nn.functional.conv2d(nn.functional.pad(x, pads), layer.weight, layer.bias, layer.stride, 0,
                                          layer.dilation, layer.groups)
             except RuntimeError:  # a kernel larger than the padded input
                 continue
-            if c.shape == y.shape and bool(torch.allclose(c, y, rtol=1e-4, atol=scale)):
+            if computes_the_same(y, c):
                 return pads
     return None
 

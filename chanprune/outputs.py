@@ -6,6 +6,13 @@ from __future__ import annotations
 import torch
 
 
+def computes_the_same(expected: torch.Tensor, actual: torch.Tensor) -> bool:
+    """Whether ``actual`` is ``expected`` up to float32 rounding (same shape, relative 1e-4 and an
+    absolute 1e-5 of the largest entry): how a rewritten piece of a model is checked against it."""
+    return actual.shape == expected.shape and bool(
+        torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * (1 + float(expected.abs().max()))))
+
+
 def output_tensors(output: object) -> list[torch.Tensor] | None:
     """The tensors in ``output`` (a tensor, or tuples, lists and dicts of them), in order; None
     when it holds anything else."""

@@ -323,7 +323,8 @@ def write_folded(layer: nn.Module, bn: nn.Module | None, weight: torch.Tensor, b
 
 OPS = ("keep_outputs", "keep_inputs", "keep_channels", "select_inputs", "add_bias", "keep_scale", "scatter_outputs",
        "factorize_spatial", "factorize_channel", "cut_channels", FOLD_OP, CONV_MODULE_OP, *REWRITE_OPS)
-GRAPH_OPS = ("cut_channels", CONV_MODULE_OP, *REWRITE_OPS)  # operations on a traced model: a model replaying them is traced first
+# operations on a traced model: a model replaying them is traced first
+GRAPH_OPS = ("cut_channels", CONV_MODULE_OP, *REWRITE_OPS)
 
 
 @dataclass
