@@ -61,6 +61,7 @@ class Moments:
         self._pending_sums = (torch.zeros_like(self.sum_x), torch.zeros_like(self.sum_y))  # of x - shift
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
         self._centred: tuple[tuple, tuple[torch.Tensor, torch.Tensor, float]] | None = None
+        self._projected: tuple[tuple, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add samples x (P, dim_x) and y (P, dim_y)."""
@@ -177,19 +178,38 @@ class Moments:
         sub.xtx, sub.xty = self.xtx[cols[:, None], cols], self.xty[cols]
         return sub
 
-    def residual(self, cols: torch.Tensor, other: torch.Tensor, w_other: torch.Tensor) -> "Moments":
-        """Moments of input features ``cols`` against the residual Y - X[:, other] w_otherᵀ: what is
-        left to explain once the features ``other`` contribute with weights ``w_other`` (n, |other|)."""
+    def residual(self, cols: torch.Tensor, weight: torch.Tensor) -> "Moments":
+        """Moments of input features ``cols`` against the residual Y - X[:, o] W[:, o]ᵀ, ``o`` every
+        feature outside ``cols``: what is left to explain once the other features contribute with
+        their weights in ``weight`` (n, dim_x). The terms of the whole weight (G Wᵀ, and per output
+        w G wᵀ and w·B) are computed once per weight and reused, so each restriction costs
+        O(|cols|² n) rather than O(|o|² n): a reader of a long concatenation is restricted to
+        every group it reads."""
         sub = self.restrict(cols)
-        if len(other) == 0:
+        if len(cols) == self.dim_x:
             return sub
-        g_oo = self.xtx[other[:, None], other]
-        b_o = self.xty[other]
-        sub.xty = sub.xty - self.xtx[cols[:, None], other] @ w_other.T
-        sub.sum_y = self.sum_y - w_other @ self.sum_x[other]
-        sub.yty = self.yty - 2 * float((w_other * b_o.T).sum()) + float(((w_other @ g_oo) * w_other).sum())
-        sub.yy = self.yy - 2 * (w_other * b_o.T).sum(1) + ((w_other @ g_oo) * w_other).sum(1)
+        g_w, quad, cross = self._projection(weight)
+        w_c, g_cc, b_c = weight[:, cols], sub.xtx, sub.xty
+        g_co_wo = g_w[cols] - g_cc @ w_c.T  # G[cols, o] W[:, o]ᵀ
+        cross_o = cross - (w_c * b_c.T).sum(1)  # per output: w_o · B[o]
+        quad_o = quad - ((w_c @ g_cc) * w_c).sum(1) - 2 * (w_c * g_co_wo.T).sum(1)  # per output: w_o G_oo w_oᵀ
+        sub.xty = b_c - g_co_wo
+        sub.sum_y = self.sum_y - (weight @ self.sum_x - w_c @ self.sum_x[cols])
+        sub.yy = self.yy - 2 * cross_o + quad_o
+        sub.yty = self.yty - float((2 * cross_o - quad_o).sum())
         return sub
+
+    def _projection(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G Wᵀ (dim_x, n), w_j G w_jᵀ and w_j · B[:, j] of every output j, kept while the weight
+        and the moments stay the same (the weight is compared by value: readers rebuild it)."""
+        key = (self.count, self.yty, id(self.xtx), id(self.xty))
+        cached = self._projected
+        if cached is not None and cached[0] == key and torch.equal(cached[1], weight):
+            return cached[2]
+        g_w = self.xtx @ weight.T
+        terms = (g_w, (weight * g_w.T).sum(1), (weight * self.xty.T).sum(1))
+        self._projected = (key, weight.clone(), terms)
+        return terms
 
     @property
     def mean_x(self) -> torch.Tensor:

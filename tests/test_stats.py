@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from chanprune.graph import build_graph
-from chanprune.engine.calibration import Calibration, Sampling
+from chanprune.engine.calibration import Calibration, Sampling, unpruned_moments
 from chanprune.engine.store import BatchStore
-from chanprune.stats import Positions, conv_patches, sample_positions
+from chanprune.stats import Moments, Positions, block_indices, conv_patches, sample_positions
 from chanprune.surgery import folded_weight
 
 from conftest import make_tiny, random_images
@@ -185,3 +185,70 @@ def test_targets_are_folded_pre_activation_outputs():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got < 0).any(), "targets are taken before the ReLU"
     assert all(len(p.image) == min(8, 20 - 8 * i) * 4 for i, p in enumerate(pos))
+
+
+def _exact_moments(x: torch.Tensor, y: torch.Tensor) -> Moments:
+    """Moments summed in float64 (batches under MIN_SHIFT_SAMPLES) of data exact in float32."""
+    m = Moments(x.shape[1], y.shape[1])
+    for start in range(0, len(x), 50):
+        m.update(x[start:start + 50], y[start:start + 50])
+    return m
+
+
+@pytest.mark.parametrize("channels, k", [([0, 2, 5], 1), ([4], 3), (list(range(6)), 2), ([5, 1], 2)])
+def test_residual_moments_equal_the_explicit_residual(channels, k):
+    """Restricting to some channels moves what the others contribute (with their weights) into
+    the target: every sum equals the one of X[:, cols] against Y - X[:, o] W[:, o]ᵀ, also when
+    the cached terms of the whole weight serve a second restriction and a changed weight."""
+    g = torch.Generator().manual_seed(3)
+    # small integers and eighths: every sample, product and sum is exact, so the sums must agree
+    x = torch.randint(-3, 6, (300, 6 * k), generator=g).double()
+    w = torch.randint(-16, 17, (4, 6 * k), generator=g).double() / 8
+    y = x @ w.T + torch.randint(-2, 3, (300, 4), generator=g)
+    m = _exact_moments(x, y)
+    for weight in (w, w + 0.5, w):
+        for chosen in (channels, channels[::-1]):
+            cols = block_indices(torch.tensor(chosen), k)
+            other = torch.ones(6 * k, dtype=torch.bool)
+            other[cols] = False
+            target = y - x[:, other] @ weight[:, other].T
+            want, got = _exact_moments(x[:, cols], target), m.residual(cols, weight)
+            assert got.count == want.count
+            for name in ("xtx", "xty", "sum_x", "sum_y", "yy"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-7)
+            assert got.yty == pytest.approx(want.yty, rel=1e-9)
+
+
+class Concatenating(nn.Module):
+    """conv3 reads every earlier output through a concatenation, as a dense block's readers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+        self.conv3, self.head = nn.Conv2d(7, 5, 1), nn.Conv2d(12, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.conv1(x))
+        b = torch.relu(self.conv2(a))
+        c = torch.relu(self.conv3(torch.cat([a, b], 1)))
+        return self.head(torch.cat([a, b, c], 1))
+
+
+def test_a_reader_in_several_sets_has_the_moments_of_a_run_of_its_own():
+    """The unpruned statistics sum a reader read by several units once and hand the same sums to
+    every set; they equal what a run that asks for that set alone collects."""
+    torch.manual_seed(0)
+    model, images = Concatenating().eval(), random_images(40)
+    graph = build_graph(model, images[:1])
+    sets = [graph.group(name).readers for name in ("conv1", "conv2", "conv3")]
+    assert [[r.name for r in s] for s in sets] == [["conv2", "conv3", "head"], ["conv3", "head"], ["head"]]
+    with BatchStore(2**30, torch.device("cpu")) as store:
+        shared = unpruned_moments(graph, images, 16, Sampling(6, 0, 4), sets, store, 3)
+    for i, readers in enumerate(sets):
+        with BatchStore(2**30, torch.device("cpu")) as store:
+            alone, = unpruned_moments(graph, images, 16, Sampling(6, 0, 4), [readers], store, 3)
+        for r in readers:
+            for got, want in zip(shared[i][r.name], alone[r.name]):
+                assert got.count == want.count > 0
+                assert torch.equal(got.xtx, want.xtx) and torch.equal(got.xty, want.xty)
+    assert shared[0]["head"][0] is shared[2]["head"][0]  # summed once

@@ -223,7 +223,7 @@ class Calibration:
         the original model, set by set, at the positions the run itself will sample.
 
         A third frontier over the original model runs once through the network from the stored
-        inputs; it must start before the run moves (so a data-driven allocation can look at
+        inputs, and a reader in several sets (of a long concatenation) is summed once and shared; it must start before the run moves (so a data-driven allocation can look at
         every unit first) and is dropped from the store when the iteration ends. With ``noise``
         ε, each set's output sensitivity is measured on this process's first batch (averaged
         over ranks): the relative squared change of the model's output when every reader's
@@ -235,20 +235,27 @@ class Calibration:
         for batch in range(self.work.batches):
             self.store.put(batch, probe.slot, self.store.get(batch, self.work.slot))
         clean = _tensors(probe.output(0)) if noise is not None else None
+        last_set = {r.name: i for i, readers in enumerate(reader_sets) for r in readers}
+        found: dict[str, tuple[Moments, Moments]] = {}  # a reader in several sets is summed once
         try:
             for i, readers in enumerate(reader_sets):
-                want = {r.input_node for r in readers} | {r.output_node for r in readers}
-                result = self._new_moments(probe.gm, readers)
-                for batch, values in probe.look_ahead(want):
-                    for r in readers:
+                new = [r for r in readers if r.name not in found]
+                want = {r.input_node for r in new} | {r.output_node for r in new}
+                result = self._new_moments(probe.gm, new)
+                for batch, values in probe.look_ahead(want) if new else ():
+                    for r in new:
                         pos = self.positions(r, batch)
                         x = reader_samples(probe.gm.get_submodule(r.name), r, values[r.input_node], pos)
                         self._update(result[r.name], batch, pos, x,
                                      sample_output(values[r.output_node], r.layout, pos).float())
+                found.update(self._reduced(result))
                 sensitivity = None
                 if clean is not None:
                     sensitivity = self._sensitivity(probe, readers, clean, noise, i)
-                yield Unpruned(self._reduced(result), sensitivity)
+                yield Unpruned({r.name: found[r.name] for r in readers}, sensitivity)
+                for r in readers:
+                    if last_set[r.name] == i:
+                        del found[r.name]
                 if i + 1 < len(reader_sets):
                     probe.advance(self.reader_position(reader_sets[i + 1], probe))
         finally:

@@ -420,13 +420,9 @@ def restrict_channels(problem: ReaderProblem, inside: torch.Tensor, per_channel:
     current weights, and what they contribute is moved into the target. Each ``per_channel``
     consecutive entries of ``inside`` become one channel of the restricted problem."""
     k, fit, heldout = problem.k, problem.fit, problem.heldout
-    total = problem.weight.shape[1] // k
-    outside = torch.ones(total, dtype=torch.bool)
-    outside[inside] = False
-    cols, other = block_indices(inside, k), block_indices(outside.nonzero().flatten(), k)
+    cols = block_indices(inside, k)
     return ReaderProblem(problem.reader, problem.weight[:, cols], problem.bias, problem.raw_weight[:, cols],
-                         fit.residual(cols, other, problem.weight[:, other]),
-                         heldout.residual(cols, other, problem.weight[:, other]), k * per_channel)
+                         fit.residual(cols, problem.weight), heldout.residual(cols, problem.weight), k * per_channel)
 
 
 def reader_problem(model: nn.Module, reader: Reader, fit: Moments, heldout: Moments) -> ReaderProblem:
