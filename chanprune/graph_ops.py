@@ -122,14 +122,23 @@ def cut_at(b: _Builder, tag: Tag, at: int) -> Tag | None:
 
 def _channel_range(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> list[Tag] | None:
     """The pieces of ``tag`` between consecutive ``bounds`` (channel positions), each a tag of
-    whole groups; blocks and returns None when a group cannot be cut."""
+    whole groups, recorded as a cut that follows the new widths (``node`` takes its sizes from
+    its arguments); blocks and returns None when a group cannot be cut."""
+    pieces = _pieces(b, node, tag, bounds)
+    if pieces is not None:
+        b.cuts.append((node, node.args[0], list(bounds)))
+    return pieces
+
+
+def _pieces(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> list[Tag] | None:
+    """The pieces of ``tag`` between consecutive ``bounds``, its groups cut there; blocks and
+    returns None when a group cannot be cut."""
     for at in bounds:
         cut = cut_at(b, tag, at)
         if cut is None:
-            b.block(tag, f"{node.name} cuts channels that a pixel shuffle groups in blocks")
+            b.block(tag, f"{node.name} cuts channels that must stay in blocks or conv groups")
             return None
         tag = cut
-    b.cuts.append((node, node.args[0], list(bounds)))
     starts = [sum(g.root().channels for g in tag.segments[:i]) for i in range(len(tag.segments))]
     return [Tag(tuple(g for g, at in zip(tag.segments, starts) if lo <= at < hi), tag.axis)
             for lo, hi in zip(bounds, bounds[1:])]
@@ -362,8 +371,9 @@ def flatten_method(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[T
 
 
 def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> Tag | None:
-    """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; a no-op reshape keeps the tag;
-    anything else blocks."""
+    """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; N,P*C,H,W to N,P,C,H,W (a
+    selective-kernel attention's paths) ties the P pieces channel by channel; a no-op reshape
+    keeps the tag; anything else blocks."""
     if tag is None:
         return None
     in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
@@ -371,10 +381,70 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
     if (tag.flat_size is None or _channel_blocks(tag, node)) and tag.axis == 1 and len(in_shape) == 4 and \
             len(out_shape) == 2 and out_shape[0] == in_shape[0] and start_dim in (None, 1):
         return Tag(tag.segments, 1, (tag.flat_size or 1) * in_shape[2] * in_shape[3])
+    if tag.flat_size is None and tag.axis == 1 and len(in_shape) == 4 and len(out_shape) == 5 and \
+            out_shape[0] == in_shape[0] and out_shape[3:] == in_shape[2:] and out_shape[1] * out_shape[2] == in_shape[1] \
+            and not any(u.target in _AXIS_SWAPS for u in node.users):  # swapped back: a channel shuffle
+        return _paths(b, node, tag, out_shape[1])
     if in_shape == out_shape:
         return tag
     b.block(tag, f"{node.name} reshapes the channels")
     return None
+
+
+_AXIS_SWAPS = ("transpose", "permute", torch.transpose, torch.permute)
+
+
+def _paths(b: _Builder, node: fx.Node, tag: Tag, paths: int) -> Tag | None:
+    """N,P*C,H,W viewed as N,P,C,H,W: channel c of every path is one channel (a softmax over the
+    paths mixes only those), so the P pieces are tied and the channel axis is 2. The view must
+    take C from the tensor's shape (or -1), so that it follows the pruned width."""
+    sizes = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+    if len(sizes) != 5 or (isinstance(sizes[2], int) and sizes[2] != -1):
+        b.block(tag, f"{node.name} views the channels as paths with a fixed width")
+        return None
+    width = tag.channels // paths
+    pieces = _pieces(b, node, tag, [p * width for p in range(paths + 1)])
+    if pieces is None:
+        return None
+    out = pieces[0]
+    for piece in pieces[1:]:
+        out = b.merge(b.current(out), b.current(piece), False, node)
+        if out is None:
+            return None
+    return Tag(b.current(out).segments, 2)
+
+
+@OPS.register(functions=(torch.stack,))
+def stack(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """``stack`` of values that hold the same channels (a selective-kernel block's paths, summed
+    later) ties them one to one; a new axis before the channel axis moves it one along."""
+    parts = node.args[0]
+    tags = [b.tags.get(p) if isinstance(p, fx.Node) else None for p in ([parts] if isinstance(parts, fx.Node) else parts)]
+    if isinstance(parts, fx.Node) or not all(t is not None and t.flat_size is None for t in tags):
+        for t in tags:
+            b.block(t, f"{node.name} stacks channels chanprune cannot track")
+        return None
+    out = tags[0]
+    for t in tags[1:]:
+        out = b.merge(b.current(out), b.current(t), False, node)
+        if out is None:
+            return None
+    dim = call_arg(node, 1, "dim", 0) % len(node.meta["tensor_meta"].shape)
+    return Tag(b.current(out).segments, out.axis + 1 if dim <= out.axis else out.axis)
+
+
+@OPS.register(functions=(torch.softmax, nn.functional.softmax, torch.log_softmax, nn.functional.log_softmax),
+              methods=("softmax", "log_softmax"))
+def softmax(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A softmax over another axis (the paths of a selective-kernel attention) keeps each channel's
+    entries apart; over the channel axis it couples them all."""
+    if main is None:
+        return None
+    dim = call_arg(node, 1, "dim")
+    if dim is None or main.flat_size is not None or dim % len(node.meta["tensor_meta"].shape) == main.axis:
+        b.block(main, f"{node.name} normalises over the channel axis")
+        return None
+    return main
 
 
 @OPS.register(modules=(nn.PixelShuffle,))

@@ -92,6 +92,7 @@ CASES = [
     ("timm:tf_efficientnet_b0", 32, SUPPORTED),  # Conv2dSame: padding computed in forward (traced as a leaf)
     ("timm:nf_regnet_b0", 32, SUPPORTED),  # weight-standardized convs, folded into plain ones
     ("timm:resnetblur18", 32, SUPPORTED),  # BlurPool2d: a functional depthwise conv, made a conv module
+    ("timm:skresnet18", 32, SUPPORTED),  # selective kernels: paths stacked, attention viewed per path
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -440,4 +441,21 @@ def test_blur_pools_are_followed_so_the_layers_around_them_prune(libraries):
     assert all(pruned.get_submodule(n).in_channels == pruned.get_submodule(n).out_channels == g
                for n, g in zip(blurs, groups))
     assert pruned.conv1.out_channels == groups[0]  # the stem, filtered by the first blur
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_selective_kernel_paths_and_their_attention_lose_channels(libraries):
+    """SK-ResNet stacks its paths, views the attention conv's output as (paths, channels) and sums
+    the weighted paths: each block's paths and attention lose the same channels (they were all
+    left whole while ``stack`` blocked them)."""
+    spec = "timm:skresnet18"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, report = prune_as_expected(spec, model, x, allocation="uniform")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "SelectiveKernel"]
+    assert len(blocks) == 8
+    for name in blocks:
+        paths = [f"{name}.paths.{i}.conv" for i in range(len(model.get_submodule(name).paths))]
+        (width,) = {pruned.get_submodule(p).out_channels for p in paths}
+        assert width < model.get_submodule(paths[0]).out_channels, name
+        assert pruned.get_submodule(f"{name}.attn.fc_select").out_channels == len(paths) * width, name
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
