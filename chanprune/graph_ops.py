@@ -381,9 +381,10 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
     if (tag.flat_size is None or _channel_blocks(tag, node)) and tag.axis == 1 and len(in_shape) == 4 and \
             len(out_shape) == 2 and out_shape[0] == in_shape[0] and start_dim in (None, 1):
         return Tag(tag.segments, 1, (tag.flat_size or 1) * in_shape[2] * in_shape[3])
-    if tag.flat_size is None and tag.axis == 1 and len(in_shape) == 4 and len(out_shape) == 5 and \
-            out_shape[0] == in_shape[0] and out_shape[3:] == in_shape[2:] and out_shape[1] * out_shape[2] == in_shape[1] \
-            and not any(u.target in _AXIS_SWAPS for u in node.users):  # swapped back: a channel shuffle
+    paths_view = len(in_shape) == 4 and len(out_shape) == 5 and out_shape[0] == in_shape[0] and \
+        out_shape[3:] == in_shape[2:] and out_shape[1] * out_shape[2] == in_shape[1]
+    if paths_view and tag.flat_size is None and tag.axis == 1 and \
+            not any(u.target in _AXIS_SWAPS for u in node.users):  # swapped back: a channel shuffle
         return _paths(b, node, tag, out_shape[1])
     if in_shape == out_shape:
         return tag
@@ -418,9 +419,9 @@ def _paths(b: _Builder, node: fx.Node, tag: Tag, paths: int) -> Tag | None:
 def stack(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
     """``stack`` of values that hold the same channels (a selective-kernel block's paths, summed
     later) ties them one to one; a new axis before the channel axis moves it one along."""
-    parts = node.args[0]
-    tags = [b.tags.get(p) if isinstance(p, fx.Node) else None for p in ([parts] if isinstance(parts, fx.Node) else parts)]
-    if isinstance(parts, fx.Node) or not all(t is not None and t.flat_size is None for t in tags):
+    parts = [node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0]
+    tags = [b.tags.get(p) if isinstance(p, fx.Node) else None for p in parts]
+    if isinstance(node.args[0], fx.Node) or not all(t is not None and t.flat_size is None for t in tags):
         for t in tags:
             b.block(t, f"{node.name} stacks channels chanprune cannot track")
         return None

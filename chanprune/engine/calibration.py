@@ -223,8 +223,9 @@ class Calibration:
         the original model, set by set, at the positions the run itself will sample.
 
         A third frontier over the original model runs once through the network from the stored
-        inputs, and a reader in several sets (of a long concatenation) is summed once and shared; it must start before the run moves (so a data-driven allocation can look at
-        every unit first) and is dropped from the store when the iteration ends. With ``noise``
+        inputs (a reader in several sets, as of a long concatenation, is summed once and shared);
+        it must start before the run moves (so a data-driven allocation can look at every unit
+        first) and is dropped from the store when the iteration ends. With ``noise``
         ε, each set's output sensitivity is measured on this process's first batch (averaged
         over ranks): the relative squared change of the model's output when every reader's
         output gets Gaussian noise of relative energy ε², per ε² and per reader.
