@@ -459,3 +459,30 @@ def test_selective_kernel_paths_and_their_attention_lose_channels(libraries):
         assert width < model.get_submodule(paths[0]).out_channels, name
         assert pruned.get_submodule(f"{name}.attn.fc_select").out_channels == len(paths) * width, name
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_the_sweep_runs_each_target_in_a_child_and_continues_where_it_stopped(tmp_path, libraries):
+    """``benchmarks.generality``: one row per target, each pruned in a child process under its own
+    time limit (a target that runs out of time is a ``timeout`` row, not a lost model); a rerun
+    skips the saved rows, ``--force`` adds new ones."""
+    import json
+
+    from benchmarks import generality
+
+    out = tmp_path / "sweep"
+    args = ["--models", "torchvision:squeezenet1_1", "--input-size", "64", "--images", "8", "--bn-images", "8",
+            "--out", str(out)]
+    rows_path = out.with_suffix(".rows.jsonl")
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in rows_path.read_text().splitlines()]
+
+    generality.main(args)
+    assert [(r["target"], r["status"]) for r in rows()] == [(2.0, "ok"), (4.0, "ok")]
+    assert all(abs(r["speedup"] / r["target"] - 1) <= 0.05 and r["time_ratio"] > 0 for r in rows())
+    generality.main(args)
+    assert len(rows()) == 2  # nothing was run again
+    generality.main([*args, "--force", "--timeout", "0.001"])
+    assert [(r["target"], r["status"]) for r in rows()[2:]] == [(2.0, "timeout"), (4.0, "timeout")]
+    table = out.with_suffix(".md").read_text()
+    assert "squeezenet1_1" in table and "timeout" in table
