@@ -11,6 +11,7 @@ libraries) and by tensor method name. An op without a handler blocks what it tou
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -388,7 +389,58 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
         return _paths(b, node, tag, out_shape[1])
     if in_shape == out_shape:
         return tag
+    axis = _channel_axis_kept(in_shape, out_shape, tag.axis)
+    if axis is not None and tag.flat_size is None and start_dim is None and _sized_by_shape(node, axis):
+        return Tag(tag.segments, axis)
     b.block(tag, f"{node.name} reshapes the channels")
+    return None
+
+
+def _view_sizes(node: fx.Node) -> tuple:
+    """The sizes a ``view`` / ``reshape`` call asks for, given one by one or as one sequence."""
+    return tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+
+
+def _sized_by_shape(node: fx.Node, axis: int) -> bool:
+    """Whether the view's size at ``axis`` is computed from a tensor's shape (or is -1), so that it
+    follows the pruned width rather than the traced one."""
+    sizes = _view_sizes(node)
+    return len(sizes) > axis and (isinstance(sizes[axis], fx.Node) or sizes[axis] == -1)
+
+
+def _channel_axis_kept(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
+    """The output axis that holds the channels of a reshape that leaves them whole: as many
+    entries before it as before the input's channel axis and the same size, so each channel's
+    entries stay its own (N,C,H,W to N,C,H*W; N,1,C,1 to N,C,1,1); None when there is no single one."""
+    before, size = math.prod(in_shape[:axis]), in_shape[axis]
+    found = [a for a in range(len(out_shape)) if out_shape[a] == size and math.prod(out_shape[:a]) == before]
+    return found[0] if len(found) == 1 and size > 1 else None
+
+
+@OPS.register(functions=(torch.unsqueeze,), methods=("unsqueeze",))
+def unsqueeze(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """A new axis of size 1 before the channel axis moves it one along."""
+    if main is None:
+        return None
+    dim = call_arg(node, 1, "dim") % len(node.meta["tensor_meta"].shape)
+    return Tag(main.segments, main.axis + 1 if dim <= main.axis else main.axis, main.flat_size)
+
+
+@OPS.register(functions=(operator.matmul, torch.matmul), methods=("matmul",))
+def matmul(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """``a @ b`` keeps channels that are the rows of ``a`` (or the columns of ``b``) when the other
+    side holds none (GCNet's attention pooling: each channel's entries weighted by a map);
+    channels that are summed over, or on both sides, block."""
+    left, right = (b.tags.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2])
+    ndim = len(node.meta["tensor_meta"].shape)
+    if left is not None and right is None and left.flat_size is None and \
+            left.axis == len(node.args[0].meta["tensor_meta"].shape) - 2:
+        return Tag(left.segments, ndim - 2)
+    if right is not None and left is None and right.flat_size is None and \
+            right.axis == len(node.args[1].meta["tensor_meta"].shape) - 1:
+        return Tag(right.segments, ndim - 1)
+    for t in (left, right):
+        b.block(t, f"{node.name} multiplies matrices over its channels")
     return None
 
 

@@ -230,3 +230,33 @@ def test_store_spills_values_that_share_memory_and_reads_them_back():
         assert torch.equal(back["x"], value) and torch.equal(back["flat"], value.view(2, -1)) and back["shape"] == 7
         store.put(0, "work", {})
         assert store.get(0, "work") == {}
+
+
+class ShapeReadEarly(nn.Module):
+    """``b, c, h, w = x.shape`` is read before conv2 (where the frontier stops for conv1's unit,
+    once conv0's has moved it) and used after it, to view conv1's channels: the carried sizes
+    must follow the new width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        b, c, h, w = x.shape
+        y = torch.relu(self.conv2(x))
+        return self.fc1(x.reshape(b, c, h * w).mean(2)) + self.fc2(y.mean((2, 3)))
+
+
+def test_sizes_read_before_the_frontier_follow_pruned_channels():
+    torch.manual_seed(0)
+    model, x = ShapeReadEarly().eval(), random_images(16)
+    # conv2's unit runs the frontier on past the view, after conv1's unit narrowed x
+    pruned, report = prune(model, x, None, widths={"group:conv0": 4, "group:conv1": 5, "group:conv2": 4},
+                           method="max_response", progress=False)
+    assert pruned.conv1.out_channels == pruned.fc1.in_features == 5 and pruned.fc2.in_features == 4
+    assert pruned(x).shape == (16, 4) and report.flops_after < report.flops_before
+    frontier = Frontier(build_graph(model, x[:1]).gm, None, "work", 0)
+    assert {"getattr_1", "getitem_1"} <= frontier.shapes  # x.shape and its channel count

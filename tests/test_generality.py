@@ -93,6 +93,7 @@ CASES = [
     ("timm:nf_regnet_b0", 32, SUPPORTED),  # weight-standardized convs, folded into plain ones
     ("timm:resnetblur18", 32, SUPPORTED),  # BlurPool2d: a functional depthwise conv, made a conv module
     ("timm:skresnet18", 32, SUPPORTED),  # selective kernels: paths stacked, attention viewed per path
+    ("timm:gcresnet33ts", 32, SUPPORTED),  # global context: reshapes and a matrix product per channel
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -486,3 +487,20 @@ def test_the_sweep_runs_each_target_in_a_child_and_continues_where_it_stopped(tm
     assert [(r["target"], r["status"]) for r in rows()[2:]] == [(2.0, "timeout"), (4.0, "timeout")]
     table = out.with_suffix(".md").read_text()
     assert "squeezenet1_1" in table and "timeout" in table
+
+
+def test_global_context_blocks_lose_channels_with_the_convs_they_follow(libraries):
+    """GC-ResNet pools each channel with an attention map through reshapes and a matrix product,
+    then adds a transformed context back: the convs before every GC block and the context's last
+    conv narrow together (they were whole while the reshape blocked them)."""
+    spec = "timm:gcresnet33ts"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, report = prune_as_expected(spec, model, x, allocation="uniform")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "GlobalContext"]
+    assert len(blocks) == 10
+    for name in blocks:
+        conv = name.replace(".attn", ".conv2_kxk.conv")
+        width = pruned.get_submodule(conv).out_channels
+        assert width < model.get_submodule(conv).out_channels, name
+        assert pruned.get_submodule(f"{name}.mlp_add.fc2").out_channels == width, name
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05

@@ -54,6 +54,11 @@ class Frontier:
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
         self.last_use = {n.name: max((self.index.get(u.name, len(self.nodes)) for u in n.users), default=-1)
                          for n in self.nodes}
+        self.shapes = _shape_nodes(self.nodes)
+        for node in reversed(self.nodes):  # a kept shape keeps what it is computed from, to recompute it
+            if node.name in self.shapes:
+                for source in node.all_input_nodes:
+                    self.last_use[source.name] = max(self.last_use[source.name], self.last_use[node.name])
         self.start_position = self.position = sum(1 for n in self.nodes if n.op == "placeholder")
 
     def start(self, batch: int, inputs: torch.Tensor) -> None:
@@ -117,9 +122,36 @@ class Frontier:
         self.position = position
 
     def update(self, change: Callable[[str, Any], Any], names: set[str]) -> None:
-        """Replace each kept value of a node in ``names`` by ``change(node, value)`` (e.g. drop pruned channels)."""
+        """Replace each kept value of a node in ``names`` by ``change(node, value)`` (e.g. drop pruned
+        channels); kept shapes (``B, C, H, W = x.shape`` read before the frontier) are computed again
+        from the changed values, so a later ``view(B, C, ...)`` sees the new width."""
         for batch in range(self.batches):
             env = self.store.get(batch, self.slot)
             hit = names & env.keys()
             if hit:
-                self.store.put(batch, self.slot, {k: change(k, v) if k in hit else v for k, v in env.items()})
+                env = {k: change(k, v) if k in hit else v for k, v in env.items()}
+                interpreter = fx.Interpreter(self.gm)
+                interpreter.env = {n: env[n.name] for n in self.nodes if n.name in env}
+                for node in self.nodes[:self.position]:
+                    if node.name in self.shapes and node.name in env:
+                        env[node.name] = interpreter.env[node] = interpreter.run_node(node)
+                self.store.put(batch, self.slot, env)
+
+
+_SHAPE_QUERIES = {"size", "dim"}
+_SHAPE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                     operator.truediv, operator.mod}
+
+
+def _shape_nodes(nodes: list[fx.Node]) -> set[str]:
+    """Nodes that compute sizes from tensor shapes (``x.shape``, ``x.size(1)``, ``x.dim()``) and
+    arithmetic on those alone: values that change when a tensor they read loses channels."""
+    shapes: set[str] = set()
+    for node in nodes:
+        query = (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)) or \
+            (node.op == "call_method" and node.target in _SHAPE_QUERIES)
+        arithmetic = node.op == "call_function" and node.target in _SHAPE_ARITHMETIC and \
+            node.all_input_nodes and all(a.name in shapes for a in node.all_input_nodes)
+        if query or arithmetic:
+            shapes.add(node.name)
+    return shapes
