@@ -27,7 +27,6 @@ from .config import PruneConfig
 from .engine.calibration import Sampling, unpruned_moments
 from .engine.store import BatchStore, default_budget
 from .engine.run import PruneRun
-from .units import first_in_channels
 
 FIELDS = ("layer", "method", "speedup", "kept", "channels", "error_increase", "rel_error", "rel_error_heldout")
 
@@ -48,7 +47,7 @@ def analyze_layers(model: nn.Module, images: torch.Tensor, split: LabelledData, 
     with BatchStore(default_budget(device), device) as store:
         # inputs come from the unpruned model: shared by every job of a group
         found = unpruned_moments(graph, images, base.batch_size, sampling, [g.readers for g in groups],
-                                 store, first_in_channels(model))
+                                 store, images.shape[1])
     moments = {g.name: m for g, m in zip(groups, found)}
     for group, method, speedup in tqdm(jobs, desc="analyze", disable=not progress):
         n_keep = max(1, round(group.channels / speedup))

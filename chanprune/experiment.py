@@ -70,7 +70,9 @@ def constructor_model(spec: str, input_size: tuple[int, int] | None = None, **kw
     constructor (e.g. ``num_classes=10``) and must be JSON-serialisable."""
     kwargs = {**CONSTRUCTOR_DEFAULTS.get(spec, {}), **kwargs}
     model = build_constructor(spec, kwargs).eval()
-    in_chans = first_in_channels(model) or 3
+    # timm's config says what its images have (TResNet's first conv reads 48 space-to-depth channels)
+    timm_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    in_chans = int(timm_size[0]) if timm_size else first_in_channels(model) or 3
     height, width = input_size or default_input_size(spec, model)
     return attach(model, Provenance(ArchRef("constructor", spec, kwargs), (), (in_chans, int(height), int(width))))
 

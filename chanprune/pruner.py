@@ -67,11 +67,26 @@ def prune(model: nn.Module, calib_data: Any, speedup: float | None = 4.0, method
     if not isinstance(first, torch.Tensor):
         raise ChanpruneError("calibration data is empty or yields no image tensors; give a tensor (N, C, H, W) "
                              "or an iterable of such batches")
-    validate_images(first, first_in_channels(model))
+    validate_images(first, _image_channels(model, first))
     device = torch.device(device) if device is not None else model_device(model)
     budget = memory_budget if memory_budget is not None else default_budget(device)
     with evaluating(model) as original, BatchStore(budget, device) as store:
         return _prune(original, first, itertools.chain([first], stream), cfg, store, progress, start, checkpoint_dir)
+
+
+def _image_channels(model: nn.Module, first: torch.Tensor) -> int | None:
+    """The image channels calibration data must have: the first conv's input channels, or None
+    (any) when the model runs on ``first``'s channels anyway, as a stem that rearranges its input
+    before its first conv does (TResNet's space-to-depth makes 48 channels of 3)."""
+    channels = first_in_channels(model)
+    if channels is None or first.ndim != 4 or len(first) == 0 or first.shape[1] == channels:
+        return channels
+    try:
+        with evaluating(model), torch.no_grad():
+            model(first[:1].to(model_device(model)))
+    except Exception:  # it does not: the clear message of validate_images, not this one
+        return channels
+    return None
 
 
 def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Tensor], cfg: PruneConfig,
@@ -92,7 +107,7 @@ def _prune(original: nn.Module, first: torch.Tensor, batches: Iterator[torch.Ten
     def calibrate(for_units: list[Unit]) -> Calibration:
         """Read the data once; the readers of ``for_units`` may ask for targets."""
         return Calibration(graph, run.work, copy.deepcopy(graph.gm).to(device), batches, cfg.batch_size,
-                           sampling, [r for u in for_units for r in u.readers], store, first_in_channels(original),
+                           sampling, [r for u in for_units for r in u.readers], store, first.shape[1],
                            shard(), hash_data=checkpoint_dir is not None)
 
     calibration: Calibration | None = None

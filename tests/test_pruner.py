@@ -334,3 +334,17 @@ def test_prune_never_changes_the_callers_model(maker):
         assert now_grad == grad, name
     assert pruned is not model and count_params(pruned) < count_params(model)
     handle.remove()
+
+
+def test_a_stem_that_rearranges_its_input_takes_the_model_s_own_input_channels():
+    """TResNet's space-to-depth makes 48 channels of an RGB image before its first conv: 3-channel
+    data must not be refused because the first conv reads 48; data the model cannot run still is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pruned, report = prune(model, x, None, widths={"group:1": 5}, samples_per_image=4, progress=False)
+    assert pruned[1].out_channels == pruned[3].in_channels == 5 and pruned(x).shape == (40, 4)
+    with pytest.raises(ChanpruneError, match="has 1 channels but the model's first layer expects 12"):
+        prune(model, torch.randn(4, 1, 16, 16), 1.5, progress=False)
