@@ -451,20 +451,24 @@ def _paths(b: _Builder, node: fx.Node, tag: Tag, paths: int) -> Tag | None:
     """N,P*C,H,W viewed as N,P,C,H,W: channel c of every path is one channel (a softmax over the
     paths mixes only those), so the P pieces are tied and the channel axis is 2. The view must
     take C from the tensor's shape (or -1), so that it follows the pruned width."""
-    sizes = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
-    if len(sizes) != 5 or (isinstance(sizes[2], int) and sizes[2] != -1):
+    if len(_view_sizes(node)) != 5 or not _sized_by_shape(node, 2):
         b.block(tag, f"{node.name} views the channels as paths with a fixed width")
         return None
     width = tag.channels // paths
     pieces = _pieces(b, node, tag, [p * width for p in range(paths + 1)])
-    if pieces is None:
-        return None
-    out = pieces[0]
-    for piece in pieces[1:]:
-        out = b.merge(b.current(out), b.current(piece), False, node)
+    out = pieces and _tie_all(b, node, pieces)
+    return out and Tag(out.segments, 2)
+
+
+def _tie_all(b: _Builder, node: fx.Node, tags: list[Tag]) -> Tag | None:
+    """``tags`` tied channel by channel, as a gating multiply ties two (the pieces or inputs of
+    ``node``), in their current groups; None when they do not line up."""
+    out = tags[0]
+    for tag in tags[1:]:
+        out = b.merge(b.current(out), b.current(tag), False, node)
         if out is None:
             return None
-    return Tag(b.current(out).segments, 2)
+    return b.current(out)
 
 
 @OPS.register(functions=(torch.stack,))
@@ -477,13 +481,11 @@ def stack(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None
         for t in tags:
             b.block(t, f"{node.name} stacks channels chanprune cannot track")
         return None
-    out = tags[0]
-    for t in tags[1:]:
-        out = b.merge(b.current(out), b.current(t), False, node)
-        if out is None:
-            return None
+    out = _tie_all(b, node, tags)
+    if out is None:
+        return None
     dim = call_arg(node, 1, "dim", 0) % len(node.meta["tensor_meta"].shape)
-    return Tag(b.current(out).segments, out.axis + 1 if dim <= out.axis else out.axis)
+    return Tag(out.segments, out.axis + 1 if dim <= out.axis else out.axis)
 
 
 @OPS.register(functions=(torch.softmax, nn.functional.softmax, torch.log_softmax, nn.functional.log_softmax),
