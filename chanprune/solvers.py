@@ -97,9 +97,10 @@ def ridged_cholesky(a: torch.Tensor, ridge: float) -> torch.Tensor:
     positive definite (few samples or dead inputs leave a singular or, by round-off, indefinite ``a``)."""
     dim = a.shape[0]
     lam = max(ridge * float(torch.trace(a)) / dim, 1e-12)
-    eye = torch.eye(dim, dtype=a.dtype)
     for attempt in range(8):
-        chol, info = torch.linalg.cholesky_ex(a + eye * lam * (100.0 ** attempt))
+        shifted = a.clone()
+        shifted.diagonal().add_(lam * 100.0 ** attempt)
+        chol, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return chol
     raise FloatingPointError("the Gram matrix did not become positive definite; calibration data may be degenerate")
@@ -163,9 +164,9 @@ def relative_error(moments: Moments, keep: torch.Tensor, k: int, weight: torch.T
 
 
 def _diagonal_blocks(h: torch.Tensor, k: int) -> torch.Tensor:
-    """The c diagonal k x k blocks of a (c*k, c*k) matrix, as (c, k, k)."""
-    c = h.shape[0] // k
-    return torch.diagonal(h.reshape(c, k, c, k), dim1=0, dim2=2).permute(2, 0, 1)
+    """The c diagonal k x k blocks of a (c*k, c*k) matrix or view of one, as a (c, k, k) view."""
+    rows, cols = h.stride()
+    return h.as_strided((h.shape[0] // k, k, k), (k * (rows + cols), rows, cols))
 
 
 def backward_elimination(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge: float = 1e-6,
@@ -201,37 +202,65 @@ def elimination_path(problems: list[tuple[Moments, float]], k: int, n_min: int, 
 
 def _eliminate(problems: list[tuple[Moments, float]], k: int, n_keep: int, ridge: float,
                step_fraction: float) -> Iterator[tuple[torch.Tensor, float]]:
-    """(kept channels, weighted LS error) after each step of backward elimination, the full set first."""
+    """(kept channels, weighted LS error) after each step of backward elimination, the full set first.
+
+    H and W stay in their first buffers: each step swaps the dropped blocks behind the kept ones
+    (O(dropped · d) copies), so the kept set is always the leading block ``[:m, :m]`` and the
+    downdate runs in place on that view, with no gather of a (c·k)² matrix per step.
+    """
     states, error = [], 0.0
     for moments, scale in problems:
         xtx, xty, yty = moments.centred()
         h = torch.cholesky_inverse(ridged_cholesky(xtx, ridge))
         w = h @ xty
-        states.append([h, w, scale])
+        states.append((h, w, scale))
         error += scale * max(yty - float((w * xty).sum()), 0.0)
-    alive = torch.arange(states[0][0].shape[0] // k)
-    yield alive, error
-    while len(alive) > n_keep:
-        cost = torch.zeros(len(alive), dtype=torch.float64)
+    order = torch.arange(states[0][0].shape[0] // k)  # the channel at each block position
+    alive = len(order)  # the first ``alive`` positions are kept
+    yield order.clone(), error
+    while alive > n_keep:
+        m = alive * k
+        cost = torch.zeros(alive, dtype=torch.float64)
         for h, w, scale in states:
-            blocks = _diagonal_blocks(h, k)
-            wb = w.reshape(len(alive), k, -1)
-            cost += scale * (wb * torch.linalg.solve(blocks, wb)).sum((1, 2))
-        n_drop = min(len(alive) - n_keep, max(1, int(step_fraction * len(alive))))
-        drop = cost.topk(n_drop, largest=False).indices
-        mask = torch.ones(len(alive), dtype=torch.bool)
-        mask[drop] = False
-        rest, gone = block_indices(torch.nonzero(mask).flatten(), k), block_indices(drop, k)
-        for state in states:  # one gather per block, the downdate in place (H is (c·k)² floats)
-            h, w, scale = state
-            h_rg = h[rest[:, None], gone]
-            chol = ridged_cholesky(h[gone[:, None], gone], 1e-12)
-            w_gone = torch.cholesky_solve(w[gone], chol)
-            error += scale * float((w[gone] * w_gone).sum())
-            state[0] = h[rest[:, None], rest].addmm_(h_rg, torch.cholesky_solve(h_rg.T, chol), alpha=-1)
-            state[1] = w[rest].addmm_(h_rg, w_gone, alpha=-1)
-        alive = alive[mask]
-        yield alive, error
+            wb = w[:m].reshape(alive, k, -1)
+            cost += scale * (wb * torch.linalg.solve(_diagonal_blocks(h[:m, :m], k), wb)).sum((1, 2))
+        n_drop = min(alive - n_keep, max(1, int(step_fraction * alive)))
+        rest = alive - n_drop
+        dropped = torch.zeros(alive, dtype=torch.bool)
+        dropped[cost.topk(n_drop, largest=False).indices] = True
+        front = torch.nonzero(dropped[:rest]).flatten()  # dropped, to move behind
+        back = rest + torch.nonzero(~dropped[rest:]).flatten()  # kept, to move in front
+        a, b = block_indices(front, k), block_indices(back, k)
+        for h, w, _ in states:
+            _swap_symmetric(h[:m, :m], a, b)
+            _swap(w, a, b)
+        order[front], order[back] = order[back].clone(), order[front].clone()
+        r = rest * k
+        for h, w, scale in states:
+            h_rg = h[:r, r:m]
+            chol = ridged_cholesky(h[r:m, r:m], 1e-12)
+            w_gone = torch.cholesky_solve(w[r:m], chol)
+            error += scale * float((w[r:m] * w_gone).sum())
+            h[:r, :r].addmm_(h_rg, torch.cholesky_solve(h_rg.T, chol), alpha=-1)
+            w[:r].addmm_(h_rg, w_gone, alpha=-1)
+        alive = rest
+        yield order[:alive].sort().values, error
+
+
+def _swap(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange rows ``a`` and ``b`` of ``matrix`` (a view) in place."""
+    matrix[a], matrix[b] = matrix[b], matrix[a]
+
+
+def _swap_symmetric(matrix: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange rows and columns ``a`` and ``b`` of a symmetric ``matrix`` (a view) in place: the
+    new rows are the old ones with the two column sets exchanged, and the new columns their
+    transposes, so only rows are read (the strided columns are only written)."""
+    rows_a, rows_b = matrix[a], matrix[b]
+    for rows in (rows_a, rows_b):
+        rows[:, a], rows[:, b] = rows[:, b], rows[:, a]
+    matrix[a], matrix[b] = rows_b, rows_a
+    matrix[:, a], matrix[:, b] = rows_b.T, rows_a.T
 
 
 def swap_search(problems: list[tuple[Moments, float]], k: int, keep: torch.Tensor, ridge: float = 1e-6,

@@ -31,6 +31,30 @@ def test_elimination_path_gives_the_exact_error_of_every_width_it_passes(seed, c
     assert all(b >= a - 1e-6 for a, b in zip(errors, errors[1:]))  # fewer channels never fit better
 
 
+@pytest.mark.parametrize("seed,k", [(3, 1), (4, 3)])
+def test_elimination_dropping_several_channels_per_step_matches_refitting(seed, k):
+    """Several channels leave per step (each step swaps them behind the kept blocks and downdates
+    in place): every step drops the channels whose lone removal costs least, summed over two
+    readers with their weights, and reports the exact refitted error of what it keeps."""
+    c, weights = 14, (1.0, 0.25)
+    readers = [integer_problem(seed + 10 * i, c, k) for i in range(2)]
+    problems = [(moments_of(x, y), s) for (x, y), s in zip(readers, weights)]
+
+    def sse(kept):
+        return sum(s * lstsq_sse(x, y, kept, k) for (x, y), s in zip(readers, weights))
+
+    steps = list(zip(*elimination_path(problems, k, 3, ridge=0.0, step_fraction=0.3)))
+    assert [n for n, _ in steps] == [14, 10, 7, 5, 4, 3]  # int(0.3 * alive) channels per step, at least 1
+    alive = list(range(c))
+    for n, error in steps:
+        assert error == pytest.approx(sse(alive), rel=1e-6), n
+        rises = {j: sse([a for a in alive if a != j]) for j in alive}
+        chosen = backward_elimination(problems, k, n, ridge=0.0, step_fraction=0.3).tolist()
+        assert chosen == alive, n
+        if len(alive) > 3:
+            n_drop = min(len(alive) - 3, max(1, int(0.3 * len(alive))))
+            alive = sorted(sorted(alive, key=rises.get)[n_drop:])
+
 def test_error_curve_interpolates_and_adds():
     curve = ErrorCurve((2, 4, 8), (3.0, 1.0, 0.0))
     assert curve.at(4) == 1.0 and curve.at(3) == 2.0 and curve.at(6) == 0.5
