@@ -383,11 +383,15 @@ class _Builder:
             self.tags[n] = Tag(self.tags[n].segments, self.tags[n].axis, size)
         return Tag(tag.segments, tag.axis, size)
 
-    def cut_group(self, group: ChannelGroup, at: int) -> list[ChannelGroup] | None:
+    def cut_group(self, group: ChannelGroup, at: int, tied: bool = False) -> list[ChannelGroup] | None:
         """Cut ``group`` (a root) into its first ``at`` channels and the rest, two groups with the
         same writers, followers and readers, everywhere it is held; returns the two, or None
-        (nothing changed) when its channels are blocks of a pixel shuffle."""
-        if group.blocks or group.conv_groups > 1:
+        (nothing changed) when its channels are blocks of a pixel shuffle or a grouped conv writes
+        them. A grouped conv's output is cut between its conv groups when the caller ties the
+        pieces (a split attention's paths): tied pieces keep the same channels, so every conv
+        group keeps as many."""
+        per_group = group.channels // group.conv_groups
+        if group.blocks or (group.conv_groups > 1 and not (tied and at % per_group == 0)):
             return None
         start = self.offsets.get(id(group), 0)
         base = group.name.partition("[")[0]
@@ -395,7 +399,8 @@ class _Builder:
         for lo, hi in ((0, at), (at, group.channels)):
             piece = ChannelGroup(f"{base}[{start + lo}:{start + hi}]", hi - lo, list(group.writers),
                                  list(group.followers), list(group.readers), list(group.blocked_by), group.residual,
-                                 scales=list(group.scales))
+                                 scales=list(group.scales),
+                                 conv_groups=(hi - lo) // per_group if group.conv_groups > 1 else 1)
             self.offsets[id(piece)] = start + lo
             pieces.append(piece)
         at_index = self.created.index(group)

@@ -106,14 +106,15 @@ def call_arg(node: fx.Node, index: int, name: str, default: object = None) -> ob
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def cut_at(b: _Builder, tag: Tag, at: int) -> Tag | None:
+def cut_at(b: _Builder, tag: Tag, at: int, tied: bool = False) -> Tag | None:
     """``tag`` with a segment boundary at channel ``at``: a group that straddles it is cut there
-    (:meth:`_Builder.cut_group`, which rewrites every tag that holds it); None when it cannot be."""
+    (:meth:`_Builder.cut_group`, which rewrites every tag that holds it; ``tied``: the caller ties
+    the pieces channel by channel); None when it cannot be."""
     offset = 0
     for g in tag.segments:
         old = g.root()
         if offset < at < offset + old.channels:
-            pieces = b.cut_group(old, at - offset)
+            pieces = b.cut_group(old, at - offset, tied)
             if pieces is None:
                 return None
             return Tag(tuple(p for s in tag.segments for p in (pieces if s.root() is old else (s,))), tag.axis)
@@ -131,11 +132,11 @@ def _channel_range(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> l
     return pieces
 
 
-def _pieces(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int]) -> list[Tag] | None:
-    """The pieces of ``tag`` between consecutive ``bounds``, its groups cut there; blocks and
-    returns None when a group cannot be cut."""
+def _pieces(b: _Builder, node: fx.Node, tag: Tag, bounds: list[int], tied: bool = False) -> list[Tag] | None:
+    """The pieces of ``tag`` between consecutive ``bounds``, its groups cut there (``tied``: the
+    caller ties the pieces); blocks and returns None when a group cannot be cut."""
     for at in bounds:
-        cut = cut_at(b, tag, at)
+        cut = cut_at(b, tag, at, tied)
         if cut is None:
             b.block(tag, f"{node.name} cuts channels that must stay in blocks or conv groups")
             return None
@@ -372,9 +373,11 @@ def flatten_method(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[T
 
 
 def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> Tag | None:
-    """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; N,P*C,H,W to N,P,C,H,W (a
-    selective-kernel attention's paths) ties the P pieces channel by channel; a no-op reshape
-    keeps the tag; anything else blocks."""
+    """N,C,H,W to N,C*H*W keeps channel blocks of H*W features; a view that splits the channels
+    into paths (N,P*C,H,W to N,P,C,H,W: a selective-kernel or split attention) ties the P pieces
+    channel by channel, and one that merges paths back (N,P,1,C to N,P*C) holds P copies of
+    them; a no-op reshape keeps the tag; a reshape that keeps channels whole moves the axis;
+    anything else blocks."""
     if tag is None:
         return None
     in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
@@ -382,18 +385,59 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
     if (tag.flat_size is None or _channel_blocks(tag, node)) and tag.axis == 1 and len(in_shape) == 4 and \
             len(out_shape) == 2 and out_shape[0] == in_shape[0] and start_dim in (None, 1):
         return Tag(tag.segments, 1, (tag.flat_size or 1) * in_shape[2] * in_shape[3])
-    paths_view = len(in_shape) == 4 and len(out_shape) == 5 and out_shape[0] == in_shape[0] and \
-        out_shape[3:] == in_shape[2:] and out_shape[1] * out_shape[2] == in_shape[1]
-    if paths_view and tag.flat_size is None and tag.axis == 1 and \
-            not any(u.target in _AXIS_SWAPS for u in node.users):  # swapped back: a channel shuffle
-        return _paths(b, node, tag, out_shape[1])
     if in_shape == out_shape:
         return tag
-    axis = _channel_axis_kept(in_shape, out_shape, tag.axis)
-    if axis is not None and tag.flat_size is None and start_dim is None and _sized_by_shape(node, axis):
-        return Tag(tag.segments, axis)
+    if tag.flat_size is None and start_dim is None:
+        split = _split_paths(in_shape, out_shape, tag.axis)
+        if split is not None and not any(_moves_axis(u, split[0]) for u in node.users):  # else a channel shuffle
+            return _paths(b, node, tag, *split)
+        merged = _merged_paths(in_shape, out_shape, tag.axis)
+        if merged is not None and _sized_by_shape(node, merged[0]):
+            return Tag(tag.segments * merged[1], merged[0])
+        axis = _channel_axis_kept(in_shape, out_shape, tag.axis)
+        if axis is not None and _sized_by_shape(node, axis):
+            return Tag(tag.segments, axis)
     b.block(tag, f"{node.name} reshapes the channels")
     return None
+
+
+MAX_PATHS = 64  # a merge of more copies than this is not a split attention's paths
+
+
+def _split_paths(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> tuple[int, int] | None:
+    """(output axis of C, P) of a view that splits the P*C channels into axes that end in one of
+    size C, path-major, each (path, channel) keeping its own entries (N,P*C,H,W to N,P,C,H,W or
+    N,P*C,1,1 to N,1,P,C); None when the view is not one."""
+    before, size, after = math.prod(in_shape[:axis]), in_shape[axis], math.prod(in_shape[axis + 1:])
+    found = [(j, size // out_shape[j]) for j in range(2, len(out_shape))
+             if 1 < out_shape[j] < size and size % out_shape[j] == 0
+             and math.prod(out_shape[:j]) == before * (size // out_shape[j])
+             and math.prod(out_shape[j + 1:]) == after
+             and any(math.prod(out_shape[:i]) == before for i in range(1, j))]
+    return found[0] if len(found) == 1 else None
+
+
+def _merged_paths(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> tuple[int, int] | None:
+    """(output axis, P) of a view that merges the axes before the channel axis (not the batch)
+    into it, channels fastest (N,P,1,C to N,P*C): every entry of those axes holds the same
+    channels, so the merged axis holds P copies of them; None when the view is not one."""
+    before, size, after = math.prod(in_shape[:axis]), in_shape[axis], math.prod(in_shape[axis + 1:])
+    found = [(o, out_shape[o] // size) for o in range(1, len(out_shape))
+             if out_shape[o] > size and out_shape[o] % size == 0 and out_shape[o] // size <= MAX_PATHS
+             and math.prod(out_shape[:o]) * (out_shape[o] // size) == before
+             and math.prod(out_shape[o + 1:]) == after
+             and any(math.prod(in_shape[:i]) == math.prod(out_shape[:o]) for i in range(1, axis))]
+    return found[0] if len(found) == 1 else None
+
+
+def _moves_axis(node: fx.Node, axis: int) -> bool:
+    """Whether ``node`` is a transpose or permute that moves ``axis`` of its input."""
+    if node.target in ("transpose", torch.transpose):
+        return axis in {d % len(node.meta["tensor_meta"].shape) for d in node.args[1:3]}
+    if node.target in ("permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return dims[axis] % len(dims) != axis
+    return False
 
 
 def _view_sizes(node: fx.Node) -> tuple:
@@ -444,20 +488,17 @@ def matmul(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | Non
     return None
 
 
-_AXIS_SWAPS = ("transpose", "permute", torch.transpose, torch.permute)
-
-
-def _paths(b: _Builder, node: fx.Node, tag: Tag, paths: int) -> Tag | None:
-    """N,P*C,H,W viewed as N,P,C,H,W: channel c of every path is one channel (a softmax over the
-    paths mixes only those), so the P pieces are tied and the channel axis is 2. The view must
+def _paths(b: _Builder, node: fx.Node, tag: Tag, axis: int, paths: int) -> Tag | None:
+    """The channels viewed as ``paths`` pieces with C on ``axis``: channel c of every path is one
+    channel (a softmax over the paths mixes only those), so the pieces are tied. The view must
     take C from the tensor's shape (or -1), so that it follows the pruned width."""
-    if len(_view_sizes(node)) != 5 or not _sized_by_shape(node, 2):
+    if len(_view_sizes(node)) != len(node.meta["tensor_meta"].shape) or not _sized_by_shape(node, axis):
         b.block(tag, f"{node.name} views the channels as paths with a fixed width")
         return None
     width = tag.channels // paths
-    pieces = _pieces(b, node, tag, [p * width for p in range(paths + 1)])
+    pieces = _pieces(b, node, tag, [p * width for p in range(paths + 1)], tied=True)
     out = pieces and _tie_all(b, node, pieces)
-    return out and Tag(out.segments, 2)
+    return out and Tag(out.segments, axis)
 
 
 def _tie_all(b: _Builder, node: fx.Node, tags: list[Tag]) -> Tag | None:
@@ -554,6 +595,20 @@ def permute(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | No
         b.block(main, f"{node.name} permutes flattened channels")
         return None
     return Tag(main.segments, [d % len(dims) for d in dims].index(main.axis))
+
+
+@OPS.register(functions=(torch.transpose,), methods=("transpose",))
+def transpose(b: _Builder, node: fx.Node, main: Tag | None, in_tags: list[Tag | None]) -> Tag | None:
+    """The channel axis moves when it is one of the two swapped, and stays otherwise."""
+    if main is None:
+        return None
+    ndim = len(node.meta["tensor_meta"].shape)
+    first, second = (call_arg(node, i, name) % ndim for i, name in ((1, "dim0"), (2, "dim1")))
+    if main.flat_size is not None and main.axis in (first, second):
+        b.block(main, f"{node.name} transposes flattened channels")
+        return None
+    swapped = {first: second, second: first}
+    return Tag(main.segments, swapped.get(main.axis, main.axis), main.flat_size)
 
 
 @OPS.register(functions=(torch.mean, torch.sum, torch.amax), methods=("mean", "sum", "amax"))
