@@ -94,6 +94,7 @@ CASES = [
     ("timm:resnetblur18", 32, SUPPORTED),  # BlurPool2d: a functional depthwise conv, made a conv module
     ("timm:skresnet18", 32, SUPPORTED),  # selective kernels: paths stacked, attention viewed per path
     ("timm:gcresnet33ts", 32, SUPPORTED),  # global context: reshapes and a matrix product per channel
+    ("timm:resnest14d", 32, SUPPORTED),  # split attention: a grouped conv's paths, a radix softmax
 ]
 EXPECTED = {spec: status for spec, _, status in CASES}
 EXPECTED["torchvision:squeezenet1_1"] = SUPPORTED  # the save/load and CLI round trips below
@@ -459,6 +460,23 @@ def test_selective_kernel_paths_and_their_attention_lose_channels(libraries):
         (width,) = {pruned.get_submodule(p).out_channels for p in paths}
         assert width < model.get_submodule(paths[0]).out_channels, name
         assert pruned.get_submodule(f"{name}.attn.fc_select").out_channels == len(paths) * width, name
+    assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
+
+
+def test_split_attention_paths_and_their_attention_lose_channels(libraries):
+    """ResNeSt writes its paths with one grouped conv (a conv group per path), views them as
+    (paths, channels) and weights them by a softmax over the paths of an attention conv's output
+    (viewed, transposed and merged back): each block's grouped conv keeps the same channels in
+    every path and its attention conv loses them too (both were whole while the views blocked)."""
+    spec = "timm:resnest14d"
+    model, x = build(spec, 32, libraries), images(32)
+    pruned, report = prune_as_expected(spec, model, x, allocation="uniform")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "SplitAttn"]
+    assert len(blocks) == 4
+    for name in blocks:
+        conv, before = pruned.get_submodule(f"{name}.conv"), model.get_submodule(f"{name}.conv")
+        assert conv.groups == before.groups == 2 and conv.out_channels < before.out_channels, name
+        assert pruned.get_submodule(f"{name}.fc2").out_channels == conv.out_channels, name
     assert abs(report.flops_before / report.flops_after / TARGET - 1) <= 0.05
 
 
