@@ -389,7 +389,8 @@ def flatten(b: _Builder, node: fx.Node, tag: Tag | None, start_dim: object) -> T
         return tag
     if tag.flat_size is None and start_dim is None:
         split = _split_paths(in_shape, out_shape, tag.axis)
-        if split is not None and not any(_moves_axis(u, split[0]) for u in node.users):  # else a channel shuffle
+        shuffled = split is not None and any(_moves_axis(u, split[0], len(out_shape)) for u in node.users)
+        if split is not None and not shuffled:  # a transpose of the channels after it: a channel shuffle
             return _paths(b, node, tag, *split)
         merged = _merged_paths(in_shape, out_shape, tag.axis)
         if merged is not None and _sized_by_shape(node, merged[0]):
@@ -430,13 +431,13 @@ def _merged_paths(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: i
     return found[0] if len(found) == 1 else None
 
 
-def _moves_axis(node: fx.Node, axis: int) -> bool:
-    """Whether ``node`` is a transpose or permute that moves ``axis`` of its input."""
+def _moves_axis(node: fx.Node, axis: int, ndim: int) -> bool:
+    """Whether ``node`` is a transpose or permute that moves ``axis`` of its ``ndim``-axis input."""
     if node.target in ("transpose", torch.transpose):
-        return axis in {d % len(node.meta["tensor_meta"].shape) for d in node.args[1:3]}
+        return axis in {call_arg(node, i, name) % ndim for i, name in ((1, "dim0"), (2, "dim1"))}
     if node.target in ("permute", torch.permute):
         dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return dims[axis] % len(dims) != axis
+        return dims[axis] % ndim != axis
     return False
 
 
