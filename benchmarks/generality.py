@@ -32,6 +32,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import statistics
 import time
 import copy
 import traceback
@@ -373,14 +374,30 @@ def markdown_table(rows: list[dict[str, Any]], peer: bool) -> str:
             line += f" {tp.get('status', '–')}" + (f" {tp['speedup']:.2f}x" if "speedup" in tp else "") + " |"
         lines.append(f"{line} {note(row)} |")
     lines.append("")
-    for target in sorted({r["target"] for r in rows}):
-        at = [r for r in rows if r["target"] == target]
-        text = f"At {target:g}x: {sum(r['supported'] for r in at)} of {len(at)} models ok (forward pass works, " \
-               f"output shape unchanged and finite, FLOPs ratio within 5% of the target)"
-        if peer:
-            text += f"; Torch-Pruning ok on {sum((r.get('peer') or {}).get('status') == 'ok' for r in at)}"
-        lines.append(text + ".")
+    lines += [summary(rows, target, peer) for target in sorted({r["target"] for r in rows})]
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict[str, Any]], target: float, peer: bool) -> str:
+    """The sentence under the table for one target: how many models are ok (of all, and of those
+    run), the other statuses, the prune time over a forward pass, and Torch-Pruning's statuses."""
+    at = [r for r in rows if r["target"] == target]
+    run = [r for r in at if r["status"] != "not run"]
+    ok = sum(r["supported"] for r in at)
+    others = Counter(r["status"] for r in at if not r["supported"])
+    text = (f"At {target:g}x: {ok} of {len(at)} models ok (forward pass works, output shape unchanged and "
+            f"finite, FLOPs ratio within 5% of the target), {ok} of the {len(run)} run "
+            f"({100 * ok / max(len(run), 1):.1f}%)")
+    if others:
+        text += "; " + ", ".join(f"{n} {status}" for status, n in sorted(others.items()))
+    ratios = sorted(r["time_ratio"] for r in at if "time_ratio" in r)
+    if ratios:
+        text += f"; prune time {statistics.median(ratios):.1f}x a forward pass at the median, {ratios[-1]:.0f}x at most"
+    if peer:
+        statuses = Counter((r.get("peer") or {}).get("status", "–") for r in run)
+        text += "; Torch-Pruning on the same models: " + ", ".join(
+            f"{n} {status}" for status, n in sorted(statuses.items(), key=lambda item: -item[1]))
+    return text + "."
 
 
 START, END = "<!-- generality-table:start -->", "<!-- generality-table:end -->"

@@ -507,6 +507,23 @@ def test_the_sweep_runs_each_target_in_a_child_and_continues_where_it_stopped(tm
     assert "squeezenet1_1" in table and "timeout" in table
 
 
+def test_the_sweep_summary_counts_statuses_times_and_the_peer():
+    """The sentence under the table: ok among all and among the models run, the other statuses,
+    the median and largest prune time over a forward pass, and Torch-Pruning's statuses."""
+    from benchmarks.generality import summary
+
+    def row(status: str, ratio: float | None = None, peer: str | None = None) -> dict:
+        r = {"target": 2.0, "status": status, "supported": status == "ok", "peer": peer and {"status": peer}}
+        return {**r, "time_ratio": ratio} if ratio is not None else r
+
+    rows = [row("ok", 10.0, "ok"), row("ok", 30.0, "failed"), row("ok", 12.0, "ok"), row("refused", None, "ok"),
+            row("not run"), {**row("ok", 99.0), "target": 4.0}]
+    assert summary(rows, 2.0, True) == (
+        "At 2x: 3 of 5 models ok (forward pass works, output shape unchanged and finite, FLOPs ratio within 5% "
+        "of the target), 3 of the 4 run (75.0%); 1 not run, 1 refused; prune time 12.0x a forward pass at the "
+        "median, 30x at most; Torch-Pruning on the same models: 3 ok, 1 failed.")
+
+
 def test_global_context_blocks_lose_channels_with_the_convs_they_follow(libraries):
     """GC-ResNet pools each channel with an attention map through reshapes and a matrix product,
     then adds a transformed context back: the convs before every GC block and the context's last
