@@ -59,6 +59,9 @@ class Frontier:
             if node.name in self.shapes:
                 for source in node.all_input_nodes:
                     self.last_use[source.name] = max(self.last_use[source.name], self.last_use[node.name])
+        self.dying: dict[int, list[fx.Node]] = {}  # the nodes whose last use is node i
+        for node in self.nodes:
+            self.dying.setdefault(self.last_use[node.name], []).append(node)
         self.start_position = self.position = sum(1 for n in self.nodes if n.op == "placeholder")
 
     def start(self, batch: int, inputs: torch.Tensor) -> None:
@@ -68,17 +71,24 @@ class Frontier:
 
     def _run(self, env: dict[str, Any], start: int, stop: int,
              on_value: Callable[[str, Any], None] | None = None,
-             change: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+             change: dict[str, Callable[[Any], Any]] | None = None,
+             keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Run nodes ``start`` to ``stop`` on ``env``; returns the values still needed after
+        ``stop`` and those named in ``keep``. A value is let go after its last use, so running far
+        ahead holds what a forward pass holds, not every activation on the way."""
         interpreter = fx.Interpreter(self.gm)
         nodes_env = {n: env[n.name] for n in self.nodes[:start] if n.name in env}
         interpreter.env = nodes_env
-        for node in self.nodes[start:stop]:
+        for i, node in enumerate(self.nodes[start:stop], start):
             value = interpreter.run_node(node)
             if change and node.name in change:
                 value = change[node.name](value)
             nodes_env[node] = value
             if on_value is not None:
                 on_value(node.name, value)
+            for dead in self.dying.get(i, []) + ([node] if self.last_use[node.name] < i else []):
+                if dead.name not in keep:
+                    nodes_env.pop(dead, None)
         return {n.name: v for n, v in nodes_env.items()}
 
     @torch.no_grad()
@@ -99,11 +109,10 @@ class Frontier:
         frontier as far as needed without moving it."""
         stop = max((self.index[w] + 1 for w in want), default=self.position)
         for batch in range(self.batches):
-            env = self.store.get(batch, self.slot)
-            versions = {k: v._version for k, v in env.items() if isinstance(v, torch.Tensor)}
-            if stop > self.position:
-                env = self._run(env, self.position, stop)
-            if any(env[k]._version != v for k, v in versions.items()):
+            stored = self.store.get(batch, self.slot)
+            versions = {k: v._version for k, v in stored.items() if isinstance(v, torch.Tensor)}
+            env = self._run(stored, self.position, stop, keep=frozenset(want)) if stop > self.position else stored
+            if any(stored[k]._version != v for k, v in versions.items()):
                 raise RuntimeError("an in-place operation changed a value the frontier keeps; "
                                    "without_inplace() does not know it yet")
             yield batch, {w: env[w] for w in want}
