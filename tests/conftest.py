@@ -216,6 +216,17 @@ def zeroed_reference(model: nn.Module, plan) -> tuple[nn.Module, int]:
     return reference, zeroed
 
 
+def assert_exact_against_zeroed(model: nn.Module, pruned: nn.Module, x: torch.Tensor, zeroed: int) -> None:
+    """``pruned`` (no reconstruction) computes in float64 what ``model`` computes with the removed
+    input channels zeroed (``zeroed`` of them), and that differs from ``model`` itself."""
+    from chanprune.io.provenance import provenance
+
+    reference, count = zeroed_reference(model, provenance(pruned).plan)
+    assert count == zeroed
+    torch.testing.assert_close(in_float64(pruned, x), in_float64(reference, x), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(in_float64(model, x), in_float64(reference, x), rtol=1e-4)
+
+
 def in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` computed in float64 on a copy (the model keeps its dtype): comparisons of
     outputs that should be equal then differ only by summation order."""
